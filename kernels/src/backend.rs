@@ -1,0 +1,167 @@
+//! The [`Backend`] trait: the tensor operations the model is written against.
+//!
+//! Operations are at the granularity a GPU implementation fuses them (norm, RoPE +
+//! QK-norm, paged attention, routing, SwiGLU), so the CPU backend and a device
+//! backend can be swapped without touching the layer graph. Activations are logically
+//! f32 `[rows, cols]` matrices; under [`Precision::Bf16`] every operation rounds its
+//! output to bf16, reproducing a bf16 model's storage points.
+
+use std::ops::Range;
+
+use crate::numeric::DType;
+use crate::weight::HostMatrix;
+
+/// Arithmetic emulated by a backend: f32 throughout, or bf16 storage between ops
+/// (with f32 accumulation inside GEMMs, norms and softmaxes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Precision {
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    /// The element type the KV cache and re-encoded weights use under this precision.
+    pub const fn storage_dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// Shape of a paged KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvSpec {
+    /// Number of cache slots per token (layers / CLA share factor).
+    pub n_cache_layers: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    pub n_blocks: usize,
+    pub dtype: DType,
+}
+
+impl KvSpec {
+    /// Bytes one token occupies in the cache (K and V, every cache layer).
+    pub const fn bytes_per_token(&self) -> usize {
+        2 * self.n_cache_layers * self.n_kv_heads * self.head_dim * self.dtype.size_bytes()
+    }
+
+    /// Tokens the cache can hold.
+    pub const fn capacity_tokens(&self) -> usize {
+        self.n_blocks * self.block_size
+    }
+}
+
+/// How attention scores are scaled. The references differ in the last bit under
+/// bf16: Hunyuan-Large's divides `q·k` by `sqrt(d)`, transformers multiplies by `d^-0.5`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ScoreScale {
+    DivSqrt,
+    MulInvSqrt,
+}
+
+/// One sequence's part of an attention call.
+#[derive(Clone, Debug)]
+pub struct AttnSeq {
+    /// Rows of the activation matrix that are this sequence's new tokens.
+    pub rows: Range<usize>,
+    /// Position of the first new token; new token `i` is at `first_pos + i`.
+    pub first_pos: usize,
+    /// Cache slot (block * block_size + offset) of every position `0..first_pos + rows.len()`.
+    pub slots: Vec<usize>,
+}
+
+/// Tensor operations over one device.
+///
+/// `Weight` is a `[out, in]` matrix, `Vector` a 1-D parameter (norm weights), `Act` an
+/// activation matrix and `Kv` a paged KV cache. Shape errors are programming errors
+/// and panic; everything data-dependent is validated before it reaches a backend.
+pub trait Backend: Send + Sync + 'static {
+    type Weight: Send + Sync;
+    type Vector: Send + Sync;
+    type Act: Send;
+    type Kv: Send;
+
+    /// Short name for logs ("cpu", "cuda:0").
+    fn name(&self) -> String;
+    fn precision(&self) -> Precision;
+
+    /// Moves a host matrix to the device (re-encoding it to bf16 under `Precision::Bf16`
+    /// if it is stored wider).
+    fn load_matrix(&self, host: &HostMatrix) -> Self::Weight;
+    /// Moves a 1-D parameter to the device.
+    fn load_vector(&self, values: &[f32]) -> Self::Vector;
+    /// Bytes a loaded weight occupies on the device.
+    fn weight_bytes(&self, w: &Self::Weight) -> usize;
+
+    fn alloc_kv(&self, spec: KvSpec) -> Self::Kv;
+
+    /// A zeroed activation matrix.
+    fn zeros(&self, rows: usize, cols: usize) -> Self::Act;
+    fn upload(&self, rows: usize, cols: usize, data: &[f32]) -> Self::Act;
+    fn download(&self, a: &Self::Act) -> Vec<f32>;
+    fn shape(&self, a: &Self::Act) -> (usize, usize);
+
+    /// `x · Wᵀ` kept in fp32 whatever the precision (a router held in fp32).
+    fn matmul_fp32(&self, x: &Self::Act, w: &Self::Weight) -> Self::Act;
+    /// Rows `ids` of an embedding table.
+    fn embed(&self, table: &Self::Weight, ids: &[u32]) -> Self::Act;
+    /// `x · Wᵀ`.
+    fn matmul(&self, x: &Self::Act, w: &Self::Weight) -> Self::Act;
+    /// Rows `rows` of `x` as a new matrix.
+    fn gather_rows(&self, x: &Self::Act, rows: &[usize]) -> Self::Act;
+    /// RMSNorm of every row of width `w.len()`: fp32 `x * rsqrt(mean(x²) + eps)`, rounded
+    /// to the storage type, times `w`. A row of width `n * w.len()` is normed per group
+    /// (per-head QK-norm).
+    fn rms_norm(&self, x: &Self::Act, w: &Self::Vector, eps: f32) -> Self::Act;
+    /// `x += y`.
+    fn add_assign(&self, x: &mut Self::Act, y: &Self::Act);
+    /// `silu(gate) * up`, where `gate_up` holds gate in its first half columns and up
+    /// in the second, or the two are given separately.
+    fn swiglu(&self, gate: &Self::Act, up: &Self::Act) -> Self::Act;
+    /// NeoX (rotate-half) RoPE on each `head_dim`-wide head of every row, row `i` at
+    /// position `positions[i]`, with inverse frequencies `inv_freq` (`head_dim / 2`).
+    fn rope(&self, x: &mut Self::Act, head_dim: usize, positions: &[usize], inv_freq: &[f32]);
+    /// Writes rows of `k` and `v` (`[rows, n_kv_heads * head_dim]`) to `slots` of cache layer `layer`.
+    fn write_kv(
+        &self,
+        kv: &mut Self::Kv,
+        layer: usize,
+        k: &Self::Act,
+        v: &Self::Act,
+        slots: &[usize],
+    );
+    /// Causal GQA attention of `q` (`[rows, n_heads * head_dim]`) over cache layer `layer`,
+    /// with `key_norm` (per-head RMSNorm weights) applied to keys as they are read.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &Self::Act,
+        kv: &Self::Kv,
+        layer: usize,
+        n_heads: usize,
+        key_norm: Option<(&Self::Vector, f32)>,
+        scale: ScoreScale,
+        seqs: &[AttnSeq],
+    ) -> Self::Act;
+    /// Router: fp32 softmax over each row of `logits`, top-`k` (ties to the lowest
+    /// index), weights renormalised over the `k` when `renormalize`, and rounded to the
+    /// storage type when `round_weights`. Returns `(experts, weights)`, `k` per row.
+    fn route(
+        &self,
+        logits: &Self::Act,
+        k: usize,
+        renormalize: bool,
+        round_weights: bool,
+    ) -> (Vec<u32>, Vec<f32>);
+    /// `out[r] += round(Σ_j weights[r*k + j] * src[r*k + j])`: the weighted combine of `k`
+    /// expert outputs per token (src rows grouped per token), summed in fp32 in `j`
+    /// order and rounded once, as one bf16 einsum or fused expert kernel does.
+    fn combine(&self, out: &mut Self::Act, src: &Self::Act, weights: &[f32], k: usize);
+    /// Copies `src` rows into `dst` at rows `at` (inverse of `gather_rows`).
+    fn scatter_rows(&self, dst: &mut Self::Act, src: &Self::Act, at: &[usize]);
+    /// Copies K/V of cache layer `layer` from slots `from` to slots `to` (prefix-cache
+    /// copy-on-write and speculative rollback compaction).
+    fn copy_kv(&self, kv: &mut Self::Kv, from: &[usize], to: &[usize]);
+}

@@ -1,0 +1,274 @@
+//! Token sampling on the host: greedy, temperature, top-k, top-p, min-p and the
+//! repetition / presence / frequency penalties, with a per-request seeded RNG.
+//!
+//! Order of operations (as the common OpenAI-compatible servers apply them):
+//! penalties, temperature, top-k, top-p, min-p, then a draw. Temperature 0 is greedy
+//! (argmax, ties to the lowest id) and ignores the filters.
+
+use rand_chacha::ChaCha8Rng;
+use rand_core::{Rng, SeedableRng};
+
+/// Per-request sampling parameters. Validation of ranges happens at the API edge.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    /// 0 disables.
+    pub top_k: usize,
+    /// 1.0 disables.
+    pub top_p: f32,
+    /// 0.0 disables.
+    pub min_p: f32,
+    /// 1.0 disables; applied to tokens of prompt and output (divides positive logits).
+    pub repetition_penalty: f32,
+    /// Subtracted once from every token already generated.
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence of a token already generated.
+    pub frequency_penalty: f32,
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self::greedy()
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+        }
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+}
+
+/// Index of the largest value (lowest index on ties). `NaN`s never win.
+pub fn argmax(xs: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] || xs[best].is_nan() {
+            best = i;
+        }
+    }
+    best
+}
+
+/// `log_softmax` of `logits` in f64 accumulation.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = logits
+        .iter()
+        .map(|&l| ((l - max) as f64).exp())
+        .sum::<f64>()
+        .ln() as f32
+        + max;
+    logits.iter().map(|&l| l - lse).collect()
+}
+
+/// A sampler with its own RNG stream: the same seed gives the same tokens.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+}
+
+impl Sampler {
+    /// `fallback_seed` is used when the request names no seed (e.g. a request counter).
+    pub fn new(params: SamplingParams, fallback_seed: u64) -> Self {
+        let seed = params.seed.unwrap_or(fallback_seed);
+        Self {
+            params,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Applies the penalties to `logits` in place. `prompt` and `output` are the
+    /// sequence's tokens so far.
+    pub fn apply_penalties(&self, logits: &mut [f32], prompt: &[u32], output: &[u32]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let mut seen = vec![false; logits.len()];
+            for &t in prompt.iter().chain(output) {
+                if let Some(s) = seen.get_mut(t as usize) {
+                    *s = true;
+                }
+            }
+            for (l, s) in logits.iter_mut().zip(seen) {
+                if s {
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let mut counts = std::collections::HashMap::<u32, u32>::new();
+            for &t in output {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, c) in counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * c as f32;
+                }
+            }
+        }
+    }
+
+    /// Picks the next token from raw `logits`.
+    pub fn sample(&mut self, logits: &[f32], prompt: &[u32], output: &[u32]) -> u32 {
+        let mut l = logits.to_vec();
+        self.apply_penalties(&mut l, prompt, output);
+        if self.params.is_greedy() {
+            return argmax(&l) as u32;
+        }
+        let probs = self.filtered_probs(&l);
+        // A uniform draw in [0, 1) from the top 24 bits, then a walk over the
+        // candidates in descending probability (ties by id): deterministic per seed.
+        let u = (self.rng.next_u64() >> 40) as f64 / (1u64 << 24) as f64;
+        let total: f64 = probs.iter().map(|&(_, p)| p).sum();
+        let mut acc = 0.0;
+        for &(id, p) in &probs {
+            acc += p / total;
+            if u < acc {
+                return id;
+            }
+        }
+        probs.last().map(|&(id, _)| id).unwrap_or(0)
+    }
+
+    /// The candidate set after temperature, top-k, top-p and min-p, as `(id, prob)`
+    /// in descending probability; probabilities are not renormalised.
+    pub fn filtered_probs(&self, logits: &[f32]) -> Vec<(u32, f64)> {
+        let p = &self.params;
+        let t = p.temperature.max(1e-6) as f64;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let mut probs: Vec<(u32, f64)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| (i as u32, ((x as f64 - max) / t).exp()))
+            .collect();
+        let z: f64 = probs.iter().map(|&(_, q)| q).sum();
+        probs.iter_mut().for_each(|(_, q)| *q /= z);
+        probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if p.top_k > 0 && p.top_k < probs.len() {
+            probs.truncate(p.top_k);
+        }
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            let mut keep = probs.len();
+            for (i, &(_, q)) in probs.iter().enumerate() {
+                acc += q;
+                if acc >= p.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep.max(1));
+        }
+        if p.min_p > 0.0 {
+            let floor = probs[0].1 * p.min_p as f64;
+            probs.retain(|&(_, q)| q >= floor);
+        }
+        probs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            ..SamplingParams::greedy()
+        }
+    }
+
+    #[test]
+    fn greedy_takes_lowest_index_on_ties() {
+        let mut s = Sampler::new(params(0.0), 0);
+        assert_eq!(s.sample(&[1.0, 3.0, 3.0], &[], &[]), 1);
+    }
+
+    #[test]
+    fn seed_reproduces_and_distribution_follows_softmax() {
+        let logits = [0.0f32, (2.0f32).ln(), (3.0f32).ln()]; // probs 1/6, 2/6, 3/6
+        let p = SamplingParams {
+            seed: Some(42),
+            ..params(1.0)
+        };
+        let draw = |n| {
+            let mut s = Sampler::new(p.clone(), 0);
+            (0..n)
+                .map(|_| s.sample(&logits, &[], &[]))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(50), draw(50));
+        let xs = draw(30_000);
+        for (id, want) in [(0u32, 1.0 / 6.0), (1, 2.0 / 6.0), (2, 0.5)] {
+            let f = xs.iter().filter(|&&x| x == id).count() as f64 / xs.len() as f64;
+            assert!((f - want).abs() < 0.015, "token {id}: {f} vs {want}");
+        }
+    }
+
+    #[test]
+    fn filters_cut_the_tail() {
+        let logits = [4.0f32, 3.0, 2.0, 1.0, 0.0];
+        let s = Sampler::new(
+            SamplingParams {
+                top_k: 2,
+                ..params(1.0)
+            },
+            0,
+        );
+        assert_eq!(s.filtered_probs(&logits).len(), 2);
+        let s = Sampler::new(
+            SamplingParams {
+                top_p: 0.5,
+                ..params(1.0)
+            },
+            0,
+        );
+        assert_eq!(s.filtered_probs(&logits).len(), 1);
+        let s = Sampler::new(
+            SamplingParams {
+                min_p: 0.3,
+                ..params(1.0)
+            },
+            0,
+        );
+        assert_eq!(s.filtered_probs(&logits).len(), 2); // e^-1 = 0.37 >= 0.3, e^-2 < 0.3
+    }
+
+    #[test]
+    fn penalties_follow_their_definitions() {
+        let s = Sampler::new(
+            SamplingParams {
+                repetition_penalty: 2.0,
+                presence_penalty: 0.5,
+                frequency_penalty: 0.25,
+                ..params(1.0)
+            },
+            0,
+        );
+        let mut l = vec![2.0f32, -2.0, 1.0, 1.0];
+        s.apply_penalties(&mut l, &[0], &[1, 2, 2]);
+        assert_eq!(l, vec![1.0, -4.0 - 0.75, 0.5 - 1.0, 1.0]);
+    }
+}

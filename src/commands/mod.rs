@@ -1,0 +1,5 @@
+//! One module per subcommand: its clap arguments and its `run`.
+
+pub mod bench;
+pub mod generate;
+pub mod init_model;

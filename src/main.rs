@@ -1,0 +1,65 @@
+//! `hyserve`: one binary, roles as subcommands.
+//!
+//! - `init-model`: write a seeded random model of a real architecture in the real formats.
+//! - `generate`: run one prompt through a model (the fidelity interface).
+//! - `bench`: CPU decode/prefill throughput beside the machine's memory bandwidth.
+
+#![forbid(unsafe_code)]
+
+mod commands;
+mod load;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "hyserve",
+    version,
+    about = "Serving system for giant Mixture-of-Experts models"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "HYSERVE_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
+    log_format: String,
+    /// Worker threads for CPU kernels (default: all cores).
+    #[arg(long, global = true, env = "HYSERVE_THREADS")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    InitModel(commands::init_model::Args),
+    Generate(commands::generate::Args),
+    Bench(commands::bench::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(&cli.log_format);
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .map_err(|e| anyhow::anyhow!("--threads {n}: {e}"))?;
+    }
+    match cli.command {
+        Command::InitModel(a) => commands::init_model::run(a),
+        Command::Generate(a) => commands::generate::run(a),
+        Command::Bench(a) => commands::bench::run(a),
+    }
+}
+
+fn init_tracing(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("HYSERVE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.compact().init();
+    }
+}

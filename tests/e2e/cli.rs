@@ -1,0 +1,241 @@
+//! The CLI as a user meets it: init-model, generate, and precise errors for bad
+//! models and inputs (never a panic).
+
+use std::path::Path;
+
+use crate::support::{generate_logits, init_model, run_err, run_ok};
+
+const PROMPT: &[u32] = &[300, 301, 302, 303, 304, 305, 306];
+
+#[test]
+fn generate_text_json_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    init_model(&m, "hunyuan-large", "tiny", "bf16", 0, &[]);
+    let out = run_ok(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "The quick brown fox",
+        "--max-tokens",
+        "8",
+        "--json",
+        "--ignore-eos",
+    ]);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(j["prompt_ids"].as_array().unwrap().len() >= 3);
+    assert_eq!(j["generated_ids"].as_array().unwrap().len(), 8);
+    assert!(j["text"].is_string());
+    // Chat template path: the prompt gains the Hunyuan markers.
+    let out = run_ok(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--chat",
+        "--max-tokens",
+        "2",
+        "--json",
+    ]);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(j["prompt_ids"].as_array().unwrap().len() >= 3, "{j}");
+}
+
+#[test]
+fn a13b_architecture_generates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    init_model(&m, "hunyuan-a13b", "tiny", "bf16", 0, &[]);
+    let (ids, (rows, _, _)) = generate_logits(&m, PROMPT, 5, "bf16", tmp.path());
+    assert_eq!(ids.len(), 5);
+    assert_eq!(rows, PROMPT.len() + 4);
+}
+
+#[test]
+fn sharded_safetensors_and_torch_bin_give_identical_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (st, bin) = (tmp.path().join("st"), tmp.path().join("bin"));
+    init_model(
+        &st,
+        "hunyuan-large",
+        "tiny",
+        "f32",
+        3,
+        &["--max-shard-mb", "1"],
+    );
+    init_model(
+        &bin,
+        "hunyuan-large",
+        "tiny",
+        "f32",
+        3,
+        &["--format", "bin", "--max-shard-mb", "1"],
+    );
+    assert!(
+        st.join("model.safetensors.index.json").exists(),
+        "sharded safetensors"
+    );
+    assert!(
+        bin.join("pytorch_model.bin.index.json").exists(),
+        "sharded .bin"
+    );
+    let a = generate_logits(&st, PROMPT, 6, "f32", tmp.path());
+    let b = generate_logits(&bin, PROMPT, 6, "f32", tmp.path());
+    assert_eq!(a.0, b.0);
+    assert_eq!(a.1.2, b.1.2, "bitwise identical logits");
+}
+
+#[test]
+fn chunked_prefill_equals_one_pass() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    init_model(&m, "hunyuan-large", "tiny", "bf16", 5, &[]);
+    let ids: String = (0..40)
+        .map(|i| (260 + i * 7).to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let run = |chunk: &str, npy: &Path| {
+        run_ok(&[
+            "generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt-ids",
+            &ids,
+            "--max-tokens",
+            "4",
+            "--ignore-eos",
+            "--prefill-chunk",
+            chunk,
+            "--logits-out",
+            npy.to_str().unwrap(),
+        ]);
+        std::fs::read(npy).unwrap()
+    };
+    let one = run("512", &tmp.path().join("a.npy"));
+    let chunked = run("7", &tmp.path().join("b.npy"));
+    assert_eq!(one, chunked, "chunked prefill changed the logits");
+}
+
+/// Copies a model directory so a test can damage it.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn gen_err(m: &Path) -> String {
+    run_err(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt-ids",
+        "1,2,3",
+        "--max-tokens",
+        "1",
+    ])
+}
+
+#[test]
+fn damaged_checkpoints_give_errors_naming_tensor_and_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good");
+    init_model(
+        &good,
+        "hunyuan-large",
+        "tiny",
+        "bf16",
+        0,
+        &["--max-shard-mb", "1"],
+    );
+    let shard = "model-00001-of-00003.safetensors";
+    assert!(good.join(shard).exists(), "expected 3 shards");
+
+    // Truncated shard.
+    let m = tmp.path().join("truncated");
+    copy_dir(&good, &m);
+    let len = std::fs::metadata(m.join(shard)).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.join(shard))
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    let e = gen_err(&m);
+    assert!(e.contains(shard), "{e}");
+
+    // Hostile header: a header length of 2^60 bytes.
+    let m = tmp.path().join("hostile");
+    copy_dir(&good, &m);
+    let mut bytes = std::fs::read(m.join(shard)).unwrap();
+    bytes[..8].copy_from_slice(&(1u64 << 60).to_le_bytes());
+    std::fs::write(m.join(shard), bytes).unwrap();
+    let e = gen_err(&m);
+    assert!(e.contains(shard) && e.contains("HeaderTooLarge"), "{e}");
+
+    // A shard the index names is gone.
+    let m = tmp.path().join("missing-shard");
+    copy_dir(&good, &m);
+    std::fs::remove_file(m.join("model-00002-of-00003.safetensors")).unwrap();
+    let e = gen_err(&m);
+    assert!(e.contains("model-00002-of-00003.safetensors"), "{e}");
+
+    // Config and weights disagree: 17 experts expected, the router has 16 rows.
+    let m = tmp.path().join("misshaped");
+    copy_dir(&good, &m);
+    let cfg = std::fs::read_to_string(m.join("config.json")).unwrap();
+    std::fs::write(
+        m.join("config.json"),
+        cfg.replace("\"num_experts\": 16", "\"num_experts\": 17"),
+    )
+    .unwrap();
+    let e = gen_err(&m);
+    assert!(
+        e.contains("model.layers.0.mlp.gate.wg.weight") && e.contains(".safetensors"),
+        "{e}"
+    );
+
+    // An index pointing outside the model directory is refused.
+    let m = tmp.path().join("traversal");
+    copy_dir(&good, &m);
+    let idx = std::fs::read_to_string(m.join("model.safetensors.index.json")).unwrap();
+    let idx = idx.replacen(
+        "\"model-00001-of-00003.safetensors\"",
+        "\"../../etc/passwd\"",
+        1,
+    );
+    std::fs::write(m.join("model.safetensors.index.json"), idx).unwrap();
+    let e = gen_err(&m);
+    assert!(e.contains("plain file name"), "{e}");
+
+    // Bad config field.
+    let m = tmp.path().join("badcfg");
+    copy_dir(&good, &m);
+    std::fs::write(
+        m.join("config.json"),
+        cfg.replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3"),
+    )
+    .unwrap();
+    let e = gen_err(&m);
+    assert!(e.contains("num_key_value_heads"), "{e}");
+}
+
+#[test]
+fn bad_prompt_ids_are_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    init_model(&m, "hunyuan-large", "tiny", "bf16", 0, &[]);
+    let e = run_err(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt-ids",
+        "1,99999",
+        "--max-tokens",
+        "1",
+    ]);
+    assert!(e.contains("99999") && e.contains("vocabulary"), "{e}");
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests of the `hyserve` binary: they run the real executable the way a
+//! user or the fidelity scripts do, and check what it prints and writes.
+
+mod cli;
+mod fidelity;
+mod support;

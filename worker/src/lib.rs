@@ -1,0 +1,18 @@
+//! The worker side: the executor that runs batches of sequences through a model on a
+//! dedicated thread, and the KV block allocator it serves.
+//!
+//! - [`blocks`]: fixed-size KV blocks, a free list, and slot arithmetic.
+//! - [`executor`]: [`Executor`] runs a [`Step`] (mixed prefill chunks and decode tokens)
+//!   on any [`hyserve_kernels::Backend`]; [`ExecutorHandle`] owns it on its own thread.
+//! - [`generate`]: a single-sequence driver (prefill in chunks, then decode with a
+//!   sampler) used by `hyserve generate` and the benchmarks.
+
+#![forbid(unsafe_code)]
+
+pub mod blocks;
+pub mod executor;
+pub mod generate;
+
+pub use blocks::{BlockAllocator, BlockTable};
+pub use executor::{Executor, ExecutorError, ExecutorHandle, SeqStep, Step, StepOutput, kv_spec};
+pub use generate::{GenerateOptions, GenerateOutput, generate};
