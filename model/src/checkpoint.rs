@@ -374,3 +374,147 @@ fn read_bin(path: &Path, file: &str) -> Result<Vec<(String, TensorEntry)>, Check
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::config::Arch;
+    use crate::init::{InitOptions, WeightFormat, init_model};
+
+    fn tiny(dir: &Path, format: WeightFormat) -> ModelConfig {
+        let opts = InitOptions {
+            arch: Arch::HunyuanLarge,
+            preset: "tiny".into(),
+            seed: 0,
+            dtype: DType::BF16,
+            format,
+            max_shard_bytes: 1 << 30,
+        };
+        init_model(dir, &opts, &mut |_, _| {}).unwrap()
+    }
+
+    type Tensors = HashMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+
+    /// Rewrites `model.safetensors` through `edit` (name -> (dtype, shape, bytes)).
+    fn rewrite(dir: &Path, edit: impl FnOnce(&mut Tensors)) {
+        let path = dir.join("model.safetensors");
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut map: HashMap<_, _> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+            .collect();
+        edit(&mut map);
+        let views: Vec<_> = map
+            .iter()
+            .map(|(n, (d, s, b))| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+    }
+
+    fn open_err(dir: &Path, cfg: &ModelConfig) -> String {
+        match Checkpoint::open(dir, &mut |_| {}) {
+            Err(e) => e.to_string(),
+            Ok(ck) => ck.validate(cfg).unwrap_err().to_string(),
+        }
+    }
+
+    #[test]
+    fn valid_checkpoints_open_in_both_formats() {
+        for format in [WeightFormat::Safetensors, WeightFormat::TorchBin] {
+            let d = tempfile::tempdir().unwrap();
+            let cfg = tiny(d.path(), format);
+            let mut seen = 0;
+            let ck = Checkpoint::open(d.path(), &mut |p| seen = p.files_done).unwrap();
+            ck.validate(&cfg).unwrap();
+            assert_eq!(seen, 1, "progress reported");
+            assert_eq!(ck.len(), crate::names::expected(&cfg).len());
+        }
+    }
+
+    #[test]
+    fn missing_extra_misshaped_and_mistyped_tensors_are_named() {
+        let cases: Vec<(&str, Box<dyn FnOnce(&mut Tensors)>, &str)> = vec![
+            (
+                "missing",
+                Box::new(|m: &mut Tensors| {
+                    m.remove("model.layers.2.self_attn.k_proj.weight");
+                }),
+                "tensor model.layers.2.self_attn.k_proj.weight: missing",
+            ),
+            (
+                "extra",
+                Box::new(|m: &mut Tensors| {
+                    // An odd CLA layer must not carry its own k_proj.
+                    let k = m["model.layers.0.self_attn.k_proj.weight"].clone();
+                    m.insert("model.layers.1.self_attn.k_proj.weight".into(), k);
+                }),
+                "tensor model.layers.1.self_attn.k_proj.weight in model.safetensors: not part",
+            ),
+            (
+                "shape",
+                Box::new(
+                    |m: &mut HashMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>| {
+                        let t = m.get_mut("model.norm.weight").unwrap();
+                        t.1 = vec![t.1[0] / 2, 2];
+                    },
+                ),
+                "tensor model.norm.weight in model.safetensors: shape [32, 2], expected [64]",
+            ),
+            (
+                "dtype",
+                Box::new(
+                    |m: &mut HashMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>| {
+                        let t = m.get_mut("model.norm.weight").unwrap();
+                        t.0 = safetensors::Dtype::I16;
+                    },
+                ),
+                "tensor model.norm.weight in model.safetensors: dtype I16",
+            ),
+        ];
+        for (what, edit, want) in cases {
+            let d = tempfile::tempdir().unwrap();
+            let cfg = tiny(d.path(), WeightFormat::Safetensors);
+            rewrite(d.path(), edit);
+            let e = open_err(d.path(), &cfg);
+            assert!(e.contains(want), "{what}: {e}");
+        }
+    }
+
+    #[test]
+    fn truncated_and_hostile_files_error_without_panicking() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = tiny(d.path(), WeightFormat::Safetensors);
+        let path = d.path().join("model.safetensors");
+        let good = std::fs::read(&path).unwrap();
+        // Cut at many points, including inside the header length and the header.
+        for cut in [0, 3, 8, 20, 200, good.len() / 2, good.len() - 1] {
+            std::fs::write(&path, &good[..cut]).unwrap();
+            let e = open_err(d.path(), &cfg);
+            assert!(e.contains("model.safetensors"), "cut {cut}: {e}");
+        }
+        // A header claiming offsets past the end of the data.
+        let n = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+        let header = String::from_utf8(good[8..8 + n].to_vec()).unwrap();
+        let bad = header.replacen("\"data_offsets\":[0,", "\"data_offsets\":[999999999,", 1);
+        let mut bytes = (bad.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(bad.as_bytes());
+        bytes.extend_from_slice(&good[8 + n..]);
+        std::fs::write(&path, &bytes).unwrap();
+        let e = open_err(d.path(), &cfg);
+        assert!(e.contains("model.safetensors"), "{e}");
+        // An index that is not JSON, and one over the size limit, are refused by name.
+        std::fs::write(&path, &good).unwrap();
+        let idx = d.path().join("model.safetensors.index.json");
+        std::fs::write(&idx, "{not json").unwrap();
+        assert!(open_err(d.path(), &cfg).contains("model.safetensors.index.json: bad index"));
+    }
+}

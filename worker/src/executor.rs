@@ -223,3 +223,175 @@ impl Drop for ExecutorHandle {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use hyserve_kernels::DType;
+    use hyserve_kernels::cpu::CpuBackend;
+    use hyserve_model::init::{InitOptions, WeightFormat, init_model};
+    use hyserve_model::{Arch, Checkpoint};
+
+    use super::*;
+
+    fn executor(arch: Arch, precision: Precision) -> Executor<CpuBackend> {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = InitOptions {
+            arch,
+            preset: "tiny".into(),
+            seed: 11,
+            dtype: DType::BF16,
+            format: WeightFormat::Safetensors,
+            max_shard_bytes: 1 << 30,
+        };
+        let cfg = init_model(dir.path(), &opts, &mut |_, _| {}).unwrap();
+        let ck = Checkpoint::open(dir.path(), &mut |_| {}).unwrap();
+        ck.validate(&cfg).unwrap();
+        let backend = CpuBackend::new(precision);
+        let model = Model::load(&backend, cfg, &ck, &mut |_| {});
+        Executor::new(backend, model, 64, 16)
+    }
+
+    fn seq(id: u64, tokens: &[u32], first_pos: usize, blocks: &[u32]) -> SeqStep {
+        SeqStep {
+            seq_id: id,
+            tokens: tokens.to_vec(),
+            first_pos,
+            blocks: blocks.to_vec(),
+            all_logits: true,
+        }
+    }
+
+    /// A sequence's logits are bitwise the same alone or sharing steps with others,
+    /// whether its partner is prefilling or decoding.
+    #[test]
+    fn logits_do_not_depend_on_batch_composition() {
+        for arch in [Arch::HunyuanLarge, Arch::HunyuanV1Moe] {
+            let a_prompt: Vec<u32> = (0..21).map(|i| 260 + i * 3).collect();
+            let b_prompt: Vec<u32> = (0..9).map(|i| 400 + i).collect();
+            // Alone: prefill, then two decode steps.
+            let mut alone = executor(arch, Precision::Bf16);
+            let mut want = alone
+                .step(&Step {
+                    seqs: vec![seq(1, &a_prompt, 0, &[0, 1])],
+                })
+                .unwrap()
+                .logits;
+            want.extend(
+                alone
+                    .step(&Step {
+                        seqs: vec![seq(1, &[7], 21, &[0, 1])],
+                    })
+                    .unwrap()
+                    .logits,
+            );
+            want.extend(
+                alone
+                    .step(&Step {
+                        seqs: vec![seq(1, &[8], 22, &[0, 1])],
+                    })
+                    .unwrap()
+                    .logits,
+            );
+            // Shared: B prefills beside A's prefill, then B prefills more while A decodes,
+            // then both decode. A uses other blocks than before.
+            let mut shared = executor(arch, Precision::Bf16);
+            let s1 = shared
+                .step(&Step {
+                    seqs: vec![
+                        seq(2, &b_prompt[..4], 0, &[9]),
+                        seq(1, &a_prompt, 0, &[5, 6]),
+                    ],
+                })
+                .unwrap();
+            let s2 = shared
+                .step(&Step {
+                    seqs: vec![seq(1, &[7], 21, &[5, 6]), seq(2, &b_prompt[4..], 4, &[9])],
+                })
+                .unwrap();
+            let s3 = shared
+                .step(&Step {
+                    seqs: vec![seq(2, &[3], 9, &[9]), seq(1, &[8], 22, &[5, 6])],
+                })
+                .unwrap();
+            let got = vec![
+                s1.logits[1].clone(),
+                s2.logits[0].clone(),
+                s3.logits[1].clone(),
+            ];
+            assert_eq!(got, want, "{arch:?}: batch composition changed the logits");
+        }
+    }
+
+    #[test]
+    fn f32_and_bf16_precisions_agree_within_bf16_error() {
+        let prompt: Vec<u32> = (0..12).map(|i| 300 + i).collect();
+        let a = executor(Arch::HunyuanLarge, Precision::F32)
+            .step(&Step {
+                seqs: vec![seq(1, &prompt, 0, &[0])],
+            })
+            .unwrap();
+        let b = executor(Arch::HunyuanLarge, Precision::Bf16)
+            .step(&Step {
+                seqs: vec![seq(1, &prompt, 0, &[0])],
+            })
+            .unwrap();
+        let (x, y) = (&a.logits[0], &b.logits[0]);
+        let num: f64 = x.iter().zip(y).map(|(p, q)| ((p - q) as f64).powi(2)).sum();
+        let den: f64 = x.iter().map(|p| (*p as f64).powi(2)).sum();
+        let rel = (num / den).sqrt();
+        assert!(rel > 0.0 && rel < 0.1, "relative difference {rel}");
+    }
+
+    #[test]
+    fn bad_steps_are_errors_not_panics() {
+        let mut e = executor(Arch::HunyuanLarge, Precision::Bf16);
+        let vocab = e.config().vocab_size as u32;
+        for (s, what) in [
+            (seq(1, &[vocab], 0, &[0]), "vocab"),
+            (seq(1, &[1; 17], 0, &[0]), "blocks cannot hold"),
+            (seq(1, &[1], 0, &[64]), "block 64"),
+            (seq(1, &[], 0, &[0]), "no tokens"),
+        ] {
+            let err = e.step(&Step { seqs: vec![s] }).unwrap_err().to_string();
+            assert!(err.contains(what), "{err}");
+        }
+    }
+
+    #[test]
+    fn executor_thread_answers_steps() {
+        let handle = ExecutorHandle::spawn(
+            "test-executor",
+            executor(Arch::HunyuanLarge, Precision::Bf16),
+        )
+        .unwrap();
+        let out = handle
+            .run(Step {
+                seqs: vec![seq(1, &[1, 2, 3], 0, &[0])],
+            })
+            .unwrap();
+        assert_eq!(out.logits[0].len(), 3 * out.vocab_size);
+    }
+
+    /// The CLA cache of the real Hunyuan-Large: one (K, V) per layer pair.
+    #[test]
+    fn real_hunyuan_large_kv_cache_is_81920_bytes_per_token() {
+        let cfg = ModelConfig::from_json(
+            r#"{"architectures": ["HunYuanForCausalLM"], "model_type": "hunyuan",
+            "hidden_size": 6400, "intermediate_size": 18304, "num_hidden_layers": 64,
+            "num_attention_heads": 80, "num_key_value_heads": 8, "vocab_size": 129024,
+            "num_experts": 16, "moe_topk": 1, "num_shared_expert": 1, "use_mixed_mlp_moe": true,
+            "use_cla": true, "cla_share_factor": 2, "use_qk_norm": true,
+            "rope_scaling": {"alpha": 1000.0, "factor": 1.0, "type": "dynamic"}}"#,
+        )
+        .unwrap();
+        let spec = kv_spec(&cfg, Precision::Bf16, 1, 16);
+        assert_eq!(spec.n_cache_layers, 32);
+        assert_eq!(spec.bytes_per_token(), 81_920);
+        // Full multi-head attention would need 1,638,400 bytes: GQA + CLA is 5% of it.
+        assert_eq!(2 * 64 * 80 * 80 * 2, 1_638_400);
+        assert_eq!(
+            kv_spec(&cfg, Precision::F32, 1, 16).bytes_per_token(),
+            163_840
+        );
+    }
+}
