@@ -239,3 +239,19 @@ fn bad_prompt_ids_are_rejected() {
     ]);
     assert!(e.contains("99999") && e.contains("vocabulary"), "{e}");
 }
+
+/// A checkpoint written by real `torch.save` (two shards, an index, and three tensors
+/// stored as views of one storage; made by `scripts/reference/torch_bin_check.py`, which
+/// also checked that `torch.load` reads what `init-model --format bin` writes) loads and
+/// gives bitwise the logits of its safetensors twin.
+#[test]
+fn torch_save_checkpoint_loads() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch-save-tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let st = tmp.path().join("st");
+    init_model(&st, "hunyuan-large", "tiny", "bf16", 4, &[]);
+    let a = generate_logits(&fixture, PROMPT, 4, "bf16", tmp.path());
+    let b = generate_logits(&st, PROMPT, 4, "bf16", tmp.path());
+    assert_eq!(a.0, b.0);
+    assert_eq!(a.1.2, b.1.2, "bitwise identical logits");
+}
