@@ -1,9 +1,11 @@
-//! The coordinator: scheduling (continuous batching, KV block accounting) and expert
-//! placement, as plain tested code under thin ractor actors.
+//! The coordinator: the serving API types, the scheduler (continuous batching, KV
+//! block accounting, prefix caching) as plain tested code, and the ractor actors that
+//! run it against worker executors.
 //!
-//! The engine core (kernels, model, worker executor) comes first; the scheduler and
-//! the placement planner build on [`hyserve_worker::Executor`]'s step interface.
+//! - [`api`]: requests, token events and the closed error class the fronts map.
 
 #![forbid(unsafe_code)]
+
+pub mod api;
 
 pub use hyserve_worker::{SeqStep, Step, StepOutput};

@@ -92,6 +92,20 @@ impl Sampler {
         }
     }
 
+    /// A sampler for the token at `position` of a sequence with `seed`: the draw
+    /// depends only on (seed, position, logits), so a sequence preempted and recomputed,
+    /// or moved to another worker, samples exactly the same tokens.
+    pub fn at_position(params: SamplingParams, seed: u64, position: usize) -> Self {
+        let mixed = seed
+            ^ (position as u64)
+                .wrapping_add(1)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        Self {
+            params,
+            rng: ChaCha8Rng::seed_from_u64(mixed),
+        }
+    }
+
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }

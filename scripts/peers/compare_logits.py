@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Compare two float32 logits dumps ([rows, vocab], as written by
-`hyserve generate --logits-out` and `llamacpp_bench.py --check-ids ... --logits-out`).
+`hyserve generate --logits-out` (.npy) and `llamacpp_bench.py --check-ids ... --logits-out`).
 
 The random-init test models mostly echo the last input token, so argmax agreement
 alone is a weak check; this also reports how well the rest of the distribution
@@ -12,6 +12,15 @@ import sys
 import numpy as np
 
 
+def load(path: str, vocab: int) -> np.ndarray:
+    # hyserve writes .npy (whatever the extension); llamacpp_bench.py writes raw float32
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic == b"\x93NUMPY":
+        return np.load(path).astype(np.float32).reshape(-1, vocab)
+    return np.fromfile(path, dtype=np.float32).reshape(-1, vocab)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("a")
@@ -19,8 +28,7 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, required=True)
     ap.add_argument("--topk", type=int, default=10)
     args = ap.parse_args()
-    a = np.fromfile(args.a, dtype=np.float32).reshape(-1, args.vocab)
-    b = np.fromfile(args.b, dtype=np.float32).reshape(-1, args.vocab)
+    a, b = load(args.a, args.vocab), load(args.b, args.vocab)
     n = min(len(a), len(b))
     if len(a) != len(b):
         print(f"note: row counts differ ({len(a)} vs {len(b)}); comparing the first {n}")

@@ -13,7 +13,8 @@ sampler chain.
 
 --check-ids 1,2,3 --check-tokens N instead prints the greedy continuation of
 that prompt (and, with --logits-out, writes float32 next-token logits of every
-consumed token, [n_prompt + N - 1, vocab], like `hyserve generate --logits-out`).
+consumed token, [n_prompt + N - 1, vocab], raw, no header;
+`hyserve generate --logits-out` writes the same rows as .npy).
 """
 from __future__ import annotations
 

@@ -17,8 +17,12 @@ use rayon::prelude::*;
 use crate::numeric::{DType, bf16_bits_to_f32, f16_bits_to_f32};
 use crate::weight::HostMatrix;
 
-/// Output features per parallel task (a multiple of every row tile used below).
-const ROWS_PER_TASK: usize = 96;
+/// Weight rows per task are a multiple of this (the row tiles are 3 and 4 rows).
+const ROW_ALIGN: usize = 12;
+
+/// Below this many weight bytes a matrix is multiplied on the calling thread: waking
+/// the pool costs more than it saves.
+const PARALLEL_MIN_BYTES: usize = 256 << 10;
 
 /// Computes `y = x · Wᵀ` where `x` is `[m, w.cols]` and `y` is `[m, w.rows]`.
 pub fn matmul(x: &[f32], m: usize, w: &HostMatrix, y: &mut [f32]) {
@@ -40,18 +44,60 @@ pub fn matmul(x: &[f32], m: usize, w: &HostMatrix, y: &mut [f32]) {
     }
     let wb = w.bytes.as_slice();
     let es = w.dtype.size_bytes();
-    let n_tasks = n.div_ceil(ROWS_PER_TASK);
-    let blocks: Vec<(usize, Vec<f32>)> = (0..n_tasks)
-        .into_par_iter()
-        .map(|t| {
-            let r0 = t * ROWS_PER_TASK;
-            let r1 = (r0 + ROWS_PER_TASK).min(n);
-            let mut out = vec![0f32; m * (r1 - r0)];
-            let wblock = &wb[r0 * k * es..r1 * k * es];
-            block(x, m, k, w.dtype, wblock, r1 - r0, &mut out);
-            (r0, out)
-        })
-        .collect();
+    // A few contiguous row ranges per thread: enough to balance, few enough that
+    // dispatch stays negligible next to streaming the weights.
+    let threads = rayon::current_num_threads();
+    let n_tasks = if wb.len() < PARALLEL_MIN_BYTES || threads == 1 {
+        1
+    } else {
+        (threads * if m <= 2 { 1 } else { 4 }).min(n.div_ceil(ROW_ALIGN))
+    };
+    let rows_per_task = n.div_ceil(n_tasks).next_multiple_of(ROW_ALIGN).min(n);
+    if m == 1 {
+        // Decode: each task writes its slice of the single output row directly.
+        let task = |(t, out): (usize, &mut [f32])| {
+            let r0 = t * rows_per_task;
+            let nb = out.len();
+            block(
+                x,
+                1,
+                k,
+                w.dtype,
+                &wb[r0 * k * es..(r0 + nb) * k * es],
+                nb,
+                out,
+            );
+        };
+        if n_tasks == 1 {
+            task((0, y));
+        } else {
+            y.par_chunks_mut(rows_per_task).enumerate().for_each(task);
+        }
+        return;
+    }
+    let run = |t: usize| {
+        let r0 = t * rows_per_task;
+        let r1 = (r0 + rows_per_task).min(n);
+        let mut out = vec![0f32; m * (r1 - r0)];
+        block(
+            x,
+            m,
+            k,
+            w.dtype,
+            &wb[r0 * k * es..r1 * k * es],
+            r1 - r0,
+            &mut out,
+        );
+        (r0, out)
+    };
+    let blocks: Vec<(usize, Vec<f32>)> = if n_tasks == 1 {
+        vec![run(0)]
+    } else {
+        (0..n.div_ceil(rows_per_task))
+            .into_par_iter()
+            .map(run)
+            .collect()
+    };
     for (r0, out) in blocks {
         let nb = out.len() / m;
         for i in 0..m {
@@ -181,27 +227,6 @@ mod avx2 {
         _mm_cvtss_f32(b)
     }
 
-    /// Loads 8 weights starting at element `e` of row `j`, widened to f32.
-    ///
-    /// # Safety
-    /// `w` must hold at least `(e + 8)` elements of `dtype` for the addressed row.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load_w(dtype: DType, p: *const u8, e: usize) -> __m256 {
-        // SAFETY: the caller guarantees 8 elements are readable at element offset `e`;
-        // the loads are unaligned.
-        unsafe {
-            match dtype {
-                DType::BF16 => {
-                    let h = _mm_loadu_si128(p.add(e * 2) as *const __m128i);
-                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
-                }
-                DType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.add(e * 2) as *const __m128i)),
-                DType::F32 => _mm256_loadu_ps(p.add(e * 4) as *const f32),
-            }
-        }
-    }
-
     #[inline]
     fn w_scalar(dtype: DType, w: &[u8], idx: usize) -> f32 {
         match dtype {
@@ -228,38 +253,125 @@ mod avx2 {
         nb: usize,
         out: &mut [f32],
     ) {
-        const R: usize = 4;
-        let k8 = k / 8 * 8;
-        let wp = w.as_ptr();
-        let es = dtype.size_bytes();
-        let mut j = 0;
-        while j < nb {
-            let r = (nb - j).min(R);
-            for i in 0..m {
-                let xp = x[i * k..].as_ptr();
-                let mut acc = [_mm256_setzero_ps(); R];
-                let mut c = 0;
-                while c < k8 {
-                    // SAFETY: c + 8 <= k8 <= k, so 8 elements of x row i and of each of
-                    // the r weight rows are in bounds.
-                    unsafe {
-                        let xv = _mm256_loadu_ps(xp.add(c));
-                        for (rr, a) in acc.iter_mut().enumerate().take(r) {
-                            let wv = load_w(dtype, wp.add((j + rr) * k * es), c);
-                            *a = _mm256_fmadd_ps(xv, wv, *a);
-                        }
-                    }
-                    c += 8;
-                }
-                for (rr, a) in acc.iter().enumerate().take(r) {
-                    let mut s = hsum(*a);
-                    for t in k8..k {
-                        s += x[i * k + t] * w_scalar(dtype, w, (j + rr) * k + t);
-                    }
-                    out[i * nb + j + rr] = s;
-                }
+        // SAFETY: forwarded preconditions; each instantiation reads `dtype`'s elements.
+        unsafe {
+            match dtype {
+                DType::BF16 => streaming_t::<Bf16>(x, m, k, w, nb, out),
+                DType::F16 => streaming_t::<F16>(x, m, k, w, nb, out),
+                DType::F32 => streaming_t::<F32>(x, m, k, w, nb, out),
             }
-            j += r;
+        }
+    }
+
+    /// Widening loads of 8 weights of one stored type.
+    trait Load {
+        const DTYPE: DType;
+        /// # Safety
+        /// 8 elements must be readable at `p`.
+        unsafe fn load8(p: *const u8) -> __m256;
+    }
+
+    struct Bf16;
+    struct F16;
+    struct F32;
+
+    impl Load for Bf16 {
+        const DTYPE: DType = DType::BF16;
+        #[inline(always)]
+        unsafe fn load8(p: *const u8) -> __m256 {
+            // SAFETY: the caller guarantees 16 readable bytes; the load is unaligned.
+            unsafe {
+                let h = _mm_loadu_si128(p as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            }
+        }
+    }
+
+    impl Load for F16 {
+        const DTYPE: DType = DType::F16;
+        #[inline(always)]
+        unsafe fn load8(p: *const u8) -> __m256 {
+            // SAFETY: the caller guarantees 16 readable bytes; the load is unaligned.
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+        }
+    }
+
+    impl Load for F32 {
+        const DTYPE: DType = DType::F32;
+        #[inline(always)]
+        unsafe fn load8(p: *const u8) -> __m256 {
+            // SAFETY: the caller guarantees 32 readable bytes; the load is unaligned.
+            unsafe { _mm256_loadu_ps(p as *const f32) }
+        }
+    }
+
+    /// # Safety
+    /// AVX2/FMA/F16C available; `w` holds `nb` rows of `k` elements of `L::DTYPE`,
+    /// `x` holds `m` rows of `k`, `out` holds `m * nb`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn streaming_t<L: Load>(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: &[u8],
+        nb: usize,
+        out: &mut [f32],
+    ) {
+        const R: usize = 4;
+        let es = L::DTYPE.size_bytes();
+        let k8 = k / 8 * 8;
+        let row_bytes = k * es;
+        let tail = |i: usize, row: usize, s: f32| {
+            let mut s = s;
+            for t in k8..k {
+                s += x[i * k + t] * w_scalar(L::DTYPE, w, row * k + t);
+            }
+            s
+        };
+        let full = nb / R * R;
+        for i in 0..m {
+            let xp = x[i * k..].as_ptr();
+            let mut j = 0;
+            while j < full {
+                // SAFETY: rows j..j+4 < nb and c + 8 <= k bound every load.
+                unsafe {
+                    let p = w.as_ptr().add(j * row_bytes);
+                    let (mut a0, mut a1, mut a2, mut a3) = (
+                        _mm256_setzero_ps(),
+                        _mm256_setzero_ps(),
+                        _mm256_setzero_ps(),
+                        _mm256_setzero_ps(),
+                    );
+                    let mut c = 0;
+                    while c < k8 {
+                        let xv = _mm256_loadu_ps(xp.add(c));
+                        let q = p.add(c * es);
+                        a0 = _mm256_fmadd_ps(xv, L::load8(q), a0);
+                        a1 = _mm256_fmadd_ps(xv, L::load8(q.add(row_bytes)), a1);
+                        a2 = _mm256_fmadd_ps(xv, L::load8(q.add(2 * row_bytes)), a2);
+                        a3 = _mm256_fmadd_ps(xv, L::load8(q.add(3 * row_bytes)), a3);
+                        c += 8;
+                    }
+                    for (rr, a) in [a0, a1, a2, a3].into_iter().enumerate() {
+                        out[i * nb + j + rr] = tail(i, j + rr, hsum(a));
+                    }
+                }
+                j += R;
+            }
+            while j < nb {
+                // SAFETY: row j < nb and c + 8 <= k bound every load.
+                unsafe {
+                    let p = w.as_ptr().add(j * row_bytes);
+                    let mut a = _mm256_setzero_ps();
+                    let mut c = 0;
+                    while c < k8 {
+                        a = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(c)), L::load8(p.add(c * es)), a);
+                        c += 8;
+                    }
+                    out[i * nb + j] = tail(i, j, hsum(a));
+                }
+                j += 1;
+            }
         }
     }
 

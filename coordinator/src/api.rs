@@ -1,0 +1,195 @@
+//! What the fronts (HTTP, gRPC) and the engine say to each other: a request in, a
+//! stream of token events out, and a closed set of errors that map once to HTTP
+//! status codes, OpenAI error types and gRPC codes.
+
+use std::time::Duration;
+
+use hyserve_kernels::sampling::SamplingParams;
+use tokio::sync::mpsc;
+
+/// One sequence to generate (an OpenAI request with `n > 1` is `n` of these).
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    /// Caller-chosen id for logs and metrics (never the prompt).
+    pub request_id: String,
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    /// Seed used when `sampling.seed` is `None` (the engine picks one if this is too).
+    pub max_tokens: usize,
+    /// Generation ends after emitting one of these (included in the output).
+    pub stop_token_ids: Vec<u32>,
+    /// Number of top alternatives to report per token (`None`: no logprobs at all,
+    /// `Some(0)`: only the chosen token's logprob).
+    pub logprobs: Option<usize>,
+}
+
+/// A candidate token with its log-probability under the model (before sampling filters).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+}
+
+/// Why a sequence ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token (or, decided by the front, a stop string).
+    Stop,
+    /// `max_tokens` or the context length.
+    Length,
+    /// Cancelled by the client (dropped its stream).
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_openai(self) -> &'static str {
+        match self {
+            FinishReason::Stop | FinishReason::Cancelled => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// Token counts for `usage`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_tokens: usize,
+}
+
+/// What the engine streams back for one request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TokenEvent {
+    Token {
+        id: u32,
+        /// The chosen token's logprob, when requested.
+        logprob: Option<f32>,
+        /// The top alternatives, when requested.
+        top: Vec<TokenLogprob>,
+    },
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+    },
+    Failed(ServeError),
+}
+
+/// The closed error class of the serving path.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ServeError {
+    /// The request is invalid; the message names the field.
+    #[error("{message}")]
+    InvalidRequest { field: String, message: String },
+    /// Too many requests queued: retry after the given time.
+    #[error("the server is at capacity: {message}")]
+    Overloaded {
+        message: String,
+        retry_after: Duration,
+    },
+    /// The server is starting or shutting down.
+    #[error("the server is not ready: {message}")]
+    Unavailable { message: String },
+    #[error("missing or invalid API key")]
+    Unauthorized,
+    /// A fault inside the engine (a worker died, ...); the request may be retried.
+    #[error("internal error: {message}")]
+    Internal { message: String },
+}
+
+impl ServeError {
+    pub fn invalid(field: &str, message: impl Into<String>) -> Self {
+        ServeError::InvalidRequest {
+            field: field.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// HTTP status code.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            ServeError::InvalidRequest { .. } => 400,
+            ServeError::Unauthorized => 401,
+            ServeError::Overloaded { .. } => 429,
+            ServeError::Unavailable { .. } => 503,
+            ServeError::Internal { .. } => 500,
+        }
+    }
+
+    /// OpenAI error `type`.
+    pub fn openai_type(&self) -> &'static str {
+        match self {
+            ServeError::InvalidRequest { .. } => "invalid_request_error",
+            ServeError::Unauthorized => "authentication_error",
+            ServeError::Overloaded { .. } => "rate_limit_error",
+            ServeError::Unavailable { .. } => "service_unavailable",
+            ServeError::Internal { .. } => "server_error",
+        }
+    }
+
+    /// The offending parameter, if any (OpenAI error `param`).
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            ServeError::InvalidRequest { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+
+    /// Seconds for a `Retry-After` header.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ServeError::Overloaded { retry_after, .. } => Some(*retry_after),
+            ServeError::Unavailable { .. } => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
+}
+
+/// A submitted request: its events, and cancellation on drop.
+///
+/// Dropping the stream (a client that disconnects) cancels the sequence and frees its
+/// KV blocks at the next step boundary.
+pub struct TokenStream {
+    pub events: mpsc::Receiver<TokenEvent>,
+    /// Prompt tokens of the request, for `usage` on early exits.
+    pub prompt_tokens: usize,
+    pub(crate) _cancel: CancelOnDrop,
+}
+
+/// Runs a cancellation callback when dropped.
+pub(crate) struct CancelOnDrop(pub(crate) Option<Box<dyn FnOnce() + Send + Sync>>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
+impl std::fmt::Debug for TokenStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenStream")
+            .field("prompt_tokens", &self.prompt_tokens)
+            .finish()
+    }
+}
+
+/// Model facts the fronts need for validation and `/v1/models`.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub id: String,
+    pub max_context: usize,
+    pub vocab_size: usize,
+    pub created_unix: u64,
+}
+
+/// Engine health for `/health` and `/ready`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Health {
+    /// Every worker is alive.
+    pub live: bool,
+    /// The engine accepts requests and its last step completed recently (forward progress).
+    pub ready: bool,
+}
