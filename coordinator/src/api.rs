@@ -193,3 +193,48 @@ pub struct Health {
     /// The engine accepts requests and its last step completed recently (forward progress).
     pub ready: bool,
 }
+
+/// Engine counters the fronts expose (on `/metrics`) and tests observe.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EngineStats {
+    pub waiting: usize,
+    pub running: usize,
+    pub preempted_total: u64,
+    pub kv_blocks_total: usize,
+    pub kv_blocks_used: usize,
+    /// Blocks held only by the prefix cache (reusable, evictable).
+    pub kv_blocks_cached: usize,
+    pub prefix_cache_queries_tokens: u64,
+    pub prefix_cache_hit_tokens: u64,
+    pub steps_total: u64,
+    pub step_tokens_total: u64,
+    /// Wall time spent inside worker forward passes.
+    pub model_seconds_total: f64,
+    /// Wall time spent in the scheduler itself (planning and post-processing steps).
+    pub scheduler_seconds_total: f64,
+}
+
+/// What a front needs from the engine. Implemented by the actor system
+/// (`crate::engine`) and, in the fronts' unit tests, by small fakes.
+pub trait Engine: Send + Sync + 'static {
+    /// Queues a request; never blocks. A full queue is `ServeError::Overloaded`.
+    fn submit(&self, request: GenerateRequest) -> Result<TokenStream, ServeError>;
+    fn model_info(&self) -> ModelInfo;
+    fn health(&self) -> Health;
+    fn stats(&self) -> EngineStats;
+}
+
+impl TokenStream {
+    /// A stream whose `cancel` runs when it is dropped.
+    pub fn new(
+        events: mpsc::Receiver<TokenEvent>,
+        prompt_tokens: usize,
+        cancel: impl FnOnce() + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            events,
+            prompt_tokens,
+            _cancel: CancelOnDrop(Some(Box::new(cancel))),
+        }
+    }
+}

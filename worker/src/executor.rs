@@ -64,17 +64,44 @@ pub struct Executor<B: Backend> {
     model: Model<B>,
     kv: B::Kv,
     spec: KvSpec,
+    /// The kernels' threads. A forward pass runs inside this pool, so the hundred or so
+    /// parallel kernel calls of a decode step are local work-stealing pushes rather than
+    /// cross-thread wake-ups (measured: ~30% of a small model's decode step).
+    pool: rayon::ThreadPool,
 }
 
 impl<B: Backend> Executor<B> {
+    /// An executor whose kernels use as many threads as rayon's global pool.
     pub fn new(backend: B, model: Model<B>, n_blocks: usize, block_size: usize) -> Self {
+        Self::with_threads(
+            backend,
+            model,
+            n_blocks,
+            block_size,
+            rayon::current_num_threads(),
+        )
+    }
+
+    pub fn with_threads(
+        backend: B,
+        model: Model<B>,
+        n_blocks: usize,
+        block_size: usize,
+        threads: usize,
+    ) -> Self {
         let spec = kv_spec(&model.cfg, backend.precision(), n_blocks, block_size);
         let kv = backend.alloc_kv(spec);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("kernels-{i}"))
+            .build()
+            .expect("spawning kernel threads");
         Self {
             backend,
             model,
             kv,
             spec,
+            pool,
         }
     }
 
@@ -145,7 +172,8 @@ impl<B: Backend> Executor<B> {
                 }
             })
             .collect();
-        let logits = self.model.forward(&self.backend, &mut self.kv, &chunks);
+        let (model, backend, kv) = (&self.model, &self.backend, &mut self.kv);
+        let logits = self.pool.install(|| model.forward(backend, kv, &chunks));
         Ok(StepOutput {
             logits,
             vocab_size: self.model.cfg.vocab_size,
