@@ -3,10 +3,12 @@
 //! - `init-model`: write a seeded random model of a real architecture in the real formats.
 //! - `generate`: run one prompt through a model (the fidelity interface).
 //! - `bench`: CPU decode/prefill throughput beside the machine's memory bandwidth.
+//! - `serve`: the whole system in one process (gateway, scheduler, workers).
 
 #![forbid(unsafe_code)]
 
 mod commands;
+mod config;
 mod load;
 
 use clap::{Parser, Subcommand};
@@ -30,6 +32,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Serve(commands::serve::Args),
     InitModel(commands::init_model::Args),
     Generate(commands::generate::Args),
     Bench(commands::bench::Args),
@@ -45,6 +48,7 @@ fn main() -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("--threads {n}: {e}"))?;
     }
     match cli.command {
+        Command::Serve(a) => commands::serve::run(a),
         Command::InitModel(a) => commands::init_model::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Bench(a) => commands::bench::run(a),

@@ -225,6 +225,15 @@ pub trait Engine: Send + Sync + 'static {
 }
 
 impl TokenStream {
+    /// The next event; `None` once the engine has nothing more to say.
+    ///
+    /// Use this rather than `events.recv()` inside `async move` blocks: a block that
+    /// names only the `events` field captures only that field, and the rest of the
+    /// stream (its cancellation guard) is dropped at once, cancelling the request.
+    pub async fn recv(&mut self) -> Option<TokenEvent> {
+        self.events.recv().await
+    }
+
     /// A stream whose `cancel` runs when it is dropped.
     pub fn new(
         events: mpsc::Receiver<TokenEvent>,

@@ -3,9 +3,13 @@
 //! run it against worker executors.
 //!
 //! - [`api`]: requests, token events and the closed error class the fronts map.
+//! - [`scheduler`]: the plain, synchronous scheduler: batching, KV blocks, prefix cache,
+//!   preemption and sampling.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod engine;
+pub mod scheduler;
 
 pub use hyserve_worker::{SeqStep, Step, StepOutput};

@@ -396,6 +396,7 @@ mod tests {
     }
 
     type Tensors = HashMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+    type Edit = Box<dyn FnOnce(&mut Tensors)>;
 
     /// Rewrites `model.safetensors` through `edit` (name -> (dtype, shape, bytes)).
     fn rewrite(dir: &Path, edit: impl FnOnce(&mut Tensors)) {
@@ -442,7 +443,7 @@ mod tests {
 
     #[test]
     fn missing_extra_misshaped_and_mistyped_tensors_are_named() {
-        let cases: Vec<(&str, Box<dyn FnOnce(&mut Tensors)>, &str)> = vec![
+        let cases: Vec<(&str, Edit, &str)> = vec![
             (
                 "missing",
                 Box::new(|m: &mut Tensors| {

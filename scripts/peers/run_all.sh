@@ -11,6 +11,8 @@
 #      THREADS   default 2;  PROMPT default 256;  DECODE default 64;  REPEAT default 3
 #      PEERS     default "hf llamacpp"
 #      GGUF      GGUF path (default OUT_DIR/model.gguf; converted if missing)
+#      WAIT_IDLE before each timed run, wait up to this many seconds for the machine
+#                to be idle (<15% CPU for 20 s); default 600, 0 disables
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 MODEL=${1:?usage: run_all.sh MODEL_DIR OUT_DIR}
@@ -22,7 +24,12 @@ PROMPT=${PROMPT:-256}
 DECODE=${DECODE:-64}
 REPEAT=${REPEAT:-3}
 PEERS=${PEERS:-"hf llamacpp"}
+WAIT_IDLE=${WAIT_IDLE:-600}
 mkdir -p "$OUT"
+idle() {
+  [ "$WAIT_IDLE" -gt 0 ] || return 0
+  bash "$HERE/wait_idle.sh" "$WAIT_IDLE" >/dev/null || echo "warning: machine still busy after ${WAIT_IDLE}s; timing anyway" >&2
+}
 GGUF=${GGUF:-$OUT/model.gguf}
 
 if [ ! -f "$MODEL/config.json" ]; then
@@ -33,6 +40,7 @@ fi
 for peer in $PEERS; do
   case $peer in
     hf)
+      idle
       echo "== transformers (threads=$THREADS)"
       "$PY" "$HERE/hf_bench.py" --model "$MODEL" --threads "$THREADS" \
         --prompt-tokens "$PROMPT" --decode-tokens "$DECODE" --repeat "$REPEAT" \
@@ -49,7 +57,7 @@ for peer in $PEERS; do
       "$PY" "$HERE/llamacpp_bench.py" --gguf "$GGUF" --threads "$THREADS" \
         --check-ids "$IDS" --check-tokens 8 --logits-out "$OUT/llamacpp_check_logits.f32" > "$OUT/llamacpp_check.json"
       "$HYSERVE" --threads "$THREADS" generate --model "$MODEL" --prompt-ids "$IDS" --max-tokens 8 --json --ignore-eos \
-        --logits-out "$OUT/hyserve_check_logits.f32" 2>/dev/null | tail -1 > "$OUT/hyserve_check.json"
+        --logits-out "$OUT/hyserve_check_logits.npy" 2>/dev/null | tail -1 > "$OUT/hyserve_check.json"
       "$PY" - "$OUT" <<'EOF'
 import json, sys
 out = sys.argv[1]
@@ -59,8 +67,9 @@ print("llama.cpp:", a); print("hyserve:  ", b); print("greedy match:", a == b)
 json.dump({"llamacpp": a, "hyserve": b, "match": a == b}, open(f"{out}/greedy_check.json", "w"))
 EOF
       VOCAB=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['vocab_size'])" "$MODEL/config.json")
-      "$PY" "$HERE/compare_logits.py" "$OUT/hyserve_check_logits.f32" "$OUT/llamacpp_check_logits.f32" --vocab "$VOCAB" \
+      "$PY" "$HERE/compare_logits.py" "$OUT/hyserve_check_logits.npy" "$OUT/llamacpp_check_logits.f32" --vocab "$VOCAB" \
         | tee "$OUT/logits_check.txt"
+      idle
       echo "== llama.cpp (threads=$THREADS)"
       "$PY" "$HERE/llamacpp_bench.py" --gguf "$GGUF" --threads "$THREADS" \
         --prompt-tokens "$PROMPT" --decode-tokens "$DECODE" --repeat "$REPEAT" \

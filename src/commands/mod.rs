@@ -3,3 +3,4 @@
 pub mod bench;
 pub mod generate;
 pub mod init_model;
+pub mod serve;

@@ -3,4 +3,5 @@
 
 mod cli;
 mod fidelity;
+mod python;
 mod support;

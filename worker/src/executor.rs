@@ -181,7 +181,10 @@ impl<B: Backend> Executor<B> {
     }
 }
 
-type Job = (Step, mpsc::Sender<Result<StepOutput, ExecutorError>>);
+/// Where a step's result goes: called on the executor thread when the step finishes.
+/// If the executor thread dies mid-step, the callback is dropped unanswered.
+type Reply = Box<dyn FnOnce(Result<StepOutput, ExecutorError>) + Send>;
+type Job = (Step, Reply);
 
 /// An [`Executor`] on its own thread; steps are sent to it and answered by channel.
 pub struct ExecutorHandle {
@@ -202,7 +205,7 @@ impl ExecutorHandle {
             .name(name.into())
             .spawn(move || {
                 while let Ok((step, reply)) = rx.recv() {
-                    let _ = reply.send(executor.step(&step));
+                    reply(executor.step(&step));
                 }
             })?;
         Ok(Self {
@@ -221,25 +224,32 @@ impl ExecutorHandle {
         self.spec
     }
 
-    /// Submits a step; the answer arrives on the returned channel.
-    pub fn submit(
+    /// Submits a step; `reply` runs on the executor thread with its result. Blocks
+    /// only while another step is queued (the queue holds one).
+    pub fn submit_with(
         &self,
         step: Step,
-    ) -> Result<mpsc::Receiver<Result<StepOutput, ExecutorError>>, ExecutorError> {
-        let (reply, rx) = mpsc::channel();
+        reply: impl FnOnce(Result<StepOutput, ExecutorError>) + Send + 'static,
+    ) -> Result<(), ExecutorError> {
         self.tx
             .as_ref()
             .ok_or(ExecutorError::Stopped)?
-            .send((step, reply))
-            .map_err(|_| ExecutorError::Stopped)?;
-        Ok(rx)
+            .send((step, Box::new(reply)))
+            .map_err(|_| ExecutorError::Stopped)
     }
 
     /// Submits a step and waits for its output.
     pub fn run(&self, step: Step) -> Result<StepOutput, ExecutorError> {
-        self.submit(step)?
-            .recv()
-            .map_err(|_| ExecutorError::Stopped)?
+        let (tx, rx) = mpsc::channel();
+        self.submit_with(step, move |r| {
+            let _ = tx.send(r);
+        })?;
+        rx.recv().map_err(|_| ExecutorError::Stopped)?
+    }
+
+    /// Whether the executor thread is still running.
+    pub fn is_alive(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 }
 

@@ -1,0 +1,525 @@
+//! The in-process actor system: a scheduler actor driving worker actors, each of which
+//! owns an executor thread. Actors are thin shells: every decision is made by the plain
+//! [`Scheduler`]; the actors move messages, run steps off the async runtime, and restart
+//! a worker whose executor died (its sequences go back to the queue, nothing is lost).
+//!
+//! Flow: a front calls [`EngineHandle::submit`] (non-blocking; a bounded admission count
+//! turns overload into an immediate error) -> `SchedulerMsg::Submit` -> the scheduler
+//! plans a step -> one `WorkerMsg::Run` per worker -> the executor thread answers ->
+//! `SchedulerMsg::StepDone` -> token events to each request's channel -> next step.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hyserve_worker::{ExecutorError, ExecutorHandle, Step, StepOutput};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::sync::mpsc;
+
+use crate::api::{
+    Engine, EngineStats, GenerateRequest, Health, ModelInfo, ServeError, TokenEvent, TokenStream,
+};
+use crate::scheduler::{Plan, Scheduler, SchedulerConfig, SeqId};
+
+/// Builds a fresh executor for worker `i` (used at start and after a crash).
+pub type ExecutorFactory = Arc<dyn Fn(usize) -> std::io::Result<ExecutorHandle> + Send + Sync>;
+
+/// Everything the engine needs to start.
+#[derive(Clone)]
+pub struct EngineConfig {
+    pub scheduler: SchedulerConfig,
+    pub model: ModelInfo,
+    /// A step that takes longer than this marks the engine not ready (and is logged).
+    pub step_timeout: Duration,
+}
+
+/// Messages to the scheduler actor.
+pub enum SchedulerMsg {
+    /// A new request with its event channel (admission was counted by the handle).
+    Submit {
+        id: SeqId,
+        request: GenerateRequest,
+        seed: u64,
+        events: mpsc::Sender<TokenEvent>,
+    },
+    /// The client went away: free the sequence.
+    Cancel(SeqId),
+    /// A step finished (or a worker failed it).
+    StepDone {
+        plan: Plan,
+        outputs: Result<Vec<StepOutput>, String>,
+        model_seconds: f64,
+    },
+    /// Worker `i` was restarted with a fresh executor.
+    WorkerRestarted(usize, ActorRef<WorkerMsg>),
+}
+
+/// Messages to a worker actor.
+pub enum WorkerMsg {
+    /// Run one step; the reply comes from the executor thread.
+    Run(Step, RpcReplyPort<Result<StepOutput, String>>),
+}
+
+/// A worker actor: owns one executor thread.
+struct WorkerActor;
+
+struct WorkerState {
+    executor: ExecutorHandle,
+}
+
+impl Actor for WorkerActor {
+    type Msg = WorkerMsg;
+    type State = WorkerState;
+    type Arguments = ExecutorHandle;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        executor: ExecutorHandle,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(WorkerState { executor })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            WorkerMsg::Run(step, reply) => {
+                if !state.executor.is_alive() {
+                    // Crash the actor, not the process: the supervisor restarts it.
+                    return Err("executor thread died".into());
+                }
+                let sent = state.executor.submit_with(step, move |r| {
+                    let _ = reply.send(r.map_err(|e: ExecutorError| e.to_string()));
+                });
+                if sent.is_err() {
+                    return Err("executor thread stopped".into());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// State shared between the handle (fronts' threads) and the scheduler actor.
+struct Shared {
+    /// Requests submitted and not yet finished: the admission bound.
+    outstanding: AtomicUsize,
+    max_outstanding: usize,
+    next_id: AtomicU64,
+    stats: Mutex<EngineStats>,
+    /// Unix millis of the last completed step, and whether work is pending.
+    last_progress_ms: AtomicU64,
+    busy: AtomicBool,
+    started: AtomicBool,
+    workers_alive: AtomicUsize,
+    n_workers: usize,
+    step_timeout: Duration,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+struct SchedulerActor;
+
+struct SchedulerState {
+    scheduler: Scheduler,
+    workers: Vec<ActorRef<WorkerMsg>>,
+    streams: std::collections::HashMap<SeqId, mpsc::Sender<TokenEvent>>,
+    in_flight: bool,
+    shared: Arc<Shared>,
+    factory: ExecutorFactory,
+}
+
+struct SchedulerArgs {
+    config: SchedulerConfig,
+    shared: Arc<Shared>,
+    factory: ExecutorFactory,
+}
+
+impl SchedulerActor {
+    /// Plans and launches the next step if none is in flight.
+    fn kick(&self, myself: &ActorRef<SchedulerMsg>, st: &mut SchedulerState) {
+        if st.in_flight {
+            return;
+        }
+        let t0 = Instant::now();
+        let Some(plan) = st.scheduler.schedule() else {
+            st.shared.busy.store(false, Ordering::Relaxed);
+            return;
+        };
+        st.in_flight = true;
+        st.shared.busy.store(true, Ordering::Relaxed);
+        let calls: Vec<_> = plan
+            .steps
+            .iter()
+            .map(|(w, step)| (st.workers[*w].clone(), step.clone()))
+            .collect();
+        self.add_scheduler_time(st, t0);
+        let me = myself.clone();
+        let timeout = st.shared.step_timeout;
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let mut outputs = Vec::with_capacity(calls.len());
+            let mut failure = None;
+            for (worker, step) in calls {
+                // Workers run concurrently: send every step before awaiting any reply.
+                let (tx, rx) = ractor::concurrency::oneshot();
+                if worker.cast(WorkerMsg::Run(step, tx.into())).is_err() {
+                    failure = Some("worker unavailable".to_string());
+                }
+                outputs.push(rx);
+            }
+            let mut results = Vec::with_capacity(outputs.len());
+            for rx in outputs {
+                match tokio::time::timeout(timeout * 4, rx).await {
+                    Ok(Ok(Ok(out))) => results.push(out),
+                    Ok(Ok(Err(e))) => failure = Some(e),
+                    Ok(Err(_)) => failure = Some("worker died during the step".into()),
+                    Err(_) => failure = Some("step timed out".into()),
+                }
+            }
+            let outputs = match failure {
+                Some(e) => Err(e),
+                None => Ok(results),
+            };
+            let _ = me.cast(SchedulerMsg::StepDone {
+                plan,
+                outputs,
+                model_seconds: t.elapsed().as_secs_f64(),
+            });
+        });
+    }
+
+    fn add_scheduler_time(&self, st: &SchedulerState, t0: Instant) {
+        if let Ok(mut s) = st.shared.stats.lock() {
+            s.scheduler_seconds_total += t0.elapsed().as_secs_f64();
+        }
+    }
+
+    fn deliver(&self, st: &mut SchedulerState, events: Vec<(SeqId, TokenEvent)>) {
+        for (id, ev) in events {
+            let done = matches!(ev, TokenEvent::Finished { .. } | TokenEvent::Failed(_));
+            let gone = match st.streams.get(&id) {
+                // The channel holds max_tokens + 2 events, so try_send fails only when the
+                // receiver is gone: the client left.
+                Some(tx) => tx.try_send(ev).is_err(),
+                None => true,
+            };
+            if gone && !done {
+                st.scheduler.cancel(id);
+            }
+            if (done || gone) && st.streams.remove(&id).is_some() {
+                st.shared.outstanding.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    fn publish_stats(&self, st: &SchedulerState) {
+        let s = st.scheduler.stats();
+        if let Ok(mut g) = st.shared.stats.lock() {
+            let (sched, model) = (g.scheduler_seconds_total, g.model_seconds_total);
+            *g = s;
+            g.scheduler_seconds_total = sched;
+            g.model_seconds_total = model;
+        }
+    }
+}
+
+impl Actor for SchedulerActor {
+    type Msg = SchedulerMsg;
+    type State = SchedulerState;
+    type Arguments = SchedulerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SchedulerArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let mut workers = Vec::with_capacity(args.config.n_workers);
+        for i in 0..args.config.n_workers {
+            let exec = (args.factory)(i)?;
+            let (w, _) = Actor::spawn_linked(None, WorkerActor, exec, myself.get_cell()).await?;
+            workers.push(w);
+        }
+        args.shared
+            .workers_alive
+            .store(workers.len(), Ordering::Release);
+        args.shared.started.store(true, Ordering::Release);
+        args.shared
+            .last_progress_ms
+            .store(now_ms(), Ordering::Release);
+        Ok(SchedulerState {
+            scheduler: Scheduler::new(args.config),
+            workers,
+            streams: Default::default(),
+            in_flight: false,
+            shared: args.shared,
+            factory: args.factory,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SchedulerMsg::Submit {
+                id,
+                request,
+                seed,
+                events,
+            } => {
+                let t0 = Instant::now();
+                match st.scheduler.add(id, request, seed) {
+                    Ok(()) => {
+                        st.streams.insert(id, events);
+                    }
+                    Err(e) => {
+                        let _ = events.try_send(TokenEvent::Failed(e));
+                        st.shared.outstanding.fetch_sub(1, Ordering::AcqRel);
+                    }
+                }
+                self.add_scheduler_time(st, t0);
+            }
+            SchedulerMsg::Cancel(id) => {
+                st.scheduler.cancel(id);
+                if st.streams.remove(&id).is_some() {
+                    st.shared.outstanding.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+            SchedulerMsg::StepDone {
+                plan,
+                outputs,
+                model_seconds,
+            } => {
+                st.in_flight = false;
+                let t0 = Instant::now();
+                match outputs {
+                    Ok(outputs) => {
+                        let events = st.scheduler.complete(plan, outputs);
+                        self.deliver(st, events);
+                        st.shared
+                            .last_progress_ms
+                            .store(now_ms(), Ordering::Release);
+                    }
+                    Err(e) => {
+                        // Nothing is lost: the step's sequences go back to the queue with
+                        // their tokens so far and are recomputed on the next step.
+                        tracing::error!(error = %e, "step failed; its sequences are requeued");
+                        st.scheduler.abort_step(plan);
+                    }
+                }
+                if let Ok(mut s) = st.shared.stats.lock() {
+                    s.model_seconds_total += model_seconds;
+                }
+                self.add_scheduler_time(st, t0);
+                self.publish_stats(st);
+            }
+            SchedulerMsg::WorkerRestarted(i, w) => {
+                st.workers[i] = w;
+                st.shared.workers_alive.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        self.kick(&myself, st);
+        if !st.in_flight {
+            self.publish_stats(st);
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let failed = match &evt {
+            SupervisionEvent::ActorFailed(cell, err) => Some((cell.get_id(), err.to_string())),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => Some((
+                cell.get_id(),
+                reason.clone().unwrap_or_else(|| "stopped".into()),
+            )),
+            _ => None,
+        };
+        if let Some((id, err)) = failed {
+            let Some(i) = st.workers.iter().position(|w| w.get_id() == id) else {
+                return Ok(());
+            };
+            tracing::error!(worker = i, error = %err, "worker failed; restarting it");
+            st.shared.workers_alive.fetch_sub(1, Ordering::AcqRel);
+            let factory = st.factory.clone();
+            let me = myself.clone();
+            tokio::spawn(async move {
+                // Building an executor loads weights: do it off the actor.
+                let exec = match tokio::task::spawn_blocking(move || factory(i)).await {
+                    Ok(Ok(e)) => e,
+                    Ok(Err(e)) => {
+                        tracing::error!(worker = i, error = %e, "restarting worker failed");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!(worker = i, error = %e, "restarting worker panicked");
+                        return;
+                    }
+                };
+                if let Ok((w, _)) =
+                    Actor::spawn_linked(None, WorkerActor, exec, me.get_cell()).await
+                {
+                    let _ = me.cast(SchedulerMsg::WorkerRestarted(i, w));
+                }
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The fronts' handle on the running engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    actor: ActorRef<SchedulerMsg>,
+    shared: Arc<Shared>,
+    model: ModelInfo,
+}
+
+impl EngineHandle {
+    /// Starts the scheduler and `config.scheduler.n_workers` worker actors.
+    pub async fn start(config: EngineConfig, factory: ExecutorFactory) -> Result<Self, ServeError> {
+        let sc = &config.scheduler;
+        let shared = Arc::new(Shared {
+            // Running plus waiting: anything beyond is refused at the door.
+            outstanding: AtomicUsize::new(0),
+            max_outstanding: sc.max_waiting + sc.max_running * sc.n_workers,
+            next_id: AtomicU64::new(1),
+            stats: Mutex::new(EngineStats::default()),
+            last_progress_ms: AtomicU64::new(now_ms()),
+            busy: AtomicBool::new(false),
+            started: AtomicBool::new(false),
+            workers_alive: AtomicUsize::new(0),
+            n_workers: sc.n_workers,
+            step_timeout: config.step_timeout,
+        });
+        let (actor, _) = Actor::spawn(
+            None,
+            SchedulerActor,
+            SchedulerArgs {
+                config: config.scheduler.clone(),
+                shared: shared.clone(),
+                factory,
+            },
+        )
+        .await
+        .map_err(|e| ServeError::Internal {
+            message: format!("starting the engine: {e}"),
+        })?;
+        Ok(Self {
+            actor,
+            shared,
+            model: config.model,
+        })
+    }
+
+    /// Stops the actors (in-flight requests end with their channels closing).
+    pub fn stop(&self) {
+        self.actor.stop(None);
+    }
+}
+
+impl Engine for EngineHandle {
+    fn submit(&self, request: GenerateRequest) -> Result<TokenStream, ServeError> {
+        if request.prompt.is_empty() {
+            return Err(ServeError::invalid("prompt", "the prompt is empty"));
+        }
+        let total = request.prompt.len() + request.max_tokens;
+        if total > self.model.max_context {
+            return Err(ServeError::invalid(
+                "max_tokens",
+                format!(
+                    "prompt ({} tokens) + max_tokens ({}) exceeds the context length ({})",
+                    request.prompt.len(),
+                    request.max_tokens,
+                    self.model.max_context
+                ),
+            ));
+        }
+        if let Some(t) = request
+            .prompt
+            .iter()
+            .find(|&&t| t as usize >= self.model.vocab_size)
+        {
+            return Err(ServeError::invalid(
+                "prompt",
+                format!("token id {t} is outside the vocabulary"),
+            ));
+        }
+        let prev = self.shared.outstanding.fetch_add(1, Ordering::AcqRel);
+        if prev >= self.shared.max_outstanding {
+            self.shared.outstanding.fetch_sub(1, Ordering::AcqRel);
+            return Err(ServeError::Overloaded {
+                message: format!("{prev} requests are queued or running"),
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let seed = request.sampling.seed.unwrap_or_else(|| {
+            // No seed: derive one from the id and the clock (not reproducible by design).
+            id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ now_ms()
+        });
+        let (tx, rx) = mpsc::channel(request.max_tokens + 2);
+        let prompt_tokens = request.prompt.len();
+        if self
+            .actor
+            .cast(SchedulerMsg::Submit {
+                id,
+                request,
+                seed,
+                events: tx,
+            })
+            .is_err()
+        {
+            self.shared.outstanding.fetch_sub(1, Ordering::AcqRel);
+            return Err(ServeError::Unavailable {
+                message: "the engine is stopped".into(),
+            });
+        }
+        let actor = self.actor.clone();
+        Ok(TokenStream::new(rx, prompt_tokens, move || {
+            let _ = actor.cast(SchedulerMsg::Cancel(id));
+        }))
+    }
+
+    fn model_info(&self) -> ModelInfo {
+        self.model.clone()
+    }
+
+    fn health(&self) -> Health {
+        let s = &self.shared;
+        let live = s.started.load(Ordering::Acquire)
+            && s.workers_alive.load(Ordering::Acquire) == s.n_workers;
+        // Ready means forward progress: idle, or a step completed recently.
+        let stalled = s.busy.load(Ordering::Relaxed)
+            && now_ms().saturating_sub(s.last_progress_ms.load(Ordering::Acquire))
+                > s.step_timeout.as_millis() as u64;
+        Health {
+            live,
+            ready: live && !stalled,
+        }
+    }
+
+    fn stats(&self) -> EngineStats {
+        self.shared
+            .stats
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,820 @@
+//! The scheduler: continuous batching over in-process workers as a plain state machine,
+//! so every policy (what runs in the next step, who gets KV blocks, who is preempted,
+//! when a sequence ends) is decided here and unit-tested without threads, actors or
+//! clocks. The engine's actors only carry its [`Plan`]s to executors and the outputs back.
+//!
+//! One step at a time: [`Scheduler::schedule`] plans a step (one [`Step`] per worker),
+//! the executors run it, and [`Scheduler::complete`] samples, appends and finishes
+//! sequences (or [`Scheduler::abort_step`] puts them back in the queue).
+//!
+//! Per worker and step: one decode token for every running sequence that has a single
+//! token left to compute (oldest first), then prefill chunks of sequences still
+//! prefilling (oldest first), then admission of waiting sequences (FIFO) while the
+//! token budget, `max_running` and free KV blocks allow. Decodes take precedence for
+//! blocks: a decode that cannot get one preempts (by recomputation) the worker's most
+//! recently admitted other sequence; a prefill that cannot get one waits. Sampling is
+//! stateless per (seed, position), so recomputation reproduces the same tokens.
+
+pub mod blocks;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use hyserve_kernels::sampling::{Sampler, SamplingParams, log_softmax};
+use hyserve_worker::{SeqStep, Step, StepOutput};
+
+use crate::api::{
+    EngineStats, FinishReason, GenerateRequest, ServeError, TokenEvent, TokenLogprob, Usage,
+};
+use blocks::{BlockHash, BlockPool, PrefixMatch};
+
+/// The engine's name for one sequence (one `GenerateRequest`).
+pub type SeqId = u64;
+
+/// How long a client rejected for a full queue should wait: about one step of a busy
+/// engine drains a few requests.
+const OVERLOADED_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// In-process workers, each with its own KV pool.
+    pub n_workers: usize,
+    pub n_blocks_per_worker: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Token budget per step per worker (decode tokens and prefill chunks together).
+    pub max_batch_tokens: usize,
+    /// Sequences per worker admitted at once (running or prefilling).
+    pub max_running: usize,
+    /// Requests queued beyond this are refused with `ServeError::Overloaded`.
+    pub max_waiting: usize,
+    /// Most prompt tokens one sequence prefills per step, so a long prompt shares steps.
+    pub prefill_chunk: usize,
+    /// Prompt + generated tokens limit (the model's max positions).
+    pub max_context: usize,
+    pub enable_prefix_cache: bool,
+}
+
+/// A planned step: what each worker runs. Hand it back, unchanged, to
+/// [`Scheduler::complete`] or [`Scheduler::abort_step`].
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// `(worker, step)` in worker order; only workers with work appear.
+    pub steps: Vec<(usize, Step)>,
+    /// Matches the plan to the step in flight: a stale or foreign plan is ignored.
+    id: u64,
+}
+
+impl Plan {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Tokens computed by the whole step, over all workers.
+    pub fn n_tokens(&self) -> usize {
+        self.steps
+            .iter()
+            .flat_map(|(_, s)| &s.seqs)
+            .map(|s| s.tokens.len())
+            .sum()
+    }
+}
+
+/// One sequence's share of the step in flight. Kept by the scheduler rather than read
+/// back from the plan, whose fields the caller can touch.
+#[derive(Clone, Copy, Debug)]
+struct Scheduled {
+    id: SeqId,
+    n_tokens: usize,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    plan_id: u64,
+    steps: Vec<(usize, Vec<Scheduled>)>,
+}
+
+/// What one worker's step is taking shape as during `schedule`.
+#[derive(Debug)]
+struct WorkerPlan {
+    seqs: Vec<Scheduled>,
+    n_budget_tokens: usize,
+}
+
+impl WorkerPlan {
+    fn push(&mut self, id: SeqId, n_tokens: usize) {
+        self.seqs.push(Scheduled { id, n_tokens });
+        self.n_budget_tokens = self.n_budget_tokens.saturating_sub(n_tokens);
+    }
+
+    /// Takes `id` back out of the step (it was preempted after being planned).
+    fn remove(&mut self, id: SeqId) {
+        if let Some(pos) = self.seqs.iter().position(|s| s.id == id) {
+            let s = self.seqs.remove(pos);
+            self.n_budget_tokens += s.n_tokens;
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Seq {
+    /// Prompt then generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    sampling: SamplingParams,
+    seed: u64,
+    max_tokens: usize,
+    stop_token_ids: Vec<u32>,
+    logprobs: Option<usize>,
+    /// Tokens whose KV is written in `blocks` (reset to the cache hit on admission).
+    n_computed: usize,
+    /// `Some` while running (admitted), `None` while waiting.
+    worker: Option<usize>,
+    blocks: Vec<u32>,
+    /// Chained hashes of the leading full blocks already registered or found cached.
+    block_hashes: Vec<BlockHash>,
+    /// Admission order: an aborted step requeues its sequences oldest first.
+    admitted_at: u64,
+    /// Prompt tokens reused at the first admission (what `usage` reports; later
+    /// readmissions after preemption are the engine's business, not the client's).
+    cached_tokens: Option<usize>,
+    in_step: bool,
+    /// Cancelled while in the step in flight: dropped when the step ends.
+    cancelled: bool,
+}
+
+impl Seq {
+    fn n_left(&self) -> usize {
+        self.tokens.len().saturating_sub(self.n_computed)
+    }
+
+    fn n_generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    /// Back to "nothing computed", holding no blocks (the caller released them).
+    fn reset_to_waiting(&mut self) {
+        self.blocks.clear();
+        self.block_hashes.clear();
+        self.n_computed = 0;
+        self.worker = None;
+        self.in_step = false;
+    }
+}
+
+/// Where a waiting sequence would go and what it would take there.
+#[derive(Debug)]
+struct Candidate {
+    worker: usize,
+    prefix: PrefixMatch,
+    n_hit_tokens: usize,
+    n_chunk_tokens: usize,
+    n_free_blocks: usize,
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    pools: Vec<BlockPool>,
+    /// Every waiting or running sequence. Bounded: `add` refuses beyond `max_waiting`
+    /// waiting, and at most `max_running` per worker run.
+    seqs: HashMap<SeqId, Seq>,
+    waiting: VecDeque<SeqId>,
+    /// Per worker, in admission order (oldest first).
+    running: Vec<Vec<SeqId>>,
+    in_flight: Option<InFlight>,
+    next_plan_id: u64,
+    next_admission: u64,
+    preempted_total: u64,
+    prefix_cache_queries_tokens: u64,
+    prefix_cache_hit_tokens: u64,
+    steps_total: u64,
+    step_tokens_total: u64,
+}
+
+impl Scheduler {
+    /// Sizes of zero that would stop all progress (`block_size`, `max_batch_tokens`,
+    /// `max_running`, `prefill_chunk`) are raised to 1.
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        let cfg = SchedulerConfig {
+            block_size: cfg.block_size.max(1),
+            max_batch_tokens: cfg.max_batch_tokens.max(1),
+            max_running: cfg.max_running.max(1),
+            prefill_chunk: cfg.prefill_chunk.max(1),
+            ..cfg
+        };
+        let pools = (0..cfg.n_workers)
+            .map(|_| {
+                BlockPool::new(
+                    cfg.n_blocks_per_worker,
+                    cfg.block_size,
+                    cfg.enable_prefix_cache,
+                )
+            })
+            .collect();
+        Self {
+            running: vec![Vec::new(); cfg.n_workers],
+            cfg,
+            pools,
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            in_flight: None,
+            next_plan_id: 0,
+            next_admission: 0,
+            preempted_total: 0,
+            prefix_cache_queries_tokens: 0,
+            prefix_cache_hit_tokens: 0,
+            steps_total: 0,
+            step_tokens_total: 0,
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    /// Admits a request into the waiting queue. Errors: `InvalidRequest` (field
+    /// "prompt" when empty; "max_tokens" when zero, when prompt + max_tokens exceeds
+    /// `max_context`, or when the sequence could never fit one worker's KV pool),
+    /// `Overloaded` (waiting queue full), `Unavailable` (no workers), `Internal` (`id`
+    /// already in use: an engine bug).
+    /// `seed` is the request's effective seed (`sampling.seed` or one the caller picked).
+    pub fn add(&mut self, id: SeqId, req: GenerateRequest, seed: u64) -> Result<(), ServeError> {
+        self.validate(&req)?;
+        if self.seqs.contains_key(&id) {
+            return Err(ServeError::Internal {
+                message: format!("sequence id {id} is already in use"),
+            });
+        }
+        if self.waiting.len() >= self.cfg.max_waiting {
+            return Err(ServeError::Overloaded {
+                message: format!("{} requests are already queued", self.waiting.len()),
+                retry_after: OVERLOADED_RETRY_AFTER,
+            });
+        }
+        let prompt_len = req.prompt.len();
+        self.seqs.insert(
+            id,
+            Seq {
+                tokens: req.prompt,
+                prompt_len,
+                sampling: req.sampling,
+                seed,
+                max_tokens: req.max_tokens,
+                stop_token_ids: req.stop_token_ids,
+                logprobs: req.logprobs,
+                n_computed: 0,
+                worker: None,
+                blocks: Vec::new(),
+                block_hashes: Vec::new(),
+                admitted_at: 0,
+                cached_tokens: None,
+                in_step: false,
+                cancelled: false,
+            },
+        );
+        self.waiting.push_back(id);
+        Ok(())
+    }
+
+    fn validate(&self, req: &GenerateRequest) -> Result<(), ServeError> {
+        if self.pools.is_empty() {
+            return Err(ServeError::Unavailable {
+                message: "the engine has no workers".into(),
+            });
+        }
+        if req.prompt.is_empty() {
+            return Err(ServeError::invalid("prompt", "the prompt is empty"));
+        }
+        if req.max_tokens == 0 {
+            return Err(ServeError::invalid(
+                "max_tokens",
+                "max_tokens must be at least 1",
+            ));
+        }
+        let n_tokens = req.prompt.len().saturating_add(req.max_tokens);
+        if n_tokens > self.cfg.max_context {
+            return Err(ServeError::invalid(
+                "max_tokens",
+                format!(
+                    "the prompt ({} tokens) plus max_tokens ({}) exceeds the context length \
+                     ({} tokens)",
+                    req.prompt.len(),
+                    req.max_tokens,
+                    self.cfg.max_context
+                ),
+            ));
+        }
+        // The last generated token is never fed back, so its KV is never written.
+        let n_blocks = (n_tokens - 1).div_ceil(self.cfg.block_size);
+        if n_blocks > self.cfg.n_blocks_per_worker {
+            return Err(ServeError::invalid(
+                "max_tokens",
+                format!(
+                    "the prompt ({} tokens) plus max_tokens ({}) needs {n_blocks} KV blocks; \
+                     a worker has {}",
+                    req.prompt.len(),
+                    req.max_tokens,
+                    self.cfg.n_blocks_per_worker
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Cancels a waiting or running sequence and frees its blocks; a sequence in the
+    /// step in flight is dropped when that step ends. Unknown ids are ignored.
+    pub fn cancel(&mut self, id: SeqId) {
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        if seq.in_step {
+            seq.cancelled = true;
+        } else {
+            self.remove(id);
+        }
+    }
+
+    /// Plans the next step; `None` when there is nothing to run or a step is already
+    /// in flight.
+    pub fn schedule(&mut self) -> Option<Plan> {
+        if self.in_flight.is_some() {
+            return None;
+        }
+        let mut plans: Vec<WorkerPlan> = (0..self.pools.len())
+            .map(|_| WorkerPlan {
+                seqs: Vec::new(),
+                n_budget_tokens: self.cfg.max_batch_tokens,
+            })
+            .collect();
+        for (w, plan) in plans.iter_mut().enumerate() {
+            self.plan_running(w, plan);
+        }
+        self.admit(&mut plans);
+
+        let mut steps = Vec::new();
+        let mut flight = Vec::new();
+        for (w, plan) in plans.into_iter().enumerate() {
+            let mut step = Step::default();
+            let mut scheduled = Vec::with_capacity(plan.seqs.len());
+            for s in plan.seqs {
+                let Some(seq) = self.seqs.get_mut(&s.id) else {
+                    continue;
+                };
+                let Some(tokens) = seq.tokens.get(seq.n_computed..seq.n_computed + s.n_tokens)
+                else {
+                    continue;
+                };
+                step.seqs.push(SeqStep {
+                    seq_id: s.id,
+                    tokens: tokens.to_vec(),
+                    first_pos: seq.n_computed,
+                    blocks: seq.blocks.clone(),
+                    all_logits: false,
+                });
+                seq.in_step = true;
+                scheduled.push(s);
+            }
+            if !scheduled.is_empty() {
+                steps.push((w, step));
+                flight.push((w, scheduled));
+            }
+        }
+        if steps.is_empty() {
+            return None;
+        }
+        let id = self.next_plan_id;
+        self.next_plan_id = self.next_plan_id.wrapping_add(1);
+        self.in_flight = Some(InFlight {
+            plan_id: id,
+            steps: flight,
+        });
+        Some(Plan { steps, id })
+    }
+
+    /// Decodes, then prefill chunks, of the sequences already running on worker `w`.
+    fn plan_running(&mut self, w: usize, plan: &mut WorkerPlan) {
+        let Some(running) = self.running.get(w) else {
+            return;
+        };
+        // Each pass plans something or preempts one sequence: at most `max_running` passes.
+        let mut order = running.clone();
+        loop {
+            for &id in &order {
+                if plan.n_budget_tokens == 0 {
+                    break;
+                }
+                if self.left_on(id, w) == Some(1) && self.grow_or_preempt(w, id, plan) {
+                    plan.push(id, 1);
+                }
+            }
+            for &id in &order {
+                if plan.n_budget_tokens == 0 {
+                    break;
+                }
+                let Some(n_left) = self.left_on(id, w).filter(|&n| n > 1) else {
+                    continue;
+                };
+                let n_want_tokens = n_left.min(self.cfg.prefill_chunk).min(plan.n_budget_tokens);
+                let n = self.grow_up_to(w, id, n_want_tokens);
+                if n > 0 {
+                    plan.push(id, n);
+                }
+            }
+            let running = &self.running[w];
+            if !plan.seqs.is_empty() || running.len() <= 1 {
+                return;
+            }
+            // Only prefills are left and each waits for blocks another holds (prefills
+            // never preempt): free the newest so the older ones can go on.
+            let Some(&victim) = running.last() else {
+                return;
+            };
+            self.preempt(w, victim);
+            order.retain(|&id| id != victim);
+        }
+    }
+
+    /// Tokens left to compute for `id` if it is running on worker `w`.
+    fn left_on(&self, id: SeqId, w: usize) -> Option<usize> {
+        self.seqs
+            .get(&id)
+            .filter(|s| s.worker == Some(w))
+            .map(Seq::n_left)
+    }
+
+    /// Gives decoding `id` a block for its next token, preempting the worker's most
+    /// recently admitted other sequences until one frees up. False only if `id` is
+    /// alone and still cannot grow (which `add`'s size check rules out).
+    fn grow_or_preempt(&mut self, w: usize, id: SeqId, plan: &mut WorkerPlan) -> bool {
+        loop {
+            if self.try_grow(w, id, 1) {
+                return true;
+            }
+            let Some(victim) = self.running[w].iter().rev().copied().find(|&v| v != id) else {
+                return false;
+            };
+            plan.remove(victim);
+            self.preempt(w, victim);
+        }
+    }
+
+    /// Grows `id`'s blocks for `n_want_tokens` new tokens, or as many as the free blocks
+    /// allow; returns how many tokens it can compute now.
+    fn grow_up_to(&mut self, w: usize, id: SeqId, n_want_tokens: usize) -> usize {
+        let (Some(seq), Some(pool)) = (self.seqs.get(&id), self.pools.get(w)) else {
+            return 0;
+        };
+        let bs = self.cfg.block_size;
+        let n_room_tokens = (seq.blocks.len() * bs).saturating_sub(seq.n_computed)
+            + pool.n_available().saturating_mul(bs);
+        let n = n_want_tokens.min(n_room_tokens);
+        if n > 0 && self.try_grow(w, id, n) {
+            n
+        } else {
+            0
+        }
+    }
+
+    /// Gives `id` blocks covering `n_new_tokens` more tokens, all or nothing.
+    fn try_grow(&mut self, w: usize, id: SeqId, n_new_tokens: usize) -> bool {
+        let (Some(seq), Some(pool)) = (self.seqs.get_mut(&id), self.pools.get_mut(w)) else {
+            return false;
+        };
+        let n_new_blocks = (seq.n_computed + n_new_tokens)
+            .div_ceil(self.cfg.block_size)
+            .saturating_sub(seq.blocks.len());
+        if n_new_blocks > pool.n_available() {
+            return false;
+        }
+        for _ in 0..n_new_blocks {
+            match pool.allocate() {
+                Some(b) => seq.blocks.push(b),
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// Recomputation preemption: frees `id`'s blocks and puts it first in the queue
+    /// with every token it has; it re-prefills them when readmitted.
+    fn preempt(&mut self, w: usize, id: SeqId) {
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        if let Some(pool) = self.pools.get_mut(w) {
+            pool.release(&seq.blocks);
+        }
+        seq.reset_to_waiting();
+        self.running[w].retain(|&x| x != id);
+        self.waiting.push_front(id);
+        self.preempted_total += 1;
+    }
+
+    /// Admits waiting sequences in FIFO order while one fits somewhere; the first that
+    /// fits nowhere stops admission (no overtaking, so long prompts are not starved).
+    fn admit(&mut self, plans: &mut [WorkerPlan]) {
+        let bs = self.cfg.block_size;
+        while let Some(&id) = self.waiting.front() {
+            let Some(seq) = self.seqs.get(&id) else {
+                self.waiting.pop_front();
+                continue;
+            };
+            let mut best: Option<Candidate> = None;
+            for (w, pool) in self.pools.iter().enumerate() {
+                let n_budget_tokens = plans.get(w).map_or(0, |p| p.n_budget_tokens);
+                if self.running[w].len() >= self.cfg.max_running || n_budget_tokens == 0 {
+                    continue;
+                }
+                // Leave at least one token to compute, so the step yields logits.
+                let prefix = pool.lookup(&seq.tokens, (seq.tokens.len() - 1) / bs);
+                let n_hit_tokens = prefix.n_blocks() * bs;
+                let n_chunk_tokens = (seq.tokens.len() - n_hit_tokens)
+                    .min(self.cfg.prefill_chunk)
+                    .min(n_budget_tokens);
+                let n_new_blocks = (n_hit_tokens + n_chunk_tokens).div_ceil(bs) - prefix.n_blocks();
+                let n_free_blocks = pool.n_available().saturating_sub(prefix.n_evictable);
+                if n_new_blocks > n_free_blocks {
+                    continue;
+                }
+                // More cached tokens first, then more free blocks; ties keep the lower index.
+                let better = best.as_ref().is_none_or(|b| {
+                    (n_hit_tokens, n_free_blocks) > (b.n_hit_tokens, b.n_free_blocks)
+                });
+                if better {
+                    best = Some(Candidate {
+                        worker: w,
+                        prefix,
+                        n_hit_tokens,
+                        n_chunk_tokens,
+                        n_free_blocks,
+                    });
+                }
+            }
+            let Some(c) = best else {
+                break;
+            };
+            self.waiting.pop_front();
+            let w = c.worker;
+            let (Some(seq), Some(pool)) = (self.seqs.get_mut(&id), self.pools.get_mut(w)) else {
+                continue;
+            };
+            pool.acquire(&c.prefix);
+            seq.blocks = c.prefix.blocks;
+            seq.block_hashes = c.prefix.hashes;
+            seq.n_computed = c.n_hit_tokens;
+            seq.worker = Some(w);
+            seq.admitted_at = self.next_admission;
+            self.next_admission += 1;
+            if seq.cached_tokens.is_none() {
+                seq.cached_tokens = Some(c.n_hit_tokens.min(seq.prompt_len));
+            }
+            if self.cfg.enable_prefix_cache {
+                self.prefix_cache_queries_tokens += seq.tokens.len() as u64;
+                self.prefix_cache_hit_tokens += c.n_hit_tokens as u64;
+            }
+            self.running[w].push(id);
+            // Checked above; should it fail anyway, the sequence prefills next step.
+            if self.try_grow(w, id, c.n_chunk_tokens) {
+                plans[w].push(id, c.n_chunk_tokens);
+            }
+        }
+    }
+
+    /// Applies the executor outputs of the step in flight (one per planned worker, in
+    /// plan order): samples for every sequence whose known tokens are now all computed,
+    /// appends, finishes sequences on a stop id, `max_tokens` or a full context, and
+    /// returns the events to deliver. A plan that is not the one in flight is ignored;
+    /// outputs that do not match the plan are treated as [`Self::abort_step`].
+    pub fn complete(&mut self, plan: Plan, outputs: Vec<StepOutput>) -> Vec<(SeqId, TokenEvent)> {
+        let Some(flight) = self.take_in_flight(&plan) else {
+            return Vec::new();
+        };
+        let fits = outputs.len() == flight.steps.len()
+            && flight.steps.iter().zip(&outputs).all(|((_, seqs), out)| {
+                out.vocab_size > 0
+                    && out.logits.len() == seqs.len()
+                    && out.logits.iter().all(|row| row.len() == out.vocab_size)
+            });
+        if !fits {
+            self.requeue(flight);
+            return Vec::new();
+        }
+        self.steps_total += 1;
+        let mut events = Vec::new();
+        for ((w, scheduled), out) in flight.steps.into_iter().zip(outputs) {
+            for (s, row) in scheduled.into_iter().zip(out.logits) {
+                self.step_tokens_total += s.n_tokens as u64;
+                self.apply(w, s, &row, &mut events);
+            }
+        }
+        events
+    }
+
+    fn take_in_flight(&mut self, plan: &Plan) -> Option<InFlight> {
+        if self.in_flight.as_ref()?.plan_id != plan.id {
+            return None;
+        }
+        self.in_flight.take()
+    }
+
+    /// One sequence's result of the step: `row` is the logits after its last new token.
+    fn apply(
+        &mut self,
+        w: usize,
+        s: Scheduled,
+        row: &[f32],
+        events: &mut Vec<(SeqId, TokenEvent)>,
+    ) {
+        let Some(seq) = self.seqs.get_mut(&s.id) else {
+            return;
+        };
+        seq.in_step = false;
+        if seq.cancelled {
+            self.remove(s.id);
+            return;
+        }
+        seq.n_computed = (seq.n_computed + s.n_tokens).min(seq.tokens.len());
+        self.register_full_blocks(w, s.id);
+        let Some(seq) = self.seqs.get_mut(&s.id) else {
+            return;
+        };
+        if seq.n_left() > 0 {
+            return; // mid-prompt chunk: its logits predict a known token
+        }
+        let (id, logprob, top) = sample(seq, row);
+        seq.tokens.push(id);
+        events.push((s.id, TokenEvent::Token { id, logprob, top }));
+        let reason = if seq.stop_token_ids.contains(&id) {
+            Some(FinishReason::Stop)
+        } else if seq.n_generated() >= seq.max_tokens || seq.tokens.len() >= self.cfg.max_context {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            let usage = Usage {
+                prompt_tokens: seq.prompt_len,
+                completion_tokens: seq.n_generated(),
+                cached_tokens: seq.cached_tokens.unwrap_or(0),
+            };
+            events.push((s.id, TokenEvent::Finished { reason, usage }));
+            self.remove(s.id);
+        }
+    }
+
+    /// Offers `id`'s newly completed full blocks to the prefix cache: only now is their
+    /// KV written, so only now may another sequence reuse it.
+    fn register_full_blocks(&mut self, w: usize, id: SeqId) {
+        if !self.cfg.enable_prefix_cache {
+            return;
+        }
+        let (Some(seq), Some(pool)) = (self.seqs.get_mut(&id), self.pools.get_mut(w)) else {
+            return;
+        };
+        let bs = self.cfg.block_size;
+        let n_full = (seq.n_computed / bs).min(seq.blocks.len());
+        while seq.block_hashes.len() < n_full {
+            let i = seq.block_hashes.len();
+            let Some(tokens) = seq.tokens.get(i * bs..(i + 1) * bs) else {
+                break;
+            };
+            let parent = seq.block_hashes.last().copied();
+            seq.block_hashes
+                .push(pool.register(seq.blocks[i], parent, tokens));
+        }
+    }
+
+    /// On a worker failure: every sequence of the step goes back to the front of the
+    /// queue with its tokens so far (recomputed on readmission). So do the other
+    /// sequences running on the step's workers, and those workers' prefix caches are
+    /// dropped: a failed worker may come back with a fresh, empty KV cache. A plan that
+    /// is not the one in flight is ignored.
+    pub fn abort_step(&mut self, plan: Plan) {
+        if let Some(flight) = self.take_in_flight(&plan) {
+            self.requeue(flight);
+        }
+    }
+
+    fn requeue(&mut self, flight: InFlight) {
+        for (_, scheduled) in &flight.steps {
+            for s in scheduled {
+                if let Some(seq) = self.seqs.get_mut(&s.id) {
+                    seq.in_step = false;
+                    if seq.cancelled {
+                        self.remove(s.id);
+                    }
+                }
+            }
+        }
+        let mut requeued = Vec::new();
+        for (w, _) in &flight.steps {
+            let (Some(running), Some(pool)) = (self.running.get_mut(*w), self.pools.get_mut(*w))
+            else {
+                continue;
+            };
+            for id in std::mem::take(running) {
+                if let Some(seq) = self.seqs.get_mut(&id) {
+                    pool.release(&seq.blocks);
+                    seq.reset_to_waiting();
+                    requeued.push((seq.admitted_at, id));
+                }
+            }
+            pool.clear_cache();
+        }
+        // Oldest admission ends up first in the queue.
+        requeued.sort_unstable();
+        for (_, id) in requeued.into_iter().rev() {
+            self.waiting.push_front(id);
+        }
+    }
+
+    /// Drops `id` wherever it is, freeing its blocks.
+    fn remove(&mut self, id: SeqId) {
+        let Some(seq) = self.seqs.remove(&id) else {
+            return;
+        };
+        match seq.worker {
+            Some(w) => {
+                if let Some(running) = self.running.get_mut(w) {
+                    running.retain(|&x| x != id);
+                }
+                if let Some(pool) = self.pools.get_mut(w) {
+                    pool.release(&seq.blocks);
+                }
+            }
+            None => self.waiting.retain(|&x| x != id),
+        }
+    }
+
+    /// Counters of what the scheduler tracks; the time fields are the engine's to fill.
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            waiting: self.waiting.len(),
+            running: self.running.iter().map(Vec::len).sum(),
+            preempted_total: self.preempted_total,
+            kv_blocks_total: self.pools.iter().map(BlockPool::n_blocks).sum(),
+            kv_blocks_used: self.pools.iter().map(BlockPool::n_held).sum(),
+            kv_blocks_cached: self.pools.iter().map(BlockPool::n_cached).sum(),
+            prefix_cache_queries_tokens: self.prefix_cache_queries_tokens,
+            prefix_cache_hit_tokens: self.prefix_cache_hit_tokens,
+            steps_total: self.steps_total,
+            step_tokens_total: self.step_tokens_total,
+            ..EngineStats::default()
+        }
+    }
+
+    /// Nothing waiting, running or in flight.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty()
+            && self.running.iter().all(Vec::is_empty)
+            && self.in_flight.is_none()
+    }
+}
+
+/// Samples `seq`'s next token from `logits` (statelessly, by its seed and position) and
+/// reports logprobs if the request asked for them.
+fn sample(seq: &Seq, logits: &[f32]) -> (u32, Option<f32>, Vec<TokenLogprob>) {
+    let position = seq.tokens.len();
+    let mut sampler = Sampler::at_position(seq.sampling.clone(), seq.seed, position);
+    let (prompt, output) = seq.tokens.split_at(seq.prompt_len);
+    let id = sampler.sample(logits, prompt, output);
+    let Some(n_top) = seq.logprobs else {
+        return (id, None, Vec::new());
+    };
+    let logprobs = log_softmax(logits);
+    let chosen = logprobs
+        .get(id as usize)
+        .copied()
+        .unwrap_or(f32::NEG_INFINITY);
+    (id, Some(chosen), top_logprobs(&logprobs, n_top))
+}
+
+/// The `n` most likely tokens, descending, ties by lower id.
+fn top_logprobs(logprobs: &[f32], n: usize) -> Vec<TokenLogprob> {
+    let n = n.min(logprobs.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    let by_rank = |a: &u32, b: &u32| {
+        logprobs[*b as usize]
+            .total_cmp(&logprobs[*a as usize])
+            .then(a.cmp(b))
+    };
+    let mut ids: Vec<u32> = (0..logprobs.len() as u32).collect();
+    if n < ids.len() {
+        // A partial selection first: the vocabulary is large and `n` small.
+        ids.select_nth_unstable_by(n - 1, by_rank);
+        ids.truncate(n);
+    }
+    ids.sort_unstable_by(by_rank);
+    ids.into_iter()
+        .map(|id| TokenLogprob {
+            id,
+            logprob: logprobs[id as usize],
+        })
+        .collect()
+}

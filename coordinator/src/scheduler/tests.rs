@@ -1,0 +1,1035 @@
+//! Scheduler policy tests. Each test is a script of requests, steps, cancellations and
+//! expectations run by one helper, [`check`], against a fake executor whose "KV cache"
+//! records which token each slot holds: every step checks that what a sequence reads
+//! back through its block table is exactly its own tokens, so a wrong block, a stale
+//! prefix-cache hit or a lost write fails the test where it happens.
+
+use std::collections::HashMap;
+
+use super::*;
+
+const VOCAB: usize = 64;
+
+type Shape = Vec<(usize, Vec<(SeqId, usize, usize)>)>;
+
+/// `(worker, [(seq, first_pos, n_tokens)])` in plan order.
+type StepShape = &'static [(usize, &'static [(SeqId, usize, usize)])];
+
+#[derive(Debug)]
+enum Op {
+    /// `add` succeeds (the seed is the id).
+    Add(SeqId, GenerateRequest),
+    /// `add` fails: the InvalidRequest field, or "overloaded".
+    Reject(SeqId, GenerateRequest, &'static str),
+    Cancel(SeqId),
+    /// Schedule, run on the fake executor, complete: the plan has this shape.
+    Step(StepShape),
+    /// `schedule` returns nothing.
+    NoStep,
+    /// Schedule, run and complete whatever comes (if anything).
+    AnyStep,
+    /// Schedule whatever comes (if anything) and abort it.
+    AnyAbort,
+    /// Schedule and keep the plan in flight (for Cancel/Abort/Complete in between).
+    Plan(StepShape),
+    /// Run and complete the plan in flight.
+    Complete,
+    /// Complete the plan in flight with outputs that do not match it.
+    CompleteBad,
+    /// Complete an old copy of the last plan: must change nothing.
+    CompleteStale,
+    /// Abort an old copy of the last plan: must change nothing.
+    AbortStale,
+    Abort,
+    /// The next logits row produced for the sequence (whatever step it is in).
+    Logits(SeqId, Vec<f32>),
+    /// Steps until idle.
+    Run,
+    /// How many events the sequence received.
+    NumEvents(SeqId, usize),
+    /// Everything the sequence received, exactly.
+    Events(SeqId, Vec<TokenEvent>),
+    Finished(SeqId, FinishReason, Usage),
+    /// Generated tokens equal those of the same request run alone in a roomy engine.
+    SameAsAlone(SeqId),
+    /// The first `n` blocks of the two sequences' latest block tables are the same.
+    Shared(SeqId, SeqId, usize),
+    /// `(name, stat, value)`.
+    Stat(&'static str, fn(&EngineStats) -> u64, u64),
+    StatAtLeast(&'static str, fn(&EngineStats) -> u64, u64),
+    /// Logprob report of the sequence's first token: the chosen `(id, probability)`,
+    /// then the top ones.
+    TopLogprobs(SeqId, (u32, f32), &'static [(u32, f32)]),
+}
+
+fn used(s: &EngineStats) -> u64 {
+    s.kv_blocks_used as u64
+}
+fn cached(s: &EngineStats) -> u64 {
+    s.kv_blocks_cached as u64
+}
+fn waiting(s: &EngineStats) -> u64 {
+    s.waiting as u64
+}
+fn running(s: &EngineStats) -> u64 {
+    s.running as u64
+}
+fn preempted(s: &EngineStats) -> u64 {
+    s.preempted_total
+}
+fn hits(s: &EngineStats) -> u64 {
+    s.prefix_cache_hit_tokens
+}
+fn queries(s: &EngineStats) -> u64 {
+    s.prefix_cache_queries_tokens
+}
+fn step_tokens(s: &EngineStats) -> u64 {
+    s.step_tokens_total
+}
+
+/// One worker, 64 blocks of 4 tokens, 64 tokens a step, prefill chunks of 16.
+fn cfg() -> SchedulerConfig {
+    SchedulerConfig {
+        n_workers: 1,
+        n_blocks_per_worker: 64,
+        block_size: 4,
+        max_batch_tokens: 64,
+        max_running: 8,
+        max_waiting: 16,
+        prefill_chunk: 16,
+        max_context: 256,
+        enable_prefix_cache: true,
+    }
+}
+
+/// `n_tokens` prompt tokens; different `seed`s differ from the first token on.
+fn prompt(seed: u32, n_tokens: usize) -> Vec<u32> {
+    (0..n_tokens as u32)
+        .map(|i| (seed * 31 + i * 7 + i * i) % VOCAB as u32)
+        .collect()
+}
+
+/// Greedy, no stop ids, no logprobs.
+fn req(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        request_id: String::new(),
+        prompt,
+        sampling: SamplingParams::greedy(),
+        max_tokens,
+        stop_token_ids: Vec::new(),
+        logprobs: None,
+    }
+}
+
+fn sampled(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        sampling: SamplingParams {
+            temperature: 1.0,
+            ..SamplingParams::greedy()
+        },
+        ..req(prompt, max_tokens)
+    }
+}
+
+fn one_hot(token: u32) -> Vec<f32> {
+    let mut l = vec![0.0; VOCAB];
+    l[token as usize] = 10.0;
+    l
+}
+
+/// The fake model: logits depend on every token of the context and its position.
+fn model_logits(context: &[u32]) -> Vec<f32> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (pos, &t) in context.iter().enumerate() {
+        h = (h ^ u64::from(t) ^ ((pos as u64) << 32)).wrapping_mul(0x0100_0000_01b3);
+    }
+    (0..VOCAB as u64)
+        .map(|i| {
+            let x = (h ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            (x >> 54) as f32 / 256.0
+        })
+        .collect()
+}
+
+/// A scheduler, a fake KV cache per worker, and everything delivered so far.
+struct Harness {
+    sched: Scheduler,
+    /// Per worker and slot: the (token, position) written there.
+    kv: Vec<Vec<Option<(u32, usize)>>>,
+    reqs: HashMap<SeqId, GenerateRequest>,
+    events: HashMap<SeqId, Vec<TokenEvent>>,
+    logits: HashMap<SeqId, Vec<f32>>,
+    in_flight: Option<Plan>,
+    last_plan: Option<Plan>,
+    last_blocks: HashMap<SeqId, Vec<u32>>,
+}
+
+impl Harness {
+    fn new(cfg: SchedulerConfig) -> Self {
+        let n_slots = cfg.n_blocks_per_worker * cfg.block_size;
+        Self {
+            kv: vec![vec![None; n_slots]; cfg.n_workers],
+            sched: Scheduler::new(cfg),
+            reqs: HashMap::new(),
+            events: HashMap::new(),
+            logits: HashMap::new(),
+            in_flight: None,
+            last_plan: None,
+            last_blocks: HashMap::new(),
+        }
+    }
+
+    fn generated(&self, id: SeqId) -> Vec<u32> {
+        self.events
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| match e {
+                TokenEvent::Token { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The fake executor: reads each sequence's context back through its blocks,
+    /// checks it against the sequence's true tokens, writes the new tokens.
+    fn execute(&mut self, plan: &Plan) -> Vec<StepOutput> {
+        let bs = self.sched.config().block_size;
+        let mut outputs = Vec::new();
+        for (w, step) in &plan.steps {
+            let mut rows = Vec::new();
+            for s in &step.seqs {
+                let truth = [
+                    self.reqs[&s.seq_id].prompt.clone(),
+                    self.generated(s.seq_id),
+                ]
+                .concat();
+                let n_ctx = s.first_pos + s.tokens.len();
+                assert!(
+                    !s.tokens.is_empty() && s.blocks.len() * bs >= n_ctx,
+                    "{s:?}"
+                );
+                let kv = &mut self.kv[*w];
+                let mut context = Vec::with_capacity(n_ctx);
+                for p in 0..n_ctx {
+                    let slot = s.blocks[p / bs] as usize * bs + p % bs;
+                    if p >= s.first_pos {
+                        kv[slot] = Some((s.tokens[p - s.first_pos], p));
+                    }
+                    match kv[slot] {
+                        Some((t, q)) if q == p => context.push(t),
+                        other => panic!("seq {} reads {other:?} at position {p}", s.seq_id),
+                    }
+                }
+                assert_eq!(
+                    context,
+                    truth[..n_ctx],
+                    "seq {}: KV is not its tokens",
+                    s.seq_id
+                );
+                rows.push(
+                    self.logits
+                        .remove(&s.seq_id)
+                        .unwrap_or_else(|| model_logits(&context)),
+                );
+                self.last_blocks.insert(s.seq_id, s.blocks.clone());
+            }
+            outputs.push(StepOutput {
+                logits: rows,
+                vocab_size: VOCAB,
+            });
+        }
+        outputs
+    }
+
+    fn deliver(&mut self, events: Vec<(SeqId, TokenEvent)>) {
+        for (id, e) in events {
+            let got = self.events.entry(id).or_default();
+            assert!(
+                !matches!(got.last(), Some(TokenEvent::Finished { .. })),
+                "seq {id}: {e:?} after Finished"
+            );
+            if let TokenEvent::Finished { .. } = e {
+                assert!(
+                    matches!(got.last(), Some(TokenEvent::Token { .. })),
+                    "seq {id}"
+                );
+            }
+            got.push(e);
+        }
+    }
+
+    fn schedule(&mut self) -> Option<Shape> {
+        let plan = self.sched.schedule()?;
+        let shape = plan
+            .steps
+            .iter()
+            .map(|(w, s)| {
+                let seqs = s
+                    .seqs
+                    .iter()
+                    .map(|q| (q.seq_id, q.first_pos, q.tokens.len()));
+                (*w, seqs.collect())
+            })
+            .collect();
+        self.last_plan = Some(plan.clone());
+        self.in_flight = Some(plan);
+        Some(shape)
+    }
+
+    fn complete(&mut self) {
+        let plan = self.in_flight.take().expect("a plan in flight");
+        let outputs = self.execute(&plan);
+        let events = self.sched.complete(plan, outputs);
+        self.deliver(events);
+    }
+
+    fn run(&mut self) {
+        for _ in 0..100_000 {
+            if self.schedule().is_none() {
+                assert!(
+                    self.sched.is_idle(),
+                    "no step but not idle: {:?}",
+                    self.sched.stats()
+                );
+                return;
+            }
+            self.complete();
+        }
+        panic!("not idle after 100000 steps");
+    }
+}
+
+/// What `request` generates alone, with room to spare and no cache.
+fn alone(max_context: usize, request: &GenerateRequest, seed: u64) -> Vec<u32> {
+    let mut h = Harness::new(SchedulerConfig {
+        n_workers: 1,
+        n_blocks_per_worker: 1024,
+        block_size: 4,
+        max_batch_tokens: 4096,
+        max_running: 1,
+        max_waiting: 1,
+        prefill_chunk: 4096,
+        max_context,
+        enable_prefix_cache: false,
+    });
+    h.reqs.insert(seed, request.clone());
+    h.sched
+        .add(seed, request.clone(), seed)
+        .expect("a valid request");
+    h.run();
+    h.generated(seed)
+}
+
+fn shape(s: StepShape) -> Shape {
+    s.iter().map(|(w, seqs)| (*w, seqs.to_vec())).collect()
+}
+
+/// Runs `script` on a fresh scheduler with `cfg`; at the end, an idle scheduler must
+/// hold no blocks.
+fn check(cfg: SchedulerConfig, script: Vec<Op>) {
+    let max_context = cfg.max_context;
+    let mut h = Harness::new(cfg);
+    for (i, op) in script.into_iter().enumerate() {
+        let at = format!("op {i} ({op:?})");
+        match op {
+            Op::Add(id, r) => {
+                h.reqs.insert(id, r.clone());
+                assert_eq!(h.sched.add(id, r, id), Ok(()), "{at}");
+            }
+            Op::Reject(id, r, what) => match (h.sched.add(id, r, id), what) {
+                (Err(ServeError::Overloaded { retry_after, .. }), "overloaded") => {
+                    assert_eq!(retry_after, Duration::from_secs(1), "{at}");
+                }
+                (Err(ServeError::Internal { .. }), "duplicate") => {}
+                (Err(ServeError::InvalidRequest { field, .. }), _) => {
+                    assert_eq!(field, what, "{at}");
+                }
+                (got, _) => panic!("{at}: got {got:?}"),
+            },
+            Op::Cancel(id) => h.sched.cancel(id),
+            Op::Step(want) => {
+                assert_eq!(h.schedule(), Some(shape(want)), "{at}");
+                h.complete();
+            }
+            Op::NoStep => assert!(h.sched.schedule().is_none(), "{at}"),
+            Op::AnyStep => {
+                if h.schedule().is_some() {
+                    h.complete();
+                }
+            }
+            Op::AnyAbort => {
+                if h.schedule().is_some() {
+                    h.sched
+                        .abort_step(h.in_flight.take().expect("a plan in flight"));
+                }
+            }
+            Op::Plan(want) => assert_eq!(h.schedule(), Some(shape(want)), "{at}"),
+            Op::Complete => h.complete(),
+            Op::CompleteBad => {
+                let plan = h.in_flight.take().expect("a plan in flight");
+                assert_eq!(h.sched.complete(plan, Vec::new()), Vec::new(), "{at}");
+            }
+            Op::CompleteStale => {
+                let plan = h.last_plan.clone().expect("a plan");
+                let outputs = h.execute(&plan);
+                let before = h.sched.stats();
+                assert_eq!(h.sched.complete(plan, outputs), Vec::new(), "{at}");
+                assert_eq!(h.sched.stats(), before, "{at}");
+            }
+            Op::AbortStale => {
+                let before = h.sched.stats();
+                h.sched.abort_step(h.last_plan.clone().expect("a plan"));
+                assert_eq!(h.sched.stats(), before, "{at}");
+            }
+            Op::Abort => h
+                .sched
+                .abort_step(h.in_flight.take().expect("a plan in flight")),
+            Op::Logits(id, l) => {
+                h.logits.insert(id, l);
+            }
+            Op::Run => h.run(),
+            Op::NumEvents(id, n) => {
+                assert_eq!(h.events.get(&id).map_or(0, Vec::len), n, "{at}");
+            }
+            Op::Events(id, want) => assert_eq!(h.events.get(&id), Some(&want), "{at}"),
+            Op::Finished(id, reason, usage) => assert_eq!(
+                h.events.get(&id).and_then(|e| e.last()),
+                Some(&TokenEvent::Finished { reason, usage }),
+                "{at}"
+            ),
+            Op::SameAsAlone(id) => {
+                assert_eq!(
+                    h.generated(id),
+                    alone(max_context, &h.reqs[&id], id),
+                    "{at}"
+                );
+            }
+            Op::Shared(a, b, n) => {
+                let (x, y) = (&h.last_blocks[&a], &h.last_blocks[&b]);
+                assert_eq!(x[..n], y[..n], "{at}");
+            }
+            Op::Stat(name, stat, want) => {
+                assert_eq!(stat(&h.sched.stats()), want, "{at}: {name}");
+            }
+            Op::StatAtLeast(name, stat, least) => {
+                let got = stat(&h.sched.stats());
+                assert!(got >= least, "{at}: {name} is {got}");
+            }
+            Op::TopLogprobs(id, chosen, want) => {
+                let Some(TokenEvent::Token {
+                    id: got,
+                    logprob,
+                    top,
+                }) = h.events.get(&id).and_then(|e| e.first())
+                else {
+                    panic!("{at}: no token");
+                };
+                assert_eq!(*got, chosen.0, "{at}");
+                let p = logprob.map(f32::exp).expect("a logprob");
+                assert!((p - chosen.1).abs() < 1e-5, "{at}: chosen p {p}");
+                let ids: Vec<u32> = top.iter().map(|t| t.id).collect();
+                let want_ids: Vec<u32> = want.iter().map(|w| w.0).collect();
+                assert_eq!(ids, want_ids, "{at}");
+                for (t, w) in top.iter().zip(want) {
+                    assert!((t.logprob.exp() - w.1).abs() < 1e-5, "{at}: {t:?}");
+                }
+            }
+        }
+    }
+    if h.sched.is_idle() {
+        assert_eq!(h.sched.stats().kv_blocks_used, 0, "idle but holding blocks");
+    }
+}
+
+#[test]
+fn decode_goes_first_then_prefill_chunks_then_admission() {
+    check(
+        SchedulerConfig {
+            prefill_chunk: 8,
+            max_batch_tokens: 16,
+            ..cfg()
+        },
+        vec![
+            Op::Add(1, req(prompt(1, 4), 4)),
+            Op::Add(2, req(prompt(2, 20), 4)),
+            Op::Step(&[(0, &[(1, 0, 4), (2, 0, 8)])]),
+            Op::Add(3, req(prompt(3, 6), 2)),
+            // 1 decodes, 2 continues its prompt, 3 is admitted with what is left (6 of 7).
+            Op::Step(&[(0, &[(1, 4, 1), (2, 8, 8), (3, 0, 6)])]),
+            // 3 now decodes, and decodes go before 2's older prefill.
+            Op::Step(&[(0, &[(1, 5, 1), (3, 6, 1), (2, 16, 4)])]),
+            Op::Step(&[(0, &[(1, 6, 1), (2, 20, 1)])]),
+            Op::Finished(
+                3,
+                FinishReason::Length,
+                Usage {
+                    prompt_tokens: 6,
+                    completion_tokens: 2,
+                    cached_tokens: 0,
+                },
+            ),
+            Op::Run,
+            Op::SameAsAlone(1),
+            Op::SameAsAlone(2),
+            Op::SameAsAlone(3),
+        ],
+    );
+}
+
+#[test]
+fn prefill_is_chunked_within_the_step_token_budget() {
+    check(
+        SchedulerConfig {
+            prefill_chunk: 16,
+            max_batch_tokens: 20,
+            ..cfg()
+        },
+        vec![
+            Op::Add(1, req(prompt(1, 40), 2)),
+            Op::Add(2, req(prompt(2, 40), 2)),
+            Op::Step(&[(0, &[(1, 0, 16), (2, 0, 4)])]),
+            Op::Step(&[(0, &[(1, 16, 16), (2, 4, 4)])]),
+            Op::Step(&[(0, &[(1, 32, 8), (2, 8, 12)])]),
+            Op::Step(&[(0, &[(1, 40, 1), (2, 20, 16)])]),
+            Op::Step(&[(0, &[(2, 36, 4)])]),
+            Op::Step(&[(0, &[(2, 40, 1)])]),
+            Op::Stat("step tokens", step_tokens, 41 + 41),
+            Op::SameAsAlone(1),
+            Op::SameAsAlone(2),
+        ],
+    );
+}
+
+#[test]
+fn admission_needs_free_blocks_and_a_running_slot() {
+    // 6 blocks: 1's prompt takes 4 (5 with its tokens); 2's 12-token chunk needs 3.
+    check(
+        SchedulerConfig {
+            n_blocks_per_worker: 6,
+            enable_prefix_cache: false,
+            ..cfg()
+        },
+        vec![
+            Op::Add(1, req(prompt(1, 16), 4)),
+            Op::Add(2, req(prompt(2, 12), 2)),
+            Op::Step(&[(0, &[(1, 0, 16)])]),
+            Op::Stat("used", used, 4),
+            Op::Stat("waiting", waiting, 1),
+            Op::Step(&[(0, &[(1, 16, 1)])]),
+            Op::Step(&[(0, &[(1, 17, 1)])]),
+            Op::Step(&[(0, &[(1, 18, 1)])]),
+            Op::Finished(
+                1,
+                FinishReason::Length,
+                Usage {
+                    prompt_tokens: 16,
+                    completion_tokens: 4,
+                    cached_tokens: 0,
+                },
+            ),
+            Op::Step(&[(0, &[(2, 0, 12)])]),
+            Op::Run,
+        ],
+    );
+    // One running slot: the second request waits although blocks are free.
+    check(
+        SchedulerConfig {
+            max_running: 1,
+            ..cfg()
+        },
+        vec![
+            Op::Add(1, req(prompt(1, 4), 2)),
+            Op::Add(2, req(prompt(2, 4), 1)),
+            Op::Step(&[(0, &[(1, 0, 4)])]),
+            Op::Step(&[(0, &[(1, 4, 1)])]),
+            Op::Step(&[(0, &[(2, 0, 4)])]),
+            Op::NoStep,
+        ],
+    );
+}
+
+#[test]
+fn preempted_sequences_resume_with_identical_tokens() {
+    // 4 blocks of 4 tokens; each sequence alone needs 3. Both decode until the older
+    // one needs a block: the newer is preempted, re-prefills all 9 tokens once the
+    // older finishes, and samples (temperature 1) exactly what it would have.
+    check(
+        SchedulerConfig {
+            n_blocks_per_worker: 4,
+            enable_prefix_cache: false,
+            ..cfg()
+        },
+        vec![
+            Op::Add(1, sampled(prompt(1, 4), 8)),
+            Op::Add(2, sampled(prompt(2, 4), 8)),
+            Op::Step(&[(0, &[(1, 0, 4), (2, 0, 4)])]),
+            Op::Step(&[(0, &[(1, 4, 1), (2, 4, 1)])]),
+            Op::Step(&[(0, &[(1, 5, 1), (2, 5, 1)])]),
+            Op::Step(&[(0, &[(1, 6, 1), (2, 6, 1)])]),
+            Op::Step(&[(0, &[(1, 7, 1), (2, 7, 1)])]),
+            Op::Step(&[(0, &[(1, 8, 1)])]),
+            Op::Stat("preempted", preempted, 1),
+            Op::Stat("waiting", waiting, 1),
+            Op::Step(&[(0, &[(1, 9, 1)])]),
+            Op::Step(&[(0, &[(1, 10, 1)])]),
+            Op::Step(&[(0, &[(2, 0, 9)])]),
+            Op::Run,
+            Op::SameAsAlone(1),
+            Op::SameAsAlone(2),
+            Op::Finished(
+                2,
+                FinishReason::Length,
+                Usage {
+                    prompt_tokens: 4,
+                    completion_tokens: 8,
+                    cached_tokens: 0,
+                },
+            ),
+        ],
+    );
+    // The newer sequence needs the block: the older one is preempted (never the one
+    // that needs it), even though it was already planned into this step.
+    check(
+        SchedulerConfig {
+            n_blocks_per_worker: 4,
+            enable_prefix_cache: false,
+            ..cfg()
+        },
+        vec![
+            Op::Add(1, sampled(prompt(1, 4), 6)),
+            Op::Add(2, sampled(prompt(2, 6), 6)),
+            Op::Step(&[(0, &[(1, 0, 4), (2, 0, 6)])]),
+            Op::Step(&[(0, &[(1, 4, 1), (2, 6, 1)])]),
+            Op::Step(&[(0, &[(1, 5, 1), (2, 7, 1)])]),
+            Op::Step(&[(0, &[(2, 8, 1)])]),
+            Op::Stat("preempted", preempted, 1),
+            Op::Run,
+            Op::SameAsAlone(1),
+            Op::SameAsAlone(2),
+        ],
+    );
+}
+
+#[test]
+fn stalled_prefills_free_the_newest_instead_of_deadlocking() {
+    // Both prompts got half their blocks; neither can go on until the newer is preempted.
+    check(
+        SchedulerConfig {
+            n_blocks_per_worker: 4,
+            prefill_chunk: 8,
+            enable_prefix_cache: false,
+            ..cfg()
+        },
+        vec![
+            Op::Add(1, req(prompt(1, 12), 1)),
+            Op::Add(2, req(prompt(2, 12), 1)),
+            Op::Step(&[(0, &[(1, 0, 8), (2, 0, 8)])]),
+            Op::Step(&[(0, &[(1, 8, 4)])]),
+            Op::Stat("preempted", preempted, 1),
+            Op::Step(&[(0, &[(2, 0, 8)])]),
+            Op::Step(&[(0, &[(2, 8, 4)])]),
+            Op::SameAsAlone(1),
+            Op::SameAsAlone(2),
+        ],
+    );
+}
+
+#[test]
+fn cancellation_frees_blocks() {
+    check(
+        cfg(),
+        vec![
+            // Waiting: it never runs.
+            Op::Add(1, req(prompt(1, 8), 4)),
+            Op::Cancel(1),
+            Op::Cancel(1),
+            Op::NoStep,
+            Op::Stat("waiting", waiting, 0),
+            // Running, between steps: blocks go back to what the other holds.
+            Op::Add(2, req(prompt(2, 8), 8)),
+            Op::Step(&[(0, &[(2, 0, 8)])]),
+            Op::Stat("used", used, 2),
+            Op::Add(3, req(prompt(3, 8), 8)),
+            Op::Step(&[(0, &[(2, 8, 1), (3, 0, 8)])]),
+            Op::Stat("used", used, 5),
+            Op::Cancel(3),
+            Op::Stat("used", used, 3),
+            Op::Stat("running", running, 1),
+            // In the step in flight: dropped when the step ends, with no event.
+            Op::Plan(&[(0, &[(2, 9, 1)])]),
+            Op::Cancel(2),
+            Op::Stat("used", used, 3),
+            Op::Complete,
+            Op::Stat("used", used, 0),
+            Op::NumEvents(2, 2),
+            Op::NoStep,
+        ],
+    );
+}
+
+#[test]
+fn identical_prompts_share_cached_prefix_blocks() {
+    // 40-token prompts in blocks of 16: two full blocks (32 tokens) are reusable.
+    check(
+        SchedulerConfig {
+            block_size: 16,
+            prefill_chunk: 64,
+            ..cfg()
+        },
+        vec![
+            Op::Add(1, req(prompt(1, 40), 4)),
+            Op::Step(&[(0, &[(1, 0, 40)])]),
+            Op::Add(2, req(prompt(1, 40), 4)),
+            Op::Step(&[(0, &[(1, 40, 1), (2, 32, 8)])]),
+            Op::Shared(1, 2, 2),
+            Op::Stat("used", used, 4),
+            Op::Stat("hit tokens", hits, 32),
+            Op::Stat("queried tokens", queries, 80),
+            Op::Run,
+            Op::Finished(
+                1,
+                FinishReason::Length,
+                Usage {
+                    prompt_tokens: 40,
+                    completion_tokens: 4,
+                    cached_tokens: 0,
+                },
+            ),
+            Op::Finished(
+                2,
+                FinishReason::Length,
+                Usage {
+                    prompt_tokens: 40,
+                    completion_tokens: 4,
+                    cached_tokens: 32,
+                },
+            ),
+            Op::SameAsAlone(2),
+            Op::Stat("cached", cached, 2),
+            // A prompt that is exactly the cached blocks still computes its last token.
+            Op::Add(3, req(prompt(1, 32), 1)),
+            Op::Step(&[(0, &[(3, 16, 16)])]),
+            Op::SameAsAlone(3),
+        ],
+    );
+}
+
+#[test]
+fn evicted_prefix_blocks_are_never_reused() {
+    // 6 blocks of 4. 1 leaves 4 cached prompt blocks; 2 (5 blocks) evicts 3 of them,
+    // tail first; 3 (1's prompt again) reuses only the surviving head; 4 (6 blocks)
+    // evicts everything, so 5 (1's prompt again) reuses nothing.
+    check(
+        SchedulerConfig {
+            n_blocks_per_worker: 6,
+            ..cfg()
+        },
+        vec![
+            Op::Add(1, req(prompt(1, 16), 2)),
+            Op::Run,
+            Op::Stat("cached", cached, 4),
+            Op::Add(2, req(prompt(2, 16), 2)),
+            Op::Step(&[(0, &[(2, 0, 16)])]),
+            Op::Run,
+            Op::Add(3, req(prompt(1, 16), 2)),
+            Op::Step(&[(0, &[(3, 4, 12)])]),
+            Op::Run,
+            Op::SameAsAlone(3),
+            Op::Stat("hit tokens", hits, 4),
+            Op::Add(4, req(prompt(4, 24), 1)),
+            Op::Run,
+            Op::Add(5, req(prompt(1, 16), 2)),
+            Op::Step(&[(0, &[(5, 0, 16)])]),
+            Op::Run,
+            Op::SameAsAlone(5),
+            Op::Stat("hit tokens", hits, 4),
+        ],
+    );
+}
+
+#[test]
+fn a_long_prompt_does_not_starve_a_short_request() {
+    check(
+        SchedulerConfig {
+            prefill_chunk: 8,
+            max_batch_tokens: 16,
+            ..cfg()
+        },
+        vec![
+            Op::Add(1, req(prompt(1, 64), 2)),
+            Op::Step(&[(0, &[(1, 0, 8)])]),
+            Op::Add(2, req(prompt(2, 4), 3)),
+            Op::Step(&[(0, &[(1, 8, 8), (2, 0, 4)])]),
+            Op::Step(&[(0, &[(2, 4, 1), (1, 16, 8)])]),
+            Op::Step(&[(0, &[(2, 5, 1), (1, 24, 8)])]),
+            Op::Finished(
+                2,
+                FinishReason::Length,
+                Usage {
+                    prompt_tokens: 4,
+                    completion_tokens: 3,
+                    cached_tokens: 0,
+                },
+            ),
+            Op::Stat("running", running, 1),
+            Op::Run,
+            Op::SameAsAlone(1),
+        ],
+    );
+}
+
+#[test]
+fn stop_ids_and_max_tokens_end_sequences() {
+    let token = |id| TokenEvent::Token {
+        id,
+        logprob: None,
+        top: vec![],
+    };
+    let finished = |reason, completion_tokens| TokenEvent::Finished {
+        reason,
+        usage: Usage {
+            prompt_tokens: 4,
+            completion_tokens,
+            cached_tokens: 0,
+        },
+    };
+    let stop_at = |stop: Vec<u32>| GenerateRequest {
+        stop_token_ids: stop,
+        ..req(prompt(1, 4), 10)
+    };
+    check(
+        cfg(),
+        vec![
+            // A stop id ends the sequence and is emitted.
+            Op::Add(1, stop_at(vec![9, 11])),
+            Op::Logits(1, one_hot(5)),
+            Op::Step(&[(0, &[(1, 0, 4)])]),
+            Op::Logits(1, one_hot(9)),
+            Op::Step(&[(0, &[(1, 4, 1)])]),
+            Op::Events(1, vec![token(5), token(9), finished(FinishReason::Stop, 2)]),
+            // Also as the very first token.
+            Op::Add(2, stop_at(vec![11])),
+            Op::Logits(2, one_hot(11)),
+            Op::Step(&[(0, &[(2, 0, 4)])]),
+            Op::Events(2, vec![token(11), finished(FinishReason::Stop, 1)]),
+            // max_tokens.
+            Op::Add(3, req(prompt(1, 4), 3)),
+            Op::Logits(3, one_hot(1)),
+            Op::Step(&[(0, &[(3, 0, 4)])]),
+            Op::Logits(3, one_hot(2)),
+            Op::Step(&[(0, &[(3, 4, 1)])]),
+            Op::Logits(3, one_hot(3)),
+            Op::Step(&[(0, &[(3, 5, 1)])]),
+            Op::Events(
+                3,
+                vec![
+                    token(1),
+                    token(2),
+                    token(3),
+                    finished(FinishReason::Length, 3),
+                ],
+            ),
+            Op::NoStep,
+        ],
+    );
+}
+
+#[test]
+fn logprobs_report_the_chosen_token_and_the_sorted_top() {
+    // Probabilities 1/9, 3/9, 3/9, 2/9 for ids 0..4, ~0 for the rest.
+    let mut l = vec![-1e4f32; VOCAB];
+    l[..4].copy_from_slice(&[0.0, 3f32.ln(), 3f32.ln(), 2f32.ln()]);
+    let with_logprobs = |n| GenerateRequest {
+        logprobs: n,
+        ..req(prompt(1, 4), 1)
+    };
+    check(
+        cfg(),
+        vec![
+            Op::Add(1, with_logprobs(Some(3))),
+            Op::Logits(1, l.clone()),
+            Op::Add(2, with_logprobs(Some(0))),
+            Op::Logits(2, l.clone()),
+            Op::Add(3, with_logprobs(None)),
+            Op::Logits(3, l),
+            Op::Step(&[(0, &[(1, 0, 4), (2, 0, 4), (3, 0, 4)])]),
+            Op::TopLogprobs(
+                1,
+                (1, 1.0 / 3.0),
+                &[(1, 1.0 / 3.0), (2, 1.0 / 3.0), (3, 2.0 / 9.0)],
+            ),
+            Op::TopLogprobs(2, (1, 1.0 / 3.0), &[]),
+            Op::Events(
+                3,
+                vec![
+                    TokenEvent::Token {
+                        id: 1,
+                        logprob: None,
+                        top: vec![],
+                    },
+                    TokenEvent::Finished {
+                        reason: FinishReason::Length,
+                        usage: Usage {
+                            prompt_tokens: 4,
+                            completion_tokens: 1,
+                            cached_tokens: 0,
+                        },
+                    },
+                ],
+            ),
+        ],
+    );
+}
+
+#[test]
+fn new_sequences_go_to_the_cache_hit_or_the_freest_worker() {
+    check(
+        SchedulerConfig {
+            n_workers: 2,
+            n_blocks_per_worker: 8,
+            ..cfg()
+        },
+        vec![
+            // Equal workers: the lowest index. 1 leaves its head block cached on 0.
+            Op::Add(1, req(prompt(1, 8), 1)),
+            Op::Step(&[(0, &[(1, 0, 8)])]),
+            Op::Add(2, req(prompt(2, 8), 4)),
+            Op::Add(3, req(prompt(3, 8), 4)),
+            // 2 ties again (cached blocks count as free) and takes 0; 3 takes the freer 1.
+            Op::Step(&[(0, &[(2, 0, 8)]), (1, &[(3, 0, 8)])]),
+            // 1's prompt again: worker 0 has fewer free blocks but its first block cached.
+            Op::Add(4, req(prompt(1, 8), 4)),
+            Op::Step(&[(0, &[(2, 8, 1), (4, 4, 4)]), (1, &[(3, 8, 1)])]),
+            Op::Run,
+            Op::SameAsAlone(4),
+        ],
+    );
+}
+
+#[test]
+fn invalid_requests_name_the_field_and_a_full_queue_is_overloaded() {
+    // 4 blocks of 4 tokens hold 16 tokens of KV: 13 prompt + 4 generated fits (the
+    // last token's KV is never written), 13 + 5 does not.
+    check(
+        SchedulerConfig {
+            n_blocks_per_worker: 4,
+            max_context: 20,
+            max_waiting: 2,
+            ..cfg()
+        },
+        vec![
+            Op::Reject(1, req(vec![], 4), "prompt"),
+            Op::Reject(1, req(prompt(1, 4), 0), "max_tokens"),
+            Op::Reject(1, req(prompt(1, 4), 17), "max_tokens"),
+            Op::Reject(1, req(prompt(1, 13), 5), "max_tokens"),
+            Op::Add(1, req(prompt(1, 13), 4)),
+            Op::Add(2, req(prompt(2, 4), 13)),
+            Op::Reject(3, req(prompt(3, 4), 1), "overloaded"),
+            Op::Step(&[(0, &[(1, 0, 13)])]),
+            Op::Add(3, req(prompt(3, 4), 1)),
+            Op::Run,
+        ],
+    );
+}
+
+#[test]
+fn aborted_and_mismatched_steps_requeue_their_sequences() {
+    check(
+        cfg(),
+        vec![
+            Op::Add(1, sampled(prompt(1, 6), 5)),
+            Op::Add(2, sampled(prompt(2, 6), 5)),
+            Op::Step(&[(0, &[(1, 0, 6), (2, 0, 6)])]),
+            Op::Plan(&[(0, &[(1, 6, 1), (2, 6, 1)])]),
+            Op::Abort,
+            Op::Stat("waiting", waiting, 2),
+            Op::Stat("used", used, 0),
+            Op::Stat("cached (the worker's cache is dropped)", cached, 0),
+            // Back in admission order, with their generated token, recomputed.
+            Op::Plan(&[(0, &[(1, 0, 7), (2, 0, 7)])]),
+            Op::CompleteBad,
+            Op::Stat("waiting", waiting, 2),
+            Op::Run,
+            Op::SameAsAlone(1),
+            Op::SameAsAlone(2),
+        ],
+    );
+}
+
+#[test]
+fn any_call_order_is_safe() {
+    check(
+        cfg(),
+        vec![
+            Op::NoStep,
+            Op::Cancel(7),
+            Op::Add(1, req(prompt(1, 4), 3)),
+            Op::Reject(1, req(prompt(1, 4), 3), "duplicate"),
+            Op::Plan(&[(0, &[(1, 0, 4)])]),
+            // A second plan while one is in flight is refused.
+            Op::NoStep,
+            Op::Complete,
+            // Completing or aborting the same plan again changes nothing.
+            Op::CompleteStale,
+            Op::AbortStale,
+            Op::Step(&[(0, &[(1, 4, 1)])]),
+            Op::AbortStale,
+            Op::CompleteStale,
+            Op::Cancel(1),
+            Op::Cancel(1),
+            Op::NoStep,
+            Op::Stat("used", used, 0),
+        ],
+    );
+}
+
+/// Many sequences with shared prefixes on two small workers, with cancellations and
+/// failed steps: everything that is not cancelled generates what it would alone, and
+/// the pools end empty.
+#[test]
+fn a_crowded_engine_generates_what_each_request_would_alone() {
+    let mut rng: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut next = |n: usize| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % n as u64) as usize
+    };
+    let mut script = Vec::new();
+    let mut live = Vec::new();
+    for id in 1..=40 {
+        // One of three shared heads of 0 to 3 blocks, then a tail of its own.
+        let head = prompt(next(3) as u32, 4 * next(4));
+        let tail = prompt(10 + id as u32, 1 + next(12));
+        script.push(Op::Add(id, sampled([head, tail].concat(), 1 + next(12))));
+        live.push(id);
+        for _ in 0..next(4) {
+            script.push(if next(15) == 0 {
+                Op::AnyAbort
+            } else {
+                Op::AnyStep
+            });
+        }
+        if next(8) == 0 {
+            script.push(Op::Cancel(live.remove(next(live.len()))));
+        }
+    }
+    script.push(Op::Run);
+    script.extend(live.into_iter().map(Op::SameAsAlone));
+    script.push(Op::StatAtLeast("preempted", preempted, 1));
+    script.push(Op::StatAtLeast("hit tokens", hits, 1));
+    check(
+        SchedulerConfig {
+            n_workers: 2,
+            n_blocks_per_worker: 12,
+            max_batch_tokens: 24,
+            max_running: 4,
+            max_waiting: 64,
+            prefill_chunk: 8,
+            max_context: 64,
+            ..cfg()
+        },
+        script,
+    );
+}

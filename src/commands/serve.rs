@@ -1,0 +1,253 @@
+//! `hyserve serve`: the whole system in one process: gateway (HTTP + gRPC), scheduler
+//! actor and N in-process worker actors, on the embedded default model unless told
+//! otherwise.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use hyserve_coordinator::api::ModelInfo;
+use hyserve_coordinator::engine::{EngineConfig, EngineHandle, ExecutorFactory};
+use hyserve_coordinator::scheduler::SchedulerConfig;
+use hyserve_gateway::{ApiKeys, Gateway, GatewayConfig};
+use hyserve_kernels::cpu::CpuBackend;
+use hyserve_model::tokenizer::Tokenizer;
+use hyserve_model::{Checkpoint, Model, ModelConfig};
+use hyserve_worker::{Executor, ExecutorHandle, kv_spec};
+
+use crate::config::{ServeConfig, env};
+use crate::load;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// TOML file with any of the settings below (flags and env vars override it).
+    #[arg(long, env = env::CONFIG)]
+    config: Option<PathBuf>,
+    /// Model directory (default: the embedded default model, created on first use).
+    #[arg(long, env = env::MODEL)]
+    model: Option<PathBuf>,
+    /// Model name clients pass as "model".
+    #[arg(long)]
+    model_name: Option<String>,
+    #[arg(long, env = env::HTTP_ADDR)]
+    http_addr: Option<SocketAddr>,
+    #[arg(long, env = env::GRPC_ADDR)]
+    grpc_addr: Option<SocketAddr>,
+    /// In-process worker actors.
+    #[arg(long, env = env::WORKERS)]
+    workers: Option<usize>,
+    #[arg(long)]
+    threads_per_worker: Option<usize>,
+    #[arg(long, value_parser = ["f32", "bf16"])]
+    dtype: Option<String>,
+    /// KV cache per worker in MiB.
+    #[arg(long)]
+    kv_cache_mib: Option<usize>,
+    #[arg(long)]
+    max_batch_tokens: Option<usize>,
+    #[arg(long)]
+    max_running: Option<usize>,
+    #[arg(long)]
+    max_waiting: Option<usize>,
+    #[arg(long)]
+    prefill_chunk: Option<usize>,
+    /// Disable prefix caching.
+    #[arg(long)]
+    no_prefix_cache: bool,
+    /// File of API keys (one per line, or `sha256:<hex>`); requests must then carry one.
+    #[arg(long, env = env::API_KEY_FILE)]
+    api_key_file: Option<PathBuf>,
+    #[arg(long)]
+    max_prompt_tokens: Option<usize>,
+    /// Log prompts and outputs (off by default).
+    #[arg(long, env = env::LOG_PROMPTS)]
+    log_prompts: bool,
+    #[arg(long)]
+    step_timeout_secs: Option<u64>,
+}
+
+/// Defaults, then the TOML file, then env vars and flags.
+pub fn resolve(a: Args) -> anyhow::Result<ServeConfig> {
+    let mut c = match &a.config {
+        Some(p) => ServeConfig::from_toml_file(p)?,
+        None => ServeConfig::default(),
+    };
+    macro_rules! over {
+        ($($f:ident),*) => { $( if let Some(v) = a.$f { c.$f = v; } )* };
+    }
+    over!(
+        http_addr,
+        grpc_addr,
+        workers,
+        kv_cache_mib,
+        max_batch_tokens,
+        max_running,
+        max_waiting,
+        prefill_chunk,
+        step_timeout_secs
+    );
+    if a.model.is_some() {
+        c.model = a.model;
+    }
+    if a.model_name.is_some() {
+        c.model_name = a.model_name;
+    }
+    if a.threads_per_worker.is_some() {
+        c.threads_per_worker = a.threads_per_worker;
+    }
+    if a.dtype.is_some() {
+        c.dtype = a.dtype;
+    }
+    if a.api_key_file.is_some() {
+        c.api_key_file = a.api_key_file;
+    }
+    if a.max_prompt_tokens.is_some() {
+        c.max_prompt_tokens = a.max_prompt_tokens;
+    }
+    if a.no_prefix_cache {
+        c.prefix_cache = false;
+    }
+    if a.log_prompts {
+        c.log_prompts = true;
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let cfg = resolve(a)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("hyserve-rt")
+        .build()
+        .context("starting the async runtime")?
+        .block_on(serve(cfg))
+}
+
+async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    let dir = load::resolve_model_dir(cfg.model.as_deref())?;
+    let model_cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let ck = Checkpoint::open(&dir, &mut |p| {
+        tracing::info!(file = %p.file, done = p.files_done, total = p.files_total, "checkpoint shard opened");
+    })?;
+    ck.validate(&model_cfg)?;
+    let precision = load::precision_for(cfg.dtype.as_deref(), &ck)?;
+    let tokenizer = Arc::new(
+        Tokenizer::from_dir(&dir)
+            .with_context(|| format!("{}: serving needs a tokenizer", dir.display()))?,
+    );
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let threads = cfg
+        .threads_per_worker
+        .unwrap_or((cores / cfg.workers).max(1));
+    let bytes_per_token = kv_spec(&model_cfg, precision, 1, cfg.block_size).bytes_per_token();
+    let n_blocks = (cfg.kv_cache_mib << 20) / (bytes_per_token * cfg.block_size);
+    anyhow::ensure!(
+        n_blocks >= 2,
+        "kv_cache_mib {} holds fewer than 2 blocks",
+        cfg.kv_cache_mib
+    );
+    let max_context = model_cfg
+        .max_position_embeddings
+        .min(n_blocks * cfg.block_size);
+
+    // One checkpoint, memory-mapped once: every worker's weights borrow the same pages.
+    let ck = Arc::new(ck);
+    let (mcfg, block_size) = (model_cfg.clone(), cfg.block_size);
+    let factory: ExecutorFactory = Arc::new(move |i| {
+        let backend = CpuBackend::new(precision);
+        let model = Model::load(&backend, mcfg.clone(), &ck, &mut |_| {});
+        let exec = Executor::with_threads(backend, model, n_blocks, block_size, threads);
+        ExecutorHandle::spawn(&format!("executor-{i}"), exec)
+    });
+    let model_name = cfg.model_name.clone().unwrap_or_else(|| {
+        dir.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "hyserve".into())
+    });
+    let engine = EngineHandle::start(
+        EngineConfig {
+            scheduler: SchedulerConfig {
+                n_workers: cfg.workers,
+                n_blocks_per_worker: n_blocks,
+                block_size: cfg.block_size,
+                max_batch_tokens: cfg.max_batch_tokens,
+                max_running: cfg.max_running,
+                max_waiting: cfg.max_waiting,
+                prefill_chunk: cfg.prefill_chunk,
+                max_context,
+                enable_prefix_cache: cfg.prefix_cache,
+            },
+            model: ModelInfo {
+                id: model_name.clone(),
+                max_context,
+                vocab_size: model_cfg.vocab_size,
+                created_unix: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            },
+            step_timeout: Duration::from_secs(cfg.step_timeout_secs),
+        },
+        factory,
+    )
+    .await?;
+    tracing::info!(
+        model = %dir.display(),
+        workers = cfg.workers,
+        threads_per_worker = threads,
+        kv_blocks_per_worker = n_blocks,
+        kv_bytes_per_token = bytes_per_token,
+        max_context,
+        "engine started"
+    );
+    let api_keys = match &cfg.api_key_file {
+        Some(p) => Some(ApiKeys::from_file(p)?),
+        None => None,
+    };
+    let gateway = Gateway::new(
+        GatewayConfig {
+            http_addr: cfg.http_addr,
+            grpc_addr: cfg.grpc_addr,
+            model_name: model_name.clone(),
+            api_keys,
+            max_body_bytes: cfg.max_body_bytes,
+            max_prompt_tokens: cfg.max_prompt_tokens.unwrap_or(max_context),
+            max_n: cfg.max_n,
+            log_prompts: cfg.log_prompts,
+        },
+        Arc::new(engine.clone()),
+        tokenizer,
+    );
+    let shutdown = async {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing the SIGTERM handler");
+            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down");
+    };
+    let name = model_name.clone();
+    gateway
+        .serve(shutdown, move |http, grpc| {
+            eprintln!("hyserve is serving model \"{name}\"");
+            eprintln!("  OpenAI HTTP API: http://{http}/v1  (metrics: http://{http}/metrics)");
+            eprintln!("  gRPC API:        {grpc}  (service hyserve.v1.Inference)");
+            eprintln!("try:");
+            eprintln!(
+                "  curl -s http://{http}/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], \"max_tokens\": 16}}'"
+            );
+        })
+        .await?;
+    engine.stop();
+    Ok(())
+}
