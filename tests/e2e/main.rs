@@ -3,5 +3,6 @@
 
 mod cli;
 mod fidelity;
+mod grpc;
 mod python;
 mod support;
