@@ -22,12 +22,6 @@ pub(crate) struct IncrementalDecoder {
     read_offset: usize,
 }
 
-fn decode_err(e: hyserve_model::tokenizer::TokenizerError) -> ServeError {
-    ServeError::Internal {
-        message: format!("the engine produced an undecodable token: {e}"),
-    }
-}
-
 impl IncrementalDecoder {
     /// Adds a token; returns the text it completes (empty while a character is incomplete).
     pub(crate) fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String, ServeError> {
@@ -57,10 +51,8 @@ impl IncrementalDecoder {
     /// The unreleased text, and whether it ends on a character boundary.
     fn pending(&self, tok: &Tokenizer) -> Result<(String, bool), ServeError> {
         let window = &self.ids[self.prefix_offset..];
-        let released = tok
-            .decode_bytes(&window[..self.read_offset - self.prefix_offset])
-            .map_err(decode_err)?;
-        let all = tok.decode_bytes(window).map_err(decode_err)?;
+        let released = tok.decode_bytes_lossy(&window[..self.read_offset - self.prefix_offset]);
+        let all = tok.decode_bytes_lossy(window);
         Ok(complete_utf8(all.get(released.len()..).unwrap_or_default()))
     }
 }
@@ -195,13 +187,13 @@ mod tests {
     }
 
     #[test]
-    fn unknown_token_is_an_internal_error() {
+    fn ids_past_the_tokenizer_decode_to_nothing() {
         let tok = byte_tokenizer();
         let mut d = IncrementalDecoder::default();
-        assert!(matches!(
-            d.push(&tok, 10_000_000),
-            Err(ServeError::Internal { .. })
-        ));
+        assert_eq!(d.push(&tok, u32::from(b'a')).unwrap(), "a");
+        // A padding row of the model's vocabulary: no text, no error.
+        assert_eq!(d.push(&tok, 10_000_000).unwrap(), "");
+        assert_eq!(d.push(&tok, u32::from(b'b')).unwrap(), "b");
     }
 
     #[test]

@@ -721,6 +721,20 @@ impl Tokenizer {
     /// Decodes to raw bytes (may end inside a UTF-8 sequence), for incremental streaming.
     /// Special tokens decode to their text. For HF tokenizers without a byte-level decoder this
     /// is `decode(ids)` as bytes.
+    /// Like [`Tokenizer::decode_bytes`], but ids the tokenizer does not know decode to
+    /// nothing: model vocabularies are padded past the tokenizer's (Hunyuan-A52B-Instruct:
+    /// 129,024 rows for 128,166 tokens), and a server must not fail a request because a
+    /// model emitted a padding id.
+    pub fn decode_bytes_lossy(&self, ids: &[u32]) -> Vec<u8> {
+        match self.decode_bytes(ids) {
+            Ok(b) => b,
+            Err(_) => ids
+                .iter()
+                .flat_map(|&id| self.decode_bytes(&[id]).unwrap_or_default())
+                .collect(),
+        }
+    }
+
     pub fn decode_bytes(&self, ids: &[u32]) -> Result<Vec<u8>, TokenizerError> {
         match &self.backend {
             Backend::Tiktoken(t) => t
