@@ -74,8 +74,12 @@ pub fn resolve(a: Args) -> anyhow::Result<ServeConfig> {
         Some(p) => ServeConfig::from_toml_file(p)?,
         None => ServeConfig::default(),
     };
+    // Flags (and their env vars) override the file, field by field.
     macro_rules! over {
         ($($f:ident),*) => { $( if let Some(v) = a.$f { c.$f = v; } )* };
+    }
+    macro_rules! over_opt {
+        ($($f:ident),*) => { $( if a.$f.is_some() { c.$f = a.$f; } )* };
     }
     over!(
         http_addr,
@@ -88,24 +92,14 @@ pub fn resolve(a: Args) -> anyhow::Result<ServeConfig> {
         prefill_chunk,
         step_timeout_secs
     );
-    if a.model.is_some() {
-        c.model = a.model;
-    }
-    if a.model_name.is_some() {
-        c.model_name = a.model_name;
-    }
-    if a.threads_per_worker.is_some() {
-        c.threads_per_worker = a.threads_per_worker;
-    }
-    if a.dtype.is_some() {
-        c.dtype = a.dtype;
-    }
-    if a.api_key_file.is_some() {
-        c.api_key_file = a.api_key_file;
-    }
-    if a.max_prompt_tokens.is_some() {
-        c.max_prompt_tokens = a.max_prompt_tokens;
-    }
+    over_opt!(
+        model,
+        model_name,
+        threads_per_worker,
+        dtype,
+        api_key_file,
+        max_prompt_tokens
+    );
     if a.no_prefix_cache {
         c.prefix_cache = false;
     }

@@ -21,7 +21,15 @@ impl Drop for Server {
 /// Starts `hyserve serve` on free ports; returns it and its gRPC address.
 fn serve(model: &std::path::Path) -> (Server, String) {
     let mut child = hyserve()
-        .args(["serve", "--model", model.to_str().unwrap(), "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--model",
+            model.to_str().unwrap(),
+            "--http-addr",
+            "127.0.0.1:0",
+            "--grpc-addr",
+            "127.0.0.1:0",
+        ])
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -47,11 +55,18 @@ fn grpc_unary_and_streaming_match_generate() {
     let prompt: Vec<u32> = (300..312).collect();
     let (want, _) = generate_logits(&m, &prompt, 10, "bf16", tmp.path());
     let (_server, addr) = serve(&m);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
-        let mut client = InferenceClient::connect(format!("http://{addr}")).await.unwrap();
+        let mut client = InferenceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
         let request = v1::GenerateRequest {
-            input: Some(v1::generate_request::Input::TokenIds(v1::TokenIds { ids: prompt.clone() })),
+            input: Some(v1::generate_request::Input::TokenIds(v1::TokenIds {
+                ids: prompt.clone(),
+            })),
             max_tokens: Some(10),
             temperature: Some(0.0),
             ignore_eos: true,
@@ -62,7 +77,12 @@ fn grpc_unary_and_streaming_match_generate() {
         let unary = client.generate(request.clone()).await.unwrap().into_inner();
         let ids: Vec<u32> = unary.tokens.iter().map(|t| t.id).collect();
         assert_eq!(ids, want, "unary gRPC differs from hyserve generate");
-        assert!(unary.tokens.iter().all(|t| t.logprob <= 0.0 && t.top_logprobs.len() == 2));
+        assert!(
+            unary
+                .tokens
+                .iter()
+                .all(|t| t.logprob <= 0.0 && t.top_logprobs.len() == 2)
+        );
         assert_eq!(unary.usage.unwrap().completion_tokens, 10);
 
         let mut stream = client.generate_stream(request).await.unwrap().into_inner();
@@ -75,8 +95,15 @@ fn grpc_unary_and_streaming_match_generate() {
             }
         }
         assert!(finished, "the last message carries usage");
-        assert_eq!(streamed, want, "streamed gRPC differs from hyserve generate");
-        let models = client.list_models(v1::ListModelsRequest {}).await.unwrap().into_inner();
+        assert_eq!(
+            streamed, want,
+            "streamed gRPC differs from hyserve generate"
+        );
+        let models = client
+            .list_models(v1::ListModelsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(models.models.len(), 1);
     });
 }

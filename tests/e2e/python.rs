@@ -15,10 +15,21 @@ fn openai_client_suite() {
          (scripts/test.sh does this)"
     );
     let status = Command::new("python3")
-        .args(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/python"])
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "tests/python",
+        ])
         .current_dir(root)
         .env("HYSERVE_BIN", env!("CARGO_BIN_EXE_hyserve"))
         .status()
         .expect("running pytest");
-    assert!(status.success(), "the Python end-to-end suite failed (output above)");
+    assert!(
+        status.success(),
+        "the Python end-to-end suite failed (output above)"
+    );
 }

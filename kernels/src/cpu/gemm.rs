@@ -256,15 +256,12 @@ mod avx2 {
         _mm_cvtss_f32(b)
     }
 
+    /// Element `idx` of `w`, widened (the `k % 8` tail).
     #[inline]
     fn w_scalar(dtype: DType, w: &[u8], idx: usize) -> f32 {
-        match dtype {
-            DType::BF16 => bf16_bits_to_f32(u16::from_le_bytes([w[idx * 2], w[idx * 2 + 1]])),
-            DType::F16 => f16_bits_to_f32(u16::from_le_bytes([w[idx * 2], w[idx * 2 + 1]])),
-            DType::F32 => {
-                f32::from_le_bytes([w[idx * 4], w[idx * 4 + 1], w[idx * 4 + 2], w[idx * 4 + 3]])
-            }
-        }
+        let mut one = [0f32; 1];
+        decode_row_natural(dtype, w, 1, idx, &mut one);
+        one[0]
     }
 
     /// Decode path (1-2 tokens): weights are read straight from their stored format,
