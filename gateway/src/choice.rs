@@ -102,14 +102,14 @@ impl Choice {
             let event = stream.events.recv().await;
             match event {
                 Some(TokenEvent::Token { id, logprob, top }) => self.on_token(id, logprob, &top),
-                Some(TokenEvent::Finished { reason, usage }) => match self.flush() {
-                    Ok(stopped) => self.finish(
+                Some(TokenEvent::Finished { reason, usage }) => {
+                    let stopped = self.flush();
+                    self.finish(
                         if stopped { FinishReason::Stop } else { reason },
                         usage.completion_tokens.max(self.completion_tokens),
                         usage.cached_tokens,
-                    ),
-                    Err(e) => self.fail(e),
-                },
+                    )
+                }
                 Some(TokenEvent::Failed(e)) => self.fail(e),
                 None => self.fail(ServeError::Internal {
                     message: "the engine ended the sequence without finishing it".into(),
@@ -138,10 +138,7 @@ impl Choice {
         if self.stop_token_ids.contains(&id) {
             return;
         }
-        let text = match self.decoder.push(&self.tokenizer, id) {
-            Ok(t) => t,
-            Err(e) => return self.fail(e),
-        };
+        let text = self.decoder.push(&self.tokenizer, id);
         self.held_tokens.push(TokenOut {
             token: self.token_text(id, logprob.unwrap_or(f32::NAN)),
             top: top
@@ -166,8 +163,8 @@ impl Choice {
 
     /// End of the sequence: the decoder's and the stop matcher's held text is final.
     /// Returns whether that last text completed a stop string.
-    fn flush(&mut self) -> Result<bool, ServeError> {
-        let tail = self.decoder.finish(&self.tokenizer)?;
+    fn flush(&mut self) -> bool {
+        let tail = self.decoder.finish(&self.tokenizer);
         let (text, stopped) = match self.stops.push(&tail) {
             StopScan::Release(t) => (t + &self.stops.flush(), false),
             StopScan::Stopped(t) => (t, true),
@@ -175,7 +172,7 @@ impl Choice {
         if !text.is_empty() || !self.held_tokens.is_empty() {
             self.release(text);
         }
-        Ok(stopped)
+        stopped
     }
 
     fn release(&mut self, text: String) {

@@ -2,7 +2,6 @@
 //! detokenization (a character split over several tokens is released once, whole) and stop
 //! strings (text that could still become a stop string is held back until decided).
 
-use hyserve_coordinator::api::ServeError;
 use hyserve_model::tokenizer::Tokenizer;
 
 /// Incremental detokenizer of one sequence.
@@ -24,23 +23,23 @@ pub(crate) struct IncrementalDecoder {
 
 impl IncrementalDecoder {
     /// Adds a token; returns the text it completes (empty while a character is incomplete).
-    pub(crate) fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String, ServeError> {
+    pub(crate) fn push(&mut self, tok: &Tokenizer, id: u32) -> String {
         self.ids.push(id);
-        let (text, complete) = self.pending(tok)?;
+        let (text, complete) = self.pending(tok);
         if complete {
             self.advance();
-            Ok(text)
+            text
         } else {
-            Ok(String::new())
+            String::new()
         }
     }
 
     /// Releases whatever is left at the end of the sequence (an incomplete character
     /// becomes U+FFFD).
-    pub(crate) fn finish(&mut self, tok: &Tokenizer) -> Result<String, ServeError> {
-        let (text, _) = self.pending(tok)?;
+    pub(crate) fn finish(&mut self, tok: &Tokenizer) -> String {
+        let (text, _) = self.pending(tok);
         self.advance();
-        Ok(text)
+        text
     }
 
     fn advance(&mut self) {
@@ -49,11 +48,11 @@ impl IncrementalDecoder {
     }
 
     /// The unreleased text, and whether it ends on a character boundary.
-    fn pending(&self, tok: &Tokenizer) -> Result<(String, bool), ServeError> {
+    fn pending(&self, tok: &Tokenizer) -> (String, bool) {
         let window = &self.ids[self.prefix_offset..];
         let released = tok.decode_bytes_lossy(&window[..self.read_offset - self.prefix_offset]);
         let all = tok.decode_bytes_lossy(window);
-        Ok(complete_utf8(all.get(released.len()..).unwrap_or_default()))
+        complete_utf8(all.get(released.len()..).unwrap_or_default())
     }
 }
 
@@ -163,9 +162,9 @@ mod tests {
         let mut d = IncrementalDecoder::default();
         let ids = tok.encode("aé€b", false).unwrap();
         assert_eq!(ids.len(), 1 + 2 + 3 + 1);
-        let out: Vec<String> = ids.iter().map(|&id| d.push(&tok, id).unwrap()).collect();
+        let out: Vec<String> = ids.iter().map(|&id| d.push(&tok, id)).collect();
         assert_eq!(out, ["a", "", "é", "", "", "€", "b"]);
-        assert_eq!(d.finish(&tok).unwrap(), "");
+        assert_eq!(d.finish(&tok), "");
     }
 
     #[test]
@@ -173,8 +172,8 @@ mod tests {
         let tok = byte_tokenizer();
         let mut d = IncrementalDecoder::default();
         let ids = tok.encode("é", false).unwrap();
-        assert_eq!(d.push(&tok, ids[0]).unwrap(), "");
-        assert_eq!(d.finish(&tok).unwrap(), "\u{FFFD}");
+        assert_eq!(d.push(&tok, ids[0]), "");
+        assert_eq!(d.finish(&tok), "\u{FFFD}");
     }
 
     #[test]
@@ -182,18 +181,18 @@ mod tests {
         let tok = byte_tokenizer();
         let mut d = IncrementalDecoder::default();
         // A lone continuation byte can never become valid: released at once.
-        assert_eq!(d.push(&tok, 0x80).unwrap(), "\u{FFFD}");
-        assert_eq!(d.push(&tok, u32::from(b'x')).unwrap(), "x");
+        assert_eq!(d.push(&tok, 0x80), "\u{FFFD}");
+        assert_eq!(d.push(&tok, u32::from(b'x')), "x");
     }
 
     #[test]
     fn ids_past_the_tokenizer_decode_to_nothing() {
         let tok = byte_tokenizer();
         let mut d = IncrementalDecoder::default();
-        assert_eq!(d.push(&tok, u32::from(b'a')).unwrap(), "a");
+        assert_eq!(d.push(&tok, u32::from(b'a')), "a");
         // A padding row of the model's vocabulary: no text, no error.
-        assert_eq!(d.push(&tok, 10_000_000).unwrap(), "");
-        assert_eq!(d.push(&tok, u32::from(b'b')).unwrap(), "b");
+        assert_eq!(d.push(&tok, 10_000_000), "");
+        assert_eq!(d.push(&tok, u32::from(b'b')), "b");
     }
 
     #[test]
