@@ -310,14 +310,6 @@ impl GrpcInference {
             NAMES,
             DefaultMaxTokens::Fixed(DEFAULT_MAX_TOKENS),
         )?;
-        if state.cfg.log_prompts {
-            let text = state
-                .tokenizer
-                .decode_bytes(&plan.prompt)
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-                .unwrap_or_default();
-            tracing::info!(request_id = %tracker.request_id, prompt = %text, "prompt");
-        }
         let streams = plan.submit(state, &tracker.request_id)?;
         tracker.prompt_accepted(plan.prompt.len());
         Choice::for_streams(

@@ -268,6 +268,12 @@ impl Plan {
         state: &State,
         request_id: &str,
     ) -> Result<Vec<TokenStream>, ServeError> {
+        if state.cfg.log_prompts {
+            // Lossy: the prompt may be token ids that are not whole characters.
+            let text = String::from_utf8_lossy(&state.tokenizer.decode_bytes_lossy(&self.prompt))
+                .into_owned();
+            tracing::info!(request_id, prompt = %text, "prompt");
+        }
         (0..self.n)
             .map(|i| {
                 state.engine.submit(GenerateRequest {

@@ -127,15 +127,6 @@ fn start(
     default_max_tokens: DefaultMaxTokens,
 ) -> Result<Prepared, ServeError> {
     let plan = Plan::new(state, prompt, opts, names, default_max_tokens)?;
-    if state.cfg.log_prompts {
-        // Lossy: the prompt may be token ids that are not whole characters.
-        let text = state
-            .tokenizer
-            .decode_bytes(&plan.prompt)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default();
-        tracing::info!(request_id = %tracker.request_id, prompt = %text, "prompt");
-    }
     let streams = plan.submit(state, &tracker.request_id)?;
     tracker.prompt_accepted(plan.prompt.len());
     let choices = Choice::for_streams(
