@@ -16,6 +16,7 @@ pub mod env {
     pub const API_KEY_FILE: &str = "HYSERVE_API_KEY_FILE";
     pub const CONFIG: &str = "HYSERVE_CONFIG";
     pub const LOG_PROMPTS: &str = "HYSERVE_LOG_PROMPTS";
+    pub const DEVICE: &str = "HYSERVE_DEVICE";
 }
 
 /// Everything `hyserve serve` needs.
@@ -56,6 +57,12 @@ pub struct ServeConfig {
     pub log_prompts: bool,
     /// A step slower than this marks the server not ready.
     pub step_timeout_secs: u64,
+    /// Where workers compute: `cpu`, or `cuda` (worker i on GPU i).
+    pub device: String,
+    /// Seed of random weights made on the device instead of loading the checkpoint
+    /// (throughput benchmarks at real dimensions; the directory needs only its config
+    /// and tokenizer).
+    pub random_weights: Option<u64>,
 }
 
 impl Default for ServeConfig {
@@ -81,6 +88,8 @@ impl Default for ServeConfig {
             max_n: 16,
             log_prompts: false,
             step_timeout_secs: 30,
+            device: "cpu".into(),
+            random_weights: None,
         }
     }
 }
@@ -115,6 +124,15 @@ impl ServeConfig {
                 "workers",
                 format!("{} is out of range 1..=64", self.workers),
             ));
+        }
+        if self.device != "cpu" && self.device != "cuda" {
+            return Err(bad(
+                "device",
+                format!("'{}' is not cpu or cuda", self.device),
+            ));
+        }
+        if self.device == "cuda" && self.dtype.as_deref() == Some("f32") {
+            return Err(bad("dtype", "the CUDA backend computes in bf16"));
         }
         if self.threads_per_worker == Some(0) {
             return Err(bad("threads_per_worker", "must be >= 1"));

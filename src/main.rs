@@ -3,6 +3,7 @@
 //! - `init-model`: write a seeded random model of a real architecture in the real formats.
 //! - `generate`: run one prompt through a model (the fidelity interface).
 //! - `bench`: CPU decode/prefill throughput beside the machine's memory bandwidth.
+//! - `bench-gpu`: one Hunyuan-Large layer at real dimensions on a GPU, against ceilings.
 //! - `serve`: the whole system in one process (gateway, scheduler, workers).
 
 #![forbid(unsafe_code)]
@@ -36,6 +37,7 @@ enum Command {
     InitModel(commands::init_model::Args),
     Generate(commands::generate::Args),
     Bench(commands::bench::Args),
+    BenchGpu(commands::bench_gpu::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,6 +54,7 @@ fn main() -> anyhow::Result<()> {
         Command::InitModel(a) => commands::init_model::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::BenchGpu(a) => commands::bench_gpu::run(a),
     }
 }
 

@@ -72,6 +72,33 @@ pub struct AttnSeq {
     pub slots: Vec<usize>,
 }
 
+/// One SwiGLU MLP's weights: `down(silu(gate(x)) * up(x))`.
+#[derive(Debug)]
+pub struct MlpRef<'a, W> {
+    pub gate: &'a W,
+    pub up: &'a W,
+    pub down: &'a W,
+}
+
+impl<W> Clone for MlpRef<'_, W> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<W> Copy for MlpRef<'_, W> {}
+
+/// How one MoE block routes tokens (the references differ per architecture).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Routing {
+    pub top_k: usize,
+    /// Renormalise the top-k weights to sum to one.
+    pub renormalize: bool,
+    /// Round the routing weights to the storage type (Hunyuan-Large's reference).
+    pub round_weights: bool,
+    /// Router logits kept in fp32 (the A13B reference) rather than rounded.
+    pub fp32_logits: bool,
+}
+
 /// Tensor operations over one device.
 ///
 /// `Weight` is a `[out, in]` matrix, `Vector` a 1-D parameter (norm weights), `Act` an
@@ -82,6 +109,9 @@ pub trait Backend: Send + Sync + 'static {
     type Vector: Send + Sync;
     type Act: Send;
     type Kv: Send;
+    /// A forward batch's positions, cache slots and sequences, prepared once per
+    /// forward pass (uploaded once, on a device).
+    type Batch: Send;
 
     /// Short name for logs ("cpu", "cuda:0").
     fn name(&self) -> String;
@@ -92,6 +122,27 @@ pub trait Backend: Send + Sync + 'static {
     fn load_matrix(&self, host: &HostMatrix) -> Self::Weight;
     /// Moves a 1-D parameter to the device.
     fn load_vector(&self, values: &[f32]) -> Self::Vector;
+    /// A random `[rows, cols]` weight, uniform in `[-scale, scale)`, from `seed`
+    /// (benchmark models without checkpoints; a device makes it in place).
+    fn random_matrix(&self, rows: usize, cols: usize, seed: u64, scale: f32) -> Self::Weight {
+        let mut s = seed ^ 0x9E37_79B9_7F4A_7C15;
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = s;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^= z >> 31;
+                ((z >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
+            })
+            .collect();
+        self.load_matrix(&HostMatrix::from_f32(
+            self.precision().storage_dtype(),
+            rows,
+            cols,
+            &values,
+        ))
+    }
     /// Bytes a loaded weight occupies on the device.
     fn weight_bytes(&self, w: &Self::Weight) -> usize;
 
@@ -132,6 +183,23 @@ pub trait Backend: Send + Sync + 'static {
         v: &Self::Act,
         slots: &[usize],
     );
+    /// Prepares a batch: `seqs` cover the activation rows in order, without gaps.
+    fn batch(&self, seqs: Vec<AttnSeq>) -> Self::Batch;
+    /// The attention block between the projections and the attention itself: RoPE on
+    /// `q` then the per-head `q_norm`; on layers that own a cache slot, RoPE on `k` and
+    /// the write of `k` and `v` to cache layer `layer` at the batch's new slots.
+    #[allow(clippy::too_many_arguments)]
+    fn attn_prep(
+        &self,
+        q: &mut Self::Act,
+        new_kv: Option<(Self::Act, Self::Act)>,
+        kv: &mut Self::Kv,
+        layer: usize,
+        head_dim: usize,
+        inv_freq: &[f32],
+        q_norm: Option<(&Self::Vector, f32)>,
+        batch: &Self::Batch,
+    );
     /// Causal GQA attention of `q` (`[rows, n_heads * head_dim]`) over cache layer `layer`,
     /// with `key_norm` (per-head RMSNorm weights) applied to keys as they are read.
     #[allow(clippy::too_many_arguments)]
@@ -143,8 +211,65 @@ pub trait Backend: Send + Sync + 'static {
         n_heads: usize,
         key_norm: Option<(&Self::Vector, f32)>,
         scale: ScoreScale,
-        seqs: &[AttnSeq],
+        batch: &Self::Batch,
     ) -> Self::Act;
+    /// `x += y`, then the RMSNorm of the new `x` (the residual add fused with the next
+    /// layer norm).
+    fn add_rms_norm(
+        &self,
+        x: &mut Self::Act,
+        y: &Self::Act,
+        w: &Self::Vector,
+        eps: f32,
+    ) -> Self::Act {
+        self.add_assign(x, y);
+        self.rms_norm(x, w, eps)
+    }
+    /// A SwiGLU MLP on every row of `x`.
+    fn mlp(&self, x: &Self::Act, m: MlpRef<'_, Self::Weight>) -> Self::Act {
+        let g = self.matmul(x, m.gate);
+        let u = self.matmul(x, m.up);
+        self.matmul(&self.swiglu(&g, &u), m.down)
+    }
+    /// The MoE block: the shared MLP (if any) plus the router's top-k experts, combined
+    /// with their routing weights. Each expert runs once on the tokens routed to it.
+    fn moe(
+        &self,
+        h: &Self::Act,
+        router: &Self::Weight,
+        routing: Routing,
+        shared: Option<MlpRef<'_, Self::Weight>>,
+        experts: &[MlpRef<'_, Self::Weight>],
+    ) -> Self::Act {
+        let (n_tokens, hidden) = self.shape(h);
+        let k = routing.top_k;
+        let mut out = match shared {
+            Some(m) => self.mlp(h, m),
+            None => self.zeros(n_tokens, hidden),
+        };
+        let logits = if routing.fp32_logits {
+            self.matmul_fp32(h, router)
+        } else {
+            self.matmul(h, router)
+        };
+        let (chosen, weights) = self.route(&logits, k, routing.renormalize, routing.round_weights);
+        let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); experts.len()];
+        for (i, &e) in chosen.iter().enumerate() {
+            by_expert[e as usize].push(i);
+        }
+        let mut routed = self.zeros(n_tokens * k, hidden);
+        for (e, pairs) in by_expert.iter().enumerate() {
+            if pairs.is_empty() {
+                continue;
+            }
+            let token_rows: Vec<usize> = pairs.iter().map(|&i| i / k).collect();
+            let xe = self.gather_rows(h, &token_rows);
+            let ye = self.mlp(&xe, experts[e]);
+            self.scatter_rows(&mut routed, &ye, pairs);
+        }
+        self.combine(&mut out, &routed, &weights, k);
+        out
+    }
     /// Router: fp32 softmax over each row of `logits`, top-`k` (ties to the lowest
     /// index), weights renormalised over the `k` when `renormalize`, and rounded to the
     /// storage type when `round_weights`. Returns `(experts, weights)`, `k` per row.

@@ -10,6 +10,9 @@
 //! - [`backend`]: the [`Backend`] trait (what a device must implement) and its value types.
 //! - [`cpu`]: the CPU backend: batch-invariant GEMM over bf16/f16/f32 weights, norms,
 //!   RoPE, paged attention, routing, SwiGLU.
+//! - `cuda` (feature `cuda`, on by default): the CUDA backend. Kernels are `.cu` files in
+//!   `kernels/cuda/`, compiled at start-up by NVRTC; the libraries are loaded at run
+//!   time, so the crate builds on machines without CUDA.
 //! - [`sampling`]: host-side token sampling (greedy, temperature, top-k/p, min-p, penalties).
 //!
 //! Batch invariance is a design rule here: every output element of every kernel is
@@ -18,11 +21,13 @@
 
 pub mod backend;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod mmap;
 pub mod numeric;
 pub mod sampling;
 pub mod weight;
 
-pub use backend::{AttnSeq, Backend, KvSpec, Precision, ScoreScale};
+pub use backend::{AttnSeq, Backend, KvSpec, MlpRef, Precision, Routing, ScoreScale};
 pub use numeric::DType;
 pub use weight::{HostMatrix, SharedBytes};

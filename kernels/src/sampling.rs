@@ -151,10 +151,28 @@ impl Sampler {
         if self.params.is_greedy() {
             return argmax(&l) as u32;
         }
-        let probs = self.filtered_probs(&l);
-        // A uniform draw in [0, 1) from the top 24 bits, then a walk over the
-        // candidates in descending probability (ties by id): deterministic per seed.
+        // A uniform draw in [0, 1) from the top 24 bits: deterministic per seed.
         let u = (self.rng.next_u64() >> 40) as f64 / (1u64 << 24) as f64;
+        let p = &self.params;
+        if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
+            // No truncation: the inverse CDF in token-id order is as exact a sample as
+            // any order, and needs no sort of the vocabulary (129K entries for
+            // Hunyuan-Large, per sequence per step).
+            let t = p.temperature.max(1e-6) as f64;
+            let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let q: Vec<f64> = l.iter().map(|&x| ((x as f64 - max) / t).exp()).collect();
+            let total: f64 = q.iter().sum();
+            let mut acc = 0.0;
+            for (id, &qi) in q.iter().enumerate() {
+                acc += qi / total;
+                if u < acc {
+                    return id as u32;
+                }
+            }
+            return q.iter().rposition(|&qi| qi > 0.0).unwrap_or(0) as u32;
+        }
+        // Truncated: a walk over the candidates in descending probability (ties by id).
+        let probs = self.filtered_probs(&l);
         let total: f64 = probs.iter().map(|&(_, p)| p).sum();
         let mut acc = 0.0;
         for &(id, p) in &probs {
@@ -179,7 +197,30 @@ impl Sampler {
             .collect();
         let z: f64 = probs.iter().map(|&(_, q)| q).sum();
         probs.iter_mut().for_each(|(_, q)| *q /= z);
-        probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        // Sort the head first; the tail only when a truncation can reach into it.
+        let cmp = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        const HEAD: usize = 1024;
+        if probs.len() > HEAD {
+            probs.select_nth_unstable_by(HEAD - 1, cmp);
+            probs[..HEAD].sort_by(cmp);
+            let head = &probs[..HEAD];
+            let by_k = p.top_k > 0 && p.top_k <= HEAD;
+            let by_p = p.top_p < 1.0 && {
+                let mut acc = 0.0;
+                head.iter().any(|&(_, q)| {
+                    acc += q;
+                    acc >= p.top_p as f64
+                })
+            };
+            let by_min = p.min_p > 0.0 && head[HEAD - 1].1 < head[0].1 * p.min_p as f64;
+            if by_k || by_p || by_min {
+                probs.truncate(HEAD);
+            } else {
+                probs[HEAD..].sort_by(cmp);
+            }
+        } else {
+            probs.sort_by(cmp);
+        }
         if p.top_k > 0 && p.top_k < probs.len() {
             probs.truncate(p.top_k);
         }

@@ -7,7 +7,7 @@
 //! The MoE block is the shared MLP plus the router's top-k experts, combined with
 //! their routing weights.
 
-use hyserve_kernels::{AttnSeq, Backend, ScoreScale};
+use hyserve_kernels::{AttnSeq, Backend, MlpRef, Routing, ScoreScale};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{Arch, ModelConfig};
@@ -17,6 +17,16 @@ pub struct Mlp<B: Backend> {
     pub gate: B::Weight,
     pub up: B::Weight,
     pub down: B::Weight,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn as_ref(&self) -> MlpRef<'_, B::Weight> {
+        MlpRef {
+            gate: &self.gate,
+            up: &self.up,
+            down: &self.down,
+        }
+    }
 }
 
 /// One decoder layer's weights.
@@ -85,58 +95,118 @@ impl<B: Backend> Model<B> {
             bytes_done: 0,
             bytes_total,
         };
-        let mut tick = |name: &str, p: &mut LoadProgress| {
-            p.tensors_done += 1;
-            p.bytes_done += ck.get(name).map_or(0, |t| t.bytes.len() as u64);
-            progress(*p);
+        Self::assemble(
+            cfg,
+            &mut |name| {
+                let w = backend.load_matrix(&ck.matrix(name));
+                p.tensors_done += 1;
+                p.bytes_done += ck.get(name).map_or(0, |t| t.bytes.len() as u64);
+                progress(p);
+                w
+            },
+            &mut |name| backend.load_vector(&ck.vector(name)),
+        )
+    }
+
+    /// A model of `cfg` with random weights made by the backend (uniform, scaled by
+    /// fan-in; norms one): throughput benchmarks at real dimensions without a
+    /// checkpoint on disk.
+    pub fn random(
+        backend: &B,
+        cfg: ModelConfig,
+        seed: u64,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Self {
+        let expected = crate::names::expected(&cfg);
+        let shapes: std::collections::HashMap<&str, &[usize]> = expected
+            .iter()
+            .map(|e| (e.name.as_str(), e.shape.as_slice()))
+            .collect();
+        let bytes_total: u64 = expected
+            .iter()
+            .map(|e| 2 * e.shape.iter().product::<usize>() as u64)
+            .sum();
+        let mut p = LoadProgress {
+            tensors_done: 0,
+            tensors_total: expected.len(),
+            bytes_done: 0,
+            bytes_total,
         };
-        let mut mat = |name: String| {
-            let w = backend.load_matrix(&ck.matrix(&name));
-            tick(&name, &mut p);
-            w
-        };
-        let embed = mat("model.embed_tokens.weight".into());
+        let mut n = 0u64;
+        Self::assemble(
+            cfg.clone(),
+            &mut |name| {
+                let shape = shapes[name];
+                let (rows, cols) = (shape[0], shape[1]);
+                n += 1;
+                let scale = if name.ends_with("gate.wg.weight") {
+                    4.0 * (3.0 / cols as f32).sqrt()
+                } else if name.contains("embed_tokens") {
+                    1.0
+                } else {
+                    (3.0 / cols as f32).sqrt()
+                };
+                let w = backend.random_matrix(
+                    rows,
+                    cols,
+                    seed.wrapping_mul(1000).wrapping_add(n),
+                    scale,
+                );
+                p.tensors_done += 1;
+                p.bytes_done += 2 * (rows * cols) as u64;
+                progress(p);
+                w
+            },
+            &mut |name| backend.load_vector(&vec![1.0; shapes[name][0]]),
+        )
+    }
+
+    fn assemble(
+        cfg: ModelConfig,
+        mat: &mut dyn FnMut(&str) -> B::Weight,
+        vec: &mut dyn FnMut(&str) -> B::Vector,
+    ) -> Self {
+        let embed = mat("model.embed_tokens.weight");
         let mut layers = Vec::with_capacity(cfg.n_layers);
-        let vec = |name: String| backend.load_vector(&ck.vector(&name));
         for (l, spec) in cfg.layers.iter().enumerate() {
             let pre = format!("model.layers.{l}");
             let a = format!("{pre}.self_attn");
             let m = format!("{pre}.mlp");
             let mut mlp = |base: String| Mlp {
-                gate: mat(format!("{base}.gate_proj.weight")),
-                up: mat(format!("{base}.up_proj.weight")),
-                down: mat(format!("{base}.down_proj.weight")),
+                gate: mat(&format!("{base}.gate_proj.weight")),
+                up: mat(&format!("{base}.up_proj.weight")),
+                down: mat(&format!("{base}.down_proj.weight")),
             };
             let shared = (spec.shared_width > 0).then(|| mlp(format!("{m}.shared_mlp")));
             let experts = (0..spec.n_experts)
                 .map(|x| mlp(format!("{m}.experts.{x}")))
                 .collect();
             layers.push(Layer {
-                input_norm: vec(format!("{pre}.input_layernorm.weight")),
-                q: mat(format!("{a}.q_proj.weight")),
+                input_norm: vec(&format!("{pre}.input_layernorm.weight")),
+                q: mat(&format!("{a}.q_proj.weight")),
                 kv: spec.has_kv.then(|| {
                     (
-                        mat(format!("{a}.k_proj.weight")),
-                        mat(format!("{a}.v_proj.weight")),
+                        mat(&format!("{a}.k_proj.weight")),
+                        mat(&format!("{a}.v_proj.weight")),
                     )
                 }),
-                o: mat(format!("{a}.o_proj.weight")),
+                o: mat(&format!("{a}.o_proj.weight")),
                 q_norm: cfg
                     .use_qk_norm
-                    .then(|| vec(format!("{a}.query_layernorm.weight"))),
+                    .then(|| vec(&format!("{a}.query_layernorm.weight"))),
                 k_norm: cfg
                     .use_qk_norm
-                    .then(|| vec(format!("{a}.key_layernorm.weight"))),
-                post_norm: vec(format!("{pre}.post_attention_layernorm.weight")),
-                router: mat(format!("{m}.gate.wg.weight")),
+                    .then(|| vec(&format!("{a}.key_layernorm.weight"))),
+                post_norm: vec(&format!("{pre}.post_attention_layernorm.weight")),
+                router: mat(&format!("{m}.gate.wg.weight")),
                 shared,
                 experts,
             });
         }
-        let lm_head = (!cfg.tie_word_embeddings).then(|| mat("lm_head.weight".into()));
+        let lm_head = (!cfg.tie_word_embeddings).then(|| mat("lm_head.weight"));
         Self {
             inv_freq: cfg.inv_freq(),
-            norm: vec("model.norm.weight".into()),
+            norm: vec("model.norm.weight"),
             embed,
             lm_head,
             layers,
@@ -165,8 +235,6 @@ impl<B: Backend> Model<B> {
     /// (`[rows, vocab]`, every new token's or only the last one's).
     pub fn forward(&self, b: &B, kv: &mut B::Kv, chunks: &[SeqChunk]) -> Vec<Vec<f32>> {
         let mut tokens = Vec::new();
-        let mut positions = Vec::new();
-        let mut new_slots = Vec::new();
         let mut seqs = Vec::with_capacity(chunks.len());
         let mut logit_rows = Vec::new();
         for c in chunks {
@@ -178,8 +246,6 @@ impl<B: Backend> Model<B> {
             );
             assert!(!c.tokens.is_empty(), "a chunk has at least one token");
             tokens.extend_from_slice(&c.tokens);
-            positions.extend(c.first_pos..c.first_pos + c.tokens.len());
-            new_slots.extend_from_slice(&c.slots[c.first_pos..]);
             seqs.push(AttnSeq {
                 rows: start..tokens.len(),
                 first_pos: c.first_pos,
@@ -191,29 +257,40 @@ impl<B: Backend> Model<B> {
                 logit_rows.push(tokens.len() - 1);
             }
         }
+        let batch = b.batch(seqs);
         let cfg = &self.cfg;
         let eps = cfg.rms_norm_eps;
+        let scale = match cfg.arch {
+            Arch::HunyuanLarge => ScoreScale::DivSqrt,
+            Arch::HunyuanV1Moe => ScoreScale::MulInvSqrt,
+        };
         let mut x = b.embed(&self.embed, &tokens);
+        // The MoE output of the previous layer, added to `x` fused with the next norm.
+        let mut pending: Option<B::Act> = None;
         for (l, layer) in self.layers.iter().enumerate() {
             let spec = &cfg.layers[l];
             // Attention.
-            let h = b.rms_norm(&x, &layer.input_norm, eps);
-            let mut q = b.matmul(&h, &layer.q);
-            b.rope(&mut q, cfg.head_dim, &positions, &self.inv_freq);
-            if let Some((wk, wv)) = &layer.kv {
-                let mut k = b.matmul(&h, wk);
-                b.rope(&mut k, cfg.head_dim, &positions, &self.inv_freq);
-                let v = b.matmul(&h, wv);
-                b.write_kv(kv, spec.cache_layer, &k, &v, &new_slots);
-            }
-            if let Some(w) = &layer.q_norm {
-                q = b.rms_norm(&q, w, eps);
-            }
-            let key_norm = layer.k_norm.as_ref().map(|w| (w, eps));
-            let scale = match cfg.arch {
-                Arch::HunyuanLarge => ScoreScale::DivSqrt,
-                Arch::HunyuanV1Moe => ScoreScale::MulInvSqrt,
+            let h = match pending.take() {
+                Some(y) => b.add_rms_norm(&mut x, &y, &layer.input_norm, eps),
+                None => b.rms_norm(&x, &layer.input_norm, eps),
             };
+            let mut q = b.matmul(&h, &layer.q);
+            let new_kv = layer
+                .kv
+                .as_ref()
+                .map(|(wk, wv)| (b.matmul(&h, wk), b.matmul(&h, wv)));
+            let q_norm = layer.q_norm.as_ref().map(|w| (w, eps));
+            b.attn_prep(
+                &mut q,
+                new_kv,
+                kv,
+                spec.cache_layer,
+                cfg.head_dim,
+                &self.inv_freq,
+                q_norm,
+                &batch,
+            );
+            let key_norm = layer.k_norm.as_ref().map(|w| (w, eps));
             let attn = b.attention(
                 &q,
                 kv,
@@ -221,14 +298,15 @@ impl<B: Backend> Model<B> {
                 cfg.n_heads,
                 key_norm,
                 scale,
-                &seqs,
+                &batch,
             );
             let o = b.matmul(&attn, &layer.o);
-            b.add_assign(&mut x, &o);
             // MoE.
-            let h = b.rms_norm(&x, &layer.post_norm, eps);
-            let moe = self.moe(b, l, &h);
-            b.add_assign(&mut x, &moe);
+            let h = b.add_rms_norm(&mut x, &o, &layer.post_norm, eps);
+            pending = Some(self.moe(b, l, &h));
+        }
+        if let Some(y) = pending {
+            b.add_assign(&mut x, &y);
         }
         let last = b.gather_rows(&x, &logit_rows);
         let last = b.rms_norm(&last, &self.norm, eps);
@@ -245,47 +323,24 @@ impl<B: Backend> Model<B> {
         out
     }
 
-    fn mlp(&self, b: &B, m: &Mlp<B>, x: &B::Act) -> B::Act {
-        let g = b.matmul(x, &m.gate);
-        let u = b.matmul(x, &m.up);
-        b.matmul(&b.swiglu(&g, &u), &m.down)
-    }
-
     /// Shared MLP + routed experts, combined with the routing weights.
     fn moe(&self, b: &B, l: usize, h: &B::Act) -> B::Act {
         let layer = &self.layers[l];
-        let spec = &self.cfg.layers[l];
-        let (n_tokens, hidden) = b.shape(h);
-        let mut out = match &layer.shared {
-            Some(m) => self.mlp(b, m, h),
-            None => b.zeros(n_tokens, hidden),
+        let routing = Routing {
+            top_k: self.cfg.layers[l].top_k,
+            renormalize: self.cfg.renormalize(l),
+            // Large's router is a bf16 GEMM with bf16-rounded weights; the A13B reference
+            // (transformers) keeps the router logits and weights in fp32.
+            round_weights: self.cfg.arch == Arch::HunyuanLarge,
+            fp32_logits: self.cfg.arch == Arch::HunyuanV1Moe,
         };
-        // Hunyuan-Large's router is a bf16 GEMM in its reference; the A13B reference
-        // (transformers) keeps the router weight and its logits in fp32.
-        let logits = match self.cfg.arch {
-            Arch::HunyuanLarge => b.matmul(h, &layer.router),
-            Arch::HunyuanV1Moe => b.matmul_fp32(h, &layer.router),
-        };
-        let k = spec.top_k;
-        // Large rounds the routing weights to bf16; the A13B reference keeps them fp32.
-        let round_weights = self.cfg.arch == Arch::HunyuanLarge;
-        let (experts, weights) = b.route(&logits, k, self.cfg.renormalize(l), round_weights);
-        // Group the (token, choice) pairs by expert; each expert runs once on its tokens.
-        let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); spec.n_experts];
-        for (i, &e) in experts.iter().enumerate() {
-            by_expert[e as usize].push(i);
-        }
-        let mut routed = b.zeros(n_tokens * k, hidden);
-        for (e, pairs) in by_expert.iter().enumerate() {
-            if pairs.is_empty() {
-                continue;
-            }
-            let token_rows: Vec<usize> = pairs.iter().map(|&i| i / k).collect();
-            let xe = b.gather_rows(h, &token_rows);
-            let ye = self.mlp(b, &layer.experts[e], &xe);
-            b.scatter_rows(&mut routed, &ye, pairs);
-        }
-        b.combine(&mut out, &routed, &weights, k);
-        out
+        let experts: Vec<MlpRef<'_, B::Weight>> = layer.experts.iter().map(Mlp::as_ref).collect();
+        b.moe(
+            h,
+            &layer.router,
+            routing,
+            layer.shared.as_ref().map(Mlp::as_ref),
+            &experts,
+        )
     }
 }

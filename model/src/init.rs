@@ -116,6 +116,19 @@ fn dims(arch: Arch, preset: &str) -> Result<Dims, InitError> {
             top_k,
             vocab: 16384,
         },
+        // Hunyuan-Large's real dimensions with 4 layers (~24B parameters, 48 GB in bf16):
+        // the GPU end-to-end benchmark, with weights made on the device
+        // (`init-model --config-only`, then `serve --random-weights`).
+        "large-4l" => Dims {
+            hidden: 6400,
+            heads: 80,
+            kv_heads: 8,
+            layers: 4,
+            inter: 18304,
+            experts: 16,
+            top_k,
+            vocab: 129024,
+        },
         other => return Err(InitError::Preset(other.to_string())),
     };
     Ok(d)
@@ -230,24 +243,36 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InitError + '_ {
     }
 }
 
+/// Writes a model directory's tokenizer and `config.json`, without weights (for
+/// benchmarks whose weights are generated on the device).
+pub fn init_config(
+    dir: &Path,
+    arch: Arch,
+    preset: &str,
+    dtype: DType,
+) -> Result<ModelConfig, InitError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    // Tokenizer: byte-level BPE ranks (as many merges as the corpus yields, up to the
+    // vocabulary less the specials), then the 209 specials.
+    let vocab = dims(arch, preset)?.vocab;
+    let ranks = tokenizer::train_bpe(CORPUS, (vocab - N_SPECIAL).saturating_sub(256));
+    tokenizer::write_tiktoken_dir(dir, &ranks)?;
+
+    let config = preset_config(arch, preset, dtype, ranks.len())?;
+    let text = serde_json::to_string_pretty(&config).expect("json values serialize");
+    let cfg = ModelConfig::from_json(&text)?;
+    let cpath = dir.join("config.json");
+    std::fs::write(&cpath, text + "\n").map_err(io(&cpath))?;
+    Ok(cfg)
+}
+
 /// Writes a complete model directory. `progress(done, total)` counts tensors.
 pub fn init_model(
     dir: &Path,
     opts: &InitOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ModelConfig, InitError> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    // Tokenizer: byte-level BPE ranks (as many merges as the corpus yields, up to the
-    // vocabulary less the specials), then the 209 specials.
-    let vocab = dims(opts.arch, &opts.preset)?.vocab;
-    let ranks = tokenizer::train_bpe(CORPUS, (vocab - N_SPECIAL).saturating_sub(256));
-    tokenizer::write_tiktoken_dir(dir, &ranks)?;
-
-    let config = preset_config(opts.arch, &opts.preset, opts.dtype, ranks.len())?;
-    let text = serde_json::to_string_pretty(&config).expect("json values serialize");
-    let cfg = ModelConfig::from_json(&text)?;
-    let cpath = dir.join("config.json");
-    std::fs::write(&cpath, text + "\n").map_err(io(&cpath))?;
+    let cfg = init_config(dir, opts.arch, &opts.preset, opts.dtype)?;
 
     // Weights, grouped into shards of at most `max_shard_bytes`.
     let expected = names::expected(&cfg);

@@ -12,7 +12,8 @@ pub struct Args {
     /// Architecture to instantiate.
     #[arg(long, value_parser = ["hunyuan-large", "hunyuan-a13b"])]
     arch: String,
-    /// Size preset: tiny (~1.5M params), small (~60M), medium (~0.5B).
+    /// Size preset: tiny (~1.5M params), small (~60M), medium (~0.5B), large-4l (real
+    /// Hunyuan-Large dimensions, 4 layers: use with --config-only).
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// Output directory (created).
@@ -29,6 +30,10 @@ pub struct Args {
     /// Largest shard in MiB (several shards get an index file).
     #[arg(long, default_value_t = 2048)]
     max_shard_mb: u64,
+    /// Write only the config and tokenizer (serve such a directory with
+    /// `--random-weights`; the `large-4l` preset is meant for this).
+    #[arg(long)]
+    config_only: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -46,6 +51,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     } else {
         WeightFormat::Safetensors
     };
+    if a.config_only {
+        let cfg = hyserve_model::init::init_config(&a.out, arch, &a.preset, dtype)?;
+        eprintln!(
+            "wrote the config and tokenizer of {} ({} layers, {:.1}B parameters) to {}",
+            cfg.arch.architecture_name(),
+            cfg.n_layers,
+            cfg.n_params() as f64 / 1e9,
+            a.out.display()
+        );
+        return Ok(());
+    }
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("    init [{bar:40}] {pos}/{len} tensors")

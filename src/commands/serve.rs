@@ -13,12 +13,45 @@ use hyserve_coordinator::engine::{EngineConfig, EngineHandle, ExecutorFactory};
 use hyserve_coordinator::scheduler::SchedulerConfig;
 use hyserve_gateway::{ApiKeys, Gateway, GatewayConfig};
 use hyserve_kernels::cpu::CpuBackend;
+use hyserve_kernels::cuda::CudaBackend;
+use hyserve_kernels::{Backend, Precision};
 use hyserve_model::tokenizer::Tokenizer;
 use hyserve_model::{Checkpoint, Model, ModelConfig};
 use hyserve_worker::{Executor, ExecutorHandle, kv_spec};
 
 use crate::config::{ServeConfig, env};
 use crate::load;
+
+/// Where workers' weights come from: the checkpoint, or random values from a seed.
+struct WeightSource {
+    ck: Option<Checkpoint>,
+    random_seed: Option<u64>,
+    cfg: ModelConfig,
+}
+
+impl WeightSource {
+    fn model<B: Backend>(&self, backend: &B) -> Model<B> {
+        match (&self.ck, self.random_seed) {
+            (Some(ck), _) => Model::load(backend, self.cfg.clone(), ck, &mut |_| {}),
+            (None, seed) => {
+                let mut last = 0;
+                Model::random(backend, self.cfg.clone(), seed.unwrap_or(0), &mut |p| {
+                    let pct = 100 * p.bytes_done / p.bytes_total.max(1);
+                    if pct >= last + 10 {
+                        last = pct;
+                        tracing::info!(percent = pct, "making random weights");
+                    }
+                })
+            }
+        }
+    }
+}
+
+/// Fails early, with the backend's own message, if CUDA cannot start at all.
+fn start_cuda_check() -> anyhow::Result<()> {
+    hyserve_kernels::cuda::probe_libraries(&["cuda", "nvrtc", "cublas", "cublasLt"])?;
+    Ok(())
+}
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -66,6 +99,13 @@ pub struct Args {
     log_prompts: bool,
     #[arg(long)]
     step_timeout_secs: Option<u64>,
+    /// Where workers compute: cpu, or cuda (worker i on GPU i).
+    #[arg(long, env = env::DEVICE, value_parser = ["cpu", "cuda"])]
+    device: Option<String>,
+    /// Make random weights from this seed on the device instead of loading the
+    /// checkpoint (benchmarks; see `init-model --config-only`).
+    #[arg(long)]
+    random_weights: Option<u64>,
 }
 
 /// Defaults, then the TOML file, then env vars and flags.
@@ -90,9 +130,11 @@ pub fn resolve(a: Args) -> anyhow::Result<ServeConfig> {
         max_running,
         max_waiting,
         prefill_chunk,
-        step_timeout_secs
+        step_timeout_secs,
+        device
     );
     over_opt!(
+        random_weights,
         model,
         model_name,
         threads_per_worker,
@@ -123,11 +165,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let dir = load::resolve_model_dir(cfg.model.as_deref())?;
     let model_cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-    let ck = Checkpoint::open(&dir, &mut |p| {
-        tracing::info!(file = %p.file, done = p.files_done, total = p.files_total, "checkpoint shard opened");
-    })?;
-    ck.validate(&model_cfg)?;
-    let precision = load::precision_for(cfg.dtype.as_deref(), &ck)?;
+    let ck = match cfg.random_weights {
+        Some(_) => None,
+        None => {
+            let ck = Checkpoint::open(&dir, &mut |p| {
+                tracing::info!(file = %p.file, done = p.files_done, total = p.files_total, "checkpoint shard opened");
+            })?;
+            ck.validate(&model_cfg)?;
+            Some(ck)
+        }
+    };
+    let precision = match &ck {
+        Some(ck) if cfg.device == "cpu" => load::precision_for(cfg.dtype.as_deref(), ck)?,
+        _ => Precision::Bf16,
+    };
     let tokenizer = Arc::new(
         Tokenizer::from_dir(&dir)
             .with_context(|| format!("{}: serving needs a tokenizer", dir.display()))?,
@@ -150,14 +201,39 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         .min(n_blocks * cfg.block_size);
 
     // One checkpoint, memory-mapped once: every worker's weights borrow the same pages.
-    let ck = Arc::new(ck);
-    let (mcfg, block_size) = (model_cfg.clone(), cfg.block_size);
-    let factory: ExecutorFactory = Arc::new(move |i| {
-        let backend = CpuBackend::new(precision);
-        let model = Model::load(&backend, mcfg.clone(), &ck, &mut |_| {});
-        let exec = Executor::with_threads(backend, model, n_blocks, block_size, threads);
-        ExecutorHandle::spawn(&format!("executor-{i}"), exec)
+    let source = Arc::new(WeightSource {
+        ck,
+        random_seed: cfg.random_weights,
+        cfg: model_cfg.clone(),
     });
+    let block_size = cfg.block_size;
+    let factory: ExecutorFactory = if cfg.device == "cuda" {
+        start_cuda_check()?;
+        Arc::new(move |i| {
+            let (backend, info) = CudaBackend::new(i, precision)
+                .map_err(|e| std::io::Error::other(format!("GPU {i}: {e}")))?;
+            tracing::info!(gpu = i, device = %info.device, arch = %info.arch, cached = info.kernels_cached, compile_ms = info.compile_ms, "CUDA worker starting");
+            let model = source.model(&backend);
+            backend.synchronize();
+            let (free, total) = backend.mem_info();
+            tracing::info!(
+                gpu = i,
+                weight_mib = model.weight_bytes(&backend) >> 20,
+                free_mib = free >> 20,
+                total_mib = total >> 20,
+                "weights on the GPU"
+            );
+            let exec = Executor::with_threads(backend, model, n_blocks, block_size, 1);
+            ExecutorHandle::spawn(&format!("executor-{i}"), exec)
+        })
+    } else {
+        Arc::new(move |i| {
+            let backend = CpuBackend::new(precision);
+            let model = source.model(&backend);
+            let exec = Executor::with_threads(backend, model, n_blocks, block_size, threads);
+            ExecutorHandle::spawn(&format!("executor-{i}"), exec)
+        })
+    };
     let model_name = cfg.model_name.clone().unwrap_or_else(|| {
         dir.file_name()
             .map(|n| n.to_string_lossy().into_owned())

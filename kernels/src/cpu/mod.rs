@@ -97,6 +97,36 @@ impl CpuKv {
     }
 }
 
+/// A forward batch on the CPU: the sequences, and every row's position and new slot.
+#[derive(Clone, Debug)]
+pub struct CpuBatch {
+    pub seqs: Vec<AttnSeq>,
+    pub positions: Vec<usize>,
+    pub new_slots: Vec<usize>,
+}
+
+impl CpuBatch {
+    /// Flattens `seqs` (which cover the rows in order) into per-row positions and slots.
+    pub fn new(seqs: Vec<AttnSeq>) -> Self {
+        let mut positions = Vec::new();
+        let mut new_slots = Vec::new();
+        for s in &seqs {
+            assert_eq!(
+                s.rows.start,
+                positions.len(),
+                "batch rows must be contiguous"
+            );
+            positions.extend(s.first_pos..s.first_pos + s.rows.len());
+            new_slots.extend_from_slice(&s.slots[s.first_pos..s.first_pos + s.rows.len()]);
+        }
+        Self {
+            seqs,
+            positions,
+            new_slots,
+        }
+    }
+}
+
 /// The CPU backend.
 #[derive(Clone, Debug)]
 pub struct CpuBackend {
@@ -161,6 +191,7 @@ impl Backend for CpuBackend {
     type Vector = Vec<f32>;
     type Act = CpuTensor;
     type Kv = CpuKv;
+    type Batch = CpuBatch;
 
     fn name(&self) -> String {
         "cpu".into()
@@ -349,6 +380,31 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn batch(&self, seqs: Vec<AttnSeq>) -> CpuBatch {
+        CpuBatch::new(seqs)
+    }
+
+    fn attn_prep(
+        &self,
+        q: &mut CpuTensor,
+        new_kv: Option<(CpuTensor, CpuTensor)>,
+        kv: &mut CpuKv,
+        layer: usize,
+        head_dim: usize,
+        inv_freq: &[f32],
+        q_norm: Option<(&Vec<f32>, f32)>,
+        batch: &CpuBatch,
+    ) {
+        self.rope(q, head_dim, &batch.positions, inv_freq);
+        if let Some((mut k, v)) = new_kv {
+            self.rope(&mut k, head_dim, &batch.positions, inv_freq);
+            self.write_kv(kv, layer, &k, &v, &batch.new_slots);
+        }
+        if let Some((w, eps)) = q_norm {
+            *q = self.rms_norm(q, w, eps);
+        }
+    }
+
     fn attention(
         &self,
         q: &CpuTensor,
@@ -357,8 +413,9 @@ impl Backend for CpuBackend {
         n_heads: usize,
         key_norm: Option<(&Vec<f32>, f32)>,
         scale: ScoreScale,
-        seqs: &[AttnSeq],
+        batch: &CpuBatch,
     ) -> CpuTensor {
+        let seqs = &batch.seqs;
         let spec = kv.spec;
         let (d, n_kv) = (spec.head_dim, spec.n_kv_heads);
         assert_eq!(q.cols, n_heads * d);
@@ -599,7 +656,15 @@ mod tests {
             first_pos: 0,
             slots: vec![5, 6],
         };
-        let o = b.attention(&q, &kv, 0, 2, None, ScoreScale::DivSqrt, &[seq]);
+        let o = b.attention(
+            &q,
+            &kv,
+            0,
+            2,
+            None,
+            ScoreScale::DivSqrt,
+            &b.batch(vec![seq]),
+        );
         // Token 0 sees only value 0, for both query heads of the group.
         assert_eq!(&o.data[0..4], &[10.0, 0.0, 10.0, 0.0]);
         // Token 1 mixes both values; head 1 (query (0,1)) prefers key 1.

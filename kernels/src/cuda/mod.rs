@@ -1,0 +1,1438 @@
+//! The CUDA backend: the [`Backend`] operations as CUDA kernels (`kernels/cuda/*.cu`,
+//! compiled at start-up by NVRTC for the device's architecture and cached) and cuBLAS
+//! GEMMs, on one stream of one GPU.
+//!
+//! Everything is bf16 in memory with fp32 accumulation, and rounds where the CPU
+//! oracle rounds under [`Precision::Bf16`], so the two agree to bf16 tolerance.
+//!
+//! Shapes of the work that matters:
+//! - GEMMs of up to 8 rows (decode) run a GEMV kernel that reads every weight byte
+//!   once with 16-byte streaming loads; larger ones go to cuBLAS (tensor cores).
+//! - The MoE block stays on the device: routing, a stable sort of the (token, choice)
+//!   pairs by expert, then for decode fused gate/up+SwiGLU and down GEMVs that walk
+//!   only the experts that received tokens (pointer tables, no host round trip), and
+//!   for prefill per-expert cuBLAS GEMMs on the expert-sorted rows.
+//! - Attention is one paged, causal, flash-style kernel for prefill and decode (online
+//!   softmax over 32-key tiles, split over the key range when there are few rows).
+//!
+//! `unsafe` here is limited to kernel launches and raw cuBLAS calls: each launch
+//! passes device pointers of buffers whose sizes the calling method has checked.
+
+mod compile;
+
+pub use compile::{SOURCES, compile, compile_options, probe_libraries, program_source};
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::cublas::sys as blas;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+    PushKernelArg,
+};
+
+use crate::backend::{AttnSeq, Backend, KvSpec, MlpRef, Precision, Routing, ScoreScale};
+use crate::numeric::{self, DType};
+use crate::weight::HostMatrix;
+
+/// Why the CUDA backend could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error(
+        "CUDA libraries not found: {0}. Install the CUDA 13 runtime (driver, NVRTC, cuBLAS) or \
+         add the folder holding them to LD_LIBRARY_PATH (on the project's GPU hosts: \
+         /usr/local/cuda/lib64 or .../site-packages/nvidia/cu13/lib)"
+    )]
+    MissingLibraries(String),
+    #[error("NVRTC: {0}")]
+    Nvrtc(String),
+    #[error("CUDA driver: {0}")]
+    Driver(String),
+    #[error("cuBLAS: {0}")]
+    Blas(String),
+    #[error("the CUDA backend computes in bf16; {0:?} was asked for")]
+    Precision(Precision),
+}
+
+fn drv<E: std::fmt::Debug>(e: E) -> CudaError {
+    CudaError::Driver(format!("{e:?}"))
+}
+
+/// Defines the kernel table: one `CudaFunction` per `extern "C"` kernel.
+macro_rules! kernel_table {
+    ($($name:ident),* $(,)?) => {
+        struct Kernels {
+            $($name: CudaFunction,)*
+        }
+        impl Kernels {
+            fn load(m: &Arc<CudaModule>) -> Result<Self, CudaError> {
+                Ok(Self {
+                    $($name: m.load_function(stringify!($name)).map_err(drv)?,)*
+                })
+            }
+        }
+    };
+}
+
+kernel_table!(
+    embed,
+    add_inplace,
+    rms_norm,
+    add_rms_norm,
+    swiglu,
+    scatter_rows,
+    combine,
+    combine_perm,
+    fill_uniform,
+    rope_qk_write,
+    write_kv,
+    copy_kv,
+    attn_fwd,
+    attn_fwd_small,
+    attn_merge,
+    route_bf16,
+    route_f32,
+    moe_permute,
+    combine_shared,
+    gather_rows_div,
+    moe_gate_up,
+    moe_down,
+    gemv,
+    argmax_rows,
+);
+
+/// Launches kernel `$f` of `$self` on its stream with the given grid, block size,
+/// dynamic shared memory and arguments (device pointers as `u64`, scalars).
+macro_rules! launch {
+    ($self:expr, $f:ident, $grid:expr, $block:expr, $smem:expr; $($arg:expr),* $(,)?) => {{
+        let cfg = LaunchConfig {
+            grid_dim: $grid,
+            block_dim: ($block, 1, 1),
+            shared_mem_bytes: $smem,
+        };
+        let mut b = $self.stream.launch_builder(&$self.k.$f);
+        $( b.arg($arg); )*
+        // SAFETY: the kernel's signature in kernels/cuda matches the argument list
+        // above, and every pointer argument is a live allocation of the size the
+        // calling method checked against the shapes it passes.
+        unsafe { b.launch(cfg) }.expect(concat!("launching ", stringify!($f)));
+    }};
+}
+
+/// Device memory of an activation: bf16, or fp32 (router logits kept in fp32).
+pub enum ActBuf {
+    Bf16(CudaSlice<u16>),
+    F32(CudaSlice<f32>),
+}
+
+/// An activation matrix on the device.
+pub struct CudaAct {
+    pub buf: ActBuf,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// A bf16 weight matrix `[rows, cols]` on the device.
+pub struct CudaWeight {
+    pub buf: CudaSlice<u8>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// A 1-D fp32 parameter (norm weights) on the device.
+pub struct CudaVector {
+    pub buf: CudaSlice<f32>,
+    pub len: usize,
+}
+
+/// The paged KV cache: one K and one V region of `[n_cache_layers, slots, width]` bf16.
+pub struct CudaKv {
+    pub k: CudaSlice<u16>,
+    pub v: CudaSlice<u16>,
+    pub spec: KvSpec,
+}
+
+/// A forward batch on the device.
+pub struct CudaBatch {
+    rows: usize,
+    positions: CudaSlice<i32>,
+    new_slots: CudaSlice<i32>,
+    seq_row: CudaSlice<i32>,
+    seq_pos: CudaSlice<i32>,
+    seq_slot: CudaSlice<i32>,
+    slots: CudaSlice<i32>,
+    /// (first row, position of the first new row, new rows) per sequence.
+    host: Vec<(usize, usize, usize)>,
+    /// Row tiles for the attention kernel, per rows-per-tile (built on first use).
+    tiles: Mutex<HashMap<usize, RowTiles>>,
+}
+
+/// Attention row tiles on the device and their count.
+type RowTiles = (Arc<CudaSlice<i32>>, usize);
+
+/// Device pointer tables of one MoE layer's experts.
+struct ExpertTables {
+    gate: CudaSlice<u64>,
+    up: CudaSlice<u64>,
+    down: CudaSlice<u64>,
+}
+
+/// The routing tables of the identity routing (every row to expert 0), used to run a
+/// dense MLP through the fused expert GEMVs.
+struct Identity {
+    off: CudaSlice<i32>,
+    perm: CudaSlice<i32>,
+    active: CudaSlice<i32>,
+    meta: CudaSlice<i32>,
+}
+
+/// Rows at or below which a GEMM runs as a GEMV (every weight byte read once).
+const GEMV_MAX_ROWS: usize = 8;
+/// (token, choice) pairs at or below which the routed experts run as GEMVs (a few
+/// tokens per expert: each pass of 8 reads the expert's weights once).
+const MOE_GEMV_MAX_PAIRS: usize = 64;
+
+/// The CUDA backend on one device.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    k: Kernels,
+    name: String,
+    arch: String,
+    expert_tables: Mutex<HashMap<(u64, usize), Arc<ExpertTables>>>,
+    identity: Mutex<HashMap<usize, Arc<Identity>>>,
+    inv_freq: Mutex<HashMap<Vec<u32>, Arc<CudaSlice<f32>>>>,
+}
+
+/// Facts about the started backend, for logs and benchmark records.
+#[derive(Clone, Debug)]
+pub struct CudaInfo {
+    pub device: String,
+    pub arch: String,
+    pub total_mem: usize,
+    pub kernels_cached: bool,
+    pub compile_ms: f64,
+}
+
+impl CudaBackend {
+    /// Starts the backend on GPU `ordinal`: checks the libraries, creates a context and
+    /// stream, compiles (or loads cached) kernels for the device's architecture.
+    pub fn new(ordinal: usize, precision: Precision) -> Result<(Self, CudaInfo), CudaError> {
+        if precision != Precision::Bf16 {
+            return Err(CudaError::Precision(precision));
+        }
+        probe_libraries(&["cuda", "nvrtc", "cublas", "cublasLt"])?;
+        let ctx = CudaContext::new(ordinal).map_err(drv)?;
+        // SAFETY: this backend uses one stream for all its work, so cudarc's per-buffer
+        // event tracking (cross-stream synchronisation) is not needed; dropping it
+        // removes two event records from every launch.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(drv)?;
+        keep_pool_memory(&ctx)?;
+        let (major, minor) = ctx.compute_capability().map_err(drv)?;
+        let arch = format!("sm_{major}{minor}");
+        let t0 = std::time::Instant::now();
+        let (cubin, cached) = compile::cubin_for(&arch)?;
+        let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+            .map_err(drv)?;
+        let k = Kernels::load(&module)?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Blas(format!("{e:?}")))?;
+        let device = ctx.name().map_err(drv)?;
+        let info = CudaInfo {
+            device: device.clone(),
+            arch: arch.clone(),
+            total_mem: ctx.total_mem().map_err(drv)?,
+            kernels_cached: cached,
+            compile_ms,
+        };
+        Ok((
+            Self {
+                name: format!("cuda:{ordinal} ({device})"),
+                ctx,
+                stream,
+                blas,
+                k,
+                arch,
+                expert_tables: Mutex::new(HashMap::new()),
+                identity: Mutex::new(HashMap::new()),
+                inv_freq: Mutex::new(HashMap::new()),
+            },
+            info,
+        ))
+    }
+
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Free and total device memory in bytes.
+    pub fn mem_info(&self) -> (usize, usize) {
+        self.ctx.mem_get_info().unwrap_or((0, 0))
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) {
+        self.stream.synchronize().expect("stream synchronize");
+    }
+
+    fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        let (p, _sync) = s.device_ptr(&self.stream);
+        p
+    }
+
+    fn act_ptr(&self, a: &CudaAct) -> u64 {
+        match &a.buf {
+            ActBuf::Bf16(s) => self.ptr(s),
+            ActBuf::F32(s) => self.ptr(s),
+        }
+    }
+
+    fn bf16_ptr(&self, a: &CudaAct) -> u64 {
+        match &a.buf {
+            ActBuf::Bf16(s) => self.ptr(s),
+            ActBuf::F32(_) => panic!("expected a bf16 activation"),
+        }
+    }
+
+    /// An uninitialised bf16 activation; the caller's kernel writes every element.
+    fn alloc_act(&self, rows: usize, cols: usize) -> CudaAct {
+        // SAFETY: bf16 bits have no invalid values; every caller fully overwrites the
+        // buffer before it is read.
+        let buf = unsafe { self.stream.alloc::<u16>((rows * cols).max(1)) }.expect("device alloc");
+        CudaAct {
+            buf: ActBuf::Bf16(buf),
+            rows,
+            cols,
+        }
+    }
+
+    fn alloc_f32(&self, n: usize) -> CudaSlice<f32> {
+        // SAFETY: as `alloc_act`: written by the kernel that produces it before any read.
+        unsafe { self.stream.alloc::<f32>(n.max(1)) }.expect("device alloc")
+    }
+
+    fn upload_i32(&self, v: &[i32]) -> CudaSlice<i32> {
+        if v.is_empty() {
+            return self.stream.alloc_zeros::<i32>(1).expect("device alloc");
+        }
+        self.stream.clone_htod(v).expect("host to device copy")
+    }
+
+    fn upload_idx(&self, v: &[usize]) -> CudaSlice<i32> {
+        let v: Vec<i32> = v
+            .iter()
+            .map(|&x| i32::try_from(x).expect("index fits i32"))
+            .collect();
+        self.upload_i32(&v)
+    }
+
+    fn upload_f32(&self, v: &[f32]) -> CudaSlice<f32> {
+        if v.is_empty() {
+            return self.stream.alloc_zeros::<f32>(1).expect("device alloc");
+        }
+        self.stream.clone_htod(v).expect("host to device copy")
+    }
+
+    /// A random bf16 weight `[rows, cols]`, uniform in `[-scale, scale)`, generated on
+    /// the device from `seed` (benchmarks at real dimensions without a checkpoint).
+    pub fn random_weight(&self, rows: usize, cols: usize, seed: u64, scale: f32) -> CudaWeight {
+        let n = rows * cols;
+        // SAFETY: `fill_uniform` writes all `n` elements.
+        let buf = unsafe { self.stream.alloc::<u8>(2 * n) }.expect("device alloc");
+        let p = self.ptr(&buf);
+        let n64 = n as i64;
+        launch!(self, fill_uniform, (n.div_ceil(256) as u32, 1, 1), 256, 0; &p, &n64, &seed, &scale);
+        CudaWeight { buf, rows, cols }
+    }
+
+    /// A random activation `[rows, cols]`, uniform in `[-scale, scale)`.
+    pub fn random_act(&self, rows: usize, cols: usize, seed: u64, scale: f32) -> CudaAct {
+        let a = self.alloc_act(rows, cols);
+        let p = self.bf16_ptr(&a);
+        let n64 = (rows * cols) as i64;
+        launch!(self, fill_uniform, ((rows * cols).div_ceil(256) as u32, 1, 1), 256, 0; &p, &n64, &seed, &scale);
+        a
+    }
+
+    /// Fills every cache slot with random values (attention benchmarks).
+    pub fn randomize_kv(&self, kv: &mut CudaKv, seed: u64) {
+        let n = kv.k.len();
+        let n64 = n as i64;
+        let scale = 1.0f32;
+        for (i, s) in [&kv.k, &kv.v].into_iter().enumerate() {
+            let p = self.ptr(s);
+            let sd = seed.wrapping_add(i as u64);
+            launch!(self, fill_uniform, (n.div_ceil(256) as u32, 1, 1), 256, 0; &p, &n64, &sd, &scale);
+        }
+    }
+
+    /// Greedy sampling on the device: the arg-max token of every logits row.
+    pub fn argmax(&self, logits: &CudaAct) -> Vec<u32> {
+        let out = self
+            .stream
+            .alloc_zeros::<i32>(logits.rows.max(1))
+            .expect("device alloc");
+        let (lp, op) = (self.bf16_ptr(logits), self.ptr(&out));
+        let cols = logits.cols as i32;
+        launch!(self, argmax_rows, (logits.rows as u32, 1, 1), 1024, 0; &lp, &cols, &op);
+        let v = self.stream.clone_dtoh(&out).expect("device to host copy");
+        v[..logits.rows].iter().map(|&i| i as u32).collect()
+    }
+
+    /// `out = x · Wᵀ` into a new activation, bf16 or fp32.
+    fn gemm(&self, x: &CudaAct, w: &CudaWeight, f32_out: bool) -> CudaAct {
+        assert_eq!(
+            x.cols, w.cols,
+            "matmul: {} columns times a [{}, {}] weight",
+            x.cols, w.rows, w.cols
+        );
+        let (m, n, k) = (x.rows, w.rows, w.cols);
+        let out = if f32_out {
+            CudaAct {
+                buf: ActBuf::F32(self.alloc_f32(m * n)),
+                rows: m,
+                cols: n,
+            }
+        } else {
+            self.alloc_act(m, n)
+        };
+        if m == 0 {
+            return out;
+        }
+        let (xp, wp, op) = (self.bf16_ptr(x), self.ptr(&w.buf), self.act_ptr(&out));
+        self.gemm_raw(xp, wp, op, m, n, k, f32_out);
+        out
+    }
+
+    /// `C[m, n] = A[m, k] · B[n, k]ᵀ` on raw pointers: GEMV kernel for few rows,
+    /// cuBLAS (bf16 tensor cores, fp32 accumulation) otherwise.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_raw(&self, a: u64, b: u64, c: u64, m: usize, n: usize, k: usize, f32_out: bool) {
+        if m <= GEMV_MAX_ROWS && k.is_multiple_of(8) {
+            let (null, mi, ni, ki) = (0u64, m as i32, n as i32, k as i32);
+            let (cb, cf) = if f32_out { (null, c) } else { (c, null) };
+            launch!(self, gemv, (n.div_ceil(8) as u32, 1, 1), 256, 0; &b, &a, &cb, &cf, &ni, &ki, &mi);
+            return;
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let out_type = if f32_out {
+            blas::cudaDataType::CUDA_R_32F
+        } else {
+            blas::cudaDataType::CUDA_R_16BF
+        };
+        // Row-major C[m, n] = A · Bᵀ is column-major Cᵀ[n, m] = B(ᵀ as stored) · A.
+        // SAFETY: a, b, c point to live buffers of m*k, n*k and m*n elements of the
+        // stated types (checked by the callers); alpha and beta are host scalars in the
+        // default host pointer mode; the handle is bound to this backend's stream.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                blas::cublasOperation_t::CUBLAS_OP_T,
+                blas::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const c_void,
+                b as *const c_void,
+                blas::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                a as *const c_void,
+                blas::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                &beta as *const f32 as *const c_void,
+                c as *mut c_void,
+                out_type,
+                n as i32,
+                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .expect("cublasGemmEx");
+    }
+
+    /// Pointer tables of `experts`, cached per layer (keyed by the first gate pointer
+    /// and the count, so a dense MLP and an expert list never share an entry).
+    fn expert_tables(&self, experts: &[MlpRef<'_, CudaWeight>]) -> Arc<ExpertTables> {
+        let key = (self.ptr(&experts[0].gate.buf), experts.len());
+        let mut map = self.expert_tables.lock().expect("tables lock");
+        map.entry(key)
+            .or_insert_with(|| {
+                let col = |f: &dyn Fn(&MlpRef<'_, CudaWeight>) -> u64| -> CudaSlice<u64> {
+                    let v: Vec<u64> = experts.iter().map(f).collect();
+                    self.stream.clone_htod(&v).expect("host to device copy")
+                };
+                Arc::new(ExpertTables {
+                    gate: col(&|m| self.ptr(&m.gate.buf)),
+                    up: col(&|m| self.ptr(&m.up.buf)),
+                    down: col(&|m| self.ptr(&m.down.buf)),
+                })
+            })
+            .clone()
+    }
+
+    fn identity(&self, rows: usize) -> Arc<Identity> {
+        let mut map = self.identity.lock().expect("identity lock");
+        map.entry(rows)
+            .or_insert_with(|| {
+                let perm: Vec<i32> = (0..rows as i32).collect();
+                Arc::new(Identity {
+                    off: self.upload_i32(&[0, rows as i32]),
+                    perm: self.upload_i32(&perm),
+                    active: self.upload_i32(&[0]),
+                    meta: self.upload_i32(&[1]),
+                })
+            })
+            .clone()
+    }
+
+    fn inv_freq(&self, inv_freq: &[f32]) -> Arc<CudaSlice<f32>> {
+        let key: Vec<u32> = inv_freq.iter().map(|f| f.to_bits()).collect();
+        let mut map = self.inv_freq.lock().expect("inv_freq lock");
+        map.entry(key)
+            .or_insert_with(|| Arc::new(self.upload_f32(inv_freq)))
+            .clone()
+    }
+
+    /// Fused gate/up + SwiGLU, then down, as GEMVs over the routing tables.
+    #[allow(clippy::too_many_arguments)]
+    fn expert_gemvs(
+        &self,
+        tables: (u64, u64, u64),
+        x: &CudaAct,
+        routing: (u64, u64, u64, u64),
+        pairs: usize,
+        n_routed: usize,
+        topk: usize,
+        n_experts: usize,
+        width: usize,
+        y: u64,
+    ) {
+        let hidden = x.cols;
+        assert!(
+            hidden.is_multiple_of(8) && width.is_multiple_of(8),
+            "expert GEMVs need widths divisible by 8"
+        );
+        let act = self.alloc_act(pairs, width);
+        let (gp, upp, dp) = tables;
+        let (off, perm, active, meta) = routing;
+        let (xp, ap) = (self.bf16_ptr(x), self.bf16_ptr(&act));
+        let (tk, wi, hi, nr) = (topk as i32, width as i32, hidden as i32, n_routed as i32);
+        // At most min(pairs, experts) experts are active; block rows past the active
+        // count exit at once.
+        let slots = pairs.min(n_experts) as u32;
+        launch!(self, moe_gate_up, (width.div_ceil(8) as u32, slots, 1), 256, 0;
+            &gp, &upp, &xp, &off, &perm, &active, &meta, &tk, &nr, &ap, &wi, &hi);
+        launch!(self, moe_down, (hidden.div_ceil(8) as u32, slots, 1), 256, 0;
+            &dp, &ap, &off, &perm, &active, &meta, &y, &hi, &wi);
+    }
+
+    /// A dense MLP of few rows through the fused expert GEMVs (identity routing).
+    fn mlp_gemv(&self, x: &CudaAct, m: MlpRef<'_, CudaWeight>) -> CudaAct {
+        let id = self.identity(x.rows);
+        let out = self.alloc_act(x.rows, x.cols);
+        let tables = self.expert_tables(&[m]);
+        let t = (
+            self.ptr(&tables.gate),
+            self.ptr(&tables.up),
+            self.ptr(&tables.down),
+        );
+        let r = (
+            self.ptr(&id.off),
+            self.ptr(&id.perm),
+            self.ptr(&id.active),
+            self.ptr(&id.meta),
+        );
+        self.expert_gemvs(
+            t,
+            x,
+            r,
+            x.rows,
+            x.rows,
+            1,
+            1,
+            m.gate.rows,
+            self.bf16_ptr(&out),
+        );
+        out
+    }
+
+    fn tiles(&self, batch: &CudaBatch, per_tile: usize) -> RowTiles {
+        let mut map = batch.tiles.lock().expect("tiles lock");
+        map.entry(per_tile)
+            .or_insert_with(|| {
+                let mut t = Vec::new();
+                for (s, &(_, _, n)) in batch.host.iter().enumerate() {
+                    let mut r = 0;
+                    while r < n {
+                        let len = per_tile.min(n - r);
+                        t.extend([s as i32, r as i32, len as i32]);
+                        r += len;
+                    }
+                }
+                let n = t.len() / 3;
+                (Arc::new(self.upload_i32(&t)), n)
+            })
+            .clone()
+    }
+
+    fn n_sms(&self) -> usize {
+        self.ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_or(132, |n| n as usize)
+    }
+}
+
+/// Keeps freed memory in the stream-ordered pool instead of returning it to the driver
+/// at every synchronisation (activations are allocated and freed every step).
+fn keep_pool_memory(ctx: &Arc<CudaContext>) -> Result<(), CudaError> {
+    use cudarc::driver::sys;
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: valid out-pointer and device handle; the attribute takes a u64 in/out.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .map_err(drv)?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut c_void,
+        )
+        .result()
+        .map_err(drv)?;
+    }
+    Ok(())
+}
+
+fn bf16_bits(values: &[f32]) -> Vec<u16> {
+    values
+        .iter()
+        .map(|&x| numeric::f32_to_bf16_bits(x))
+        .collect()
+}
+
+/// Most query vectors one attention block serves (8 warps x 8).
+const ATT_MAX_VECS: usize = 64;
+const ATT_TILE: usize = 32;
+/// Static limit on the attention kernel's dynamic shared memory.
+const ATT_SMEM: usize = 48 * 1024;
+
+impl Backend for CudaBackend {
+    type Weight = CudaWeight;
+    type Vector = CudaVector;
+    type Act = CudaAct;
+    type Kv = CudaKv;
+    type Batch = CudaBatch;
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn precision(&self) -> Precision {
+        Precision::Bf16
+    }
+
+    fn load_matrix(&self, host: &HostMatrix) -> CudaWeight {
+        let host = if host.dtype == DType::BF16 {
+            host.clone()
+        } else {
+            host.cast(DType::BF16)
+        };
+        let buf = if host.bytes.is_empty() {
+            self.stream.alloc_zeros::<u8>(2).expect("device alloc")
+        } else {
+            self.stream
+                .clone_htod(host.bytes.as_slice())
+                .expect("host to device copy")
+        };
+        CudaWeight {
+            buf,
+            rows: host.rows,
+            cols: host.cols,
+        }
+    }
+
+    fn load_vector(&self, values: &[f32]) -> CudaVector {
+        let rounded: Vec<f32> = values.iter().map(|&x| numeric::round_bf16(x)).collect();
+        CudaVector {
+            buf: self.upload_f32(&rounded),
+            len: values.len(),
+        }
+    }
+
+    fn random_matrix(&self, rows: usize, cols: usize, seed: u64, scale: f32) -> CudaWeight {
+        self.random_weight(rows, cols, seed, scale)
+    }
+
+    fn weight_bytes(&self, w: &CudaWeight) -> usize {
+        w.rows * w.cols * 2
+    }
+
+    fn alloc_kv(&self, spec: KvSpec) -> CudaKv {
+        assert_eq!(spec.dtype, DType::BF16, "the CUDA KV cache is bf16");
+        let n = spec.n_cache_layers * spec.capacity_tokens() * spec.n_kv_heads * spec.head_dim;
+        CudaKv {
+            k: self
+                .stream
+                .alloc_zeros::<u16>(n.max(1))
+                .expect("KV cache alloc"),
+            v: self
+                .stream
+                .alloc_zeros::<u16>(n.max(1))
+                .expect("KV cache alloc"),
+            spec,
+        }
+    }
+
+    fn zeros(&self, rows: usize, cols: usize) -> CudaAct {
+        CudaAct {
+            buf: ActBuf::Bf16(
+                self.stream
+                    .alloc_zeros::<u16>((rows * cols).max(1))
+                    .expect("device alloc"),
+            ),
+            rows,
+            cols,
+        }
+    }
+
+    fn upload(&self, rows: usize, cols: usize, data: &[f32]) -> CudaAct {
+        assert_eq!(data.len(), rows * cols);
+        if data.is_empty() {
+            return self.zeros(rows, cols);
+        }
+        CudaAct {
+            buf: ActBuf::Bf16(
+                self.stream
+                    .clone_htod(&bf16_bits(data))
+                    .expect("host to device copy"),
+            ),
+            rows,
+            cols,
+        }
+    }
+
+    fn download(&self, a: &CudaAct) -> Vec<f32> {
+        let n = a.rows * a.cols;
+        match &a.buf {
+            ActBuf::Bf16(s) => {
+                let bits = self.stream.clone_dtoh(s).expect("device to host copy");
+                bits[..n]
+                    .iter()
+                    .map(|&b| numeric::bf16_bits_to_f32(b))
+                    .collect()
+            }
+            ActBuf::F32(s) => {
+                let mut v = self.stream.clone_dtoh(s).expect("device to host copy");
+                v.truncate(n);
+                v
+            }
+        }
+    }
+
+    fn shape(&self, a: &CudaAct) -> (usize, usize) {
+        (a.rows, a.cols)
+    }
+
+    fn matmul_fp32(&self, x: &CudaAct, w: &CudaWeight) -> CudaAct {
+        self.gemm(x, w, true)
+    }
+
+    fn embed(&self, table: &CudaWeight, ids: &[u32]) -> CudaAct {
+        assert!(
+            ids.iter().all(|&i| (i as usize) < table.rows),
+            "token id out of range"
+        );
+        let out = self.alloc_act(ids.len(), table.cols);
+        if ids.is_empty() {
+            return out;
+        }
+        let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+        let d = self.upload_i32(&ids);
+        let (tp, ip, op, cols) = (
+            self.ptr(&table.buf),
+            self.ptr(&d),
+            self.bf16_ptr(&out),
+            table.cols as i32,
+        );
+        launch!(self, embed, (ids.len() as u32, 1, 1), 256, 0; &tp, &ip, &op, &cols);
+        out
+    }
+
+    fn matmul(&self, x: &CudaAct, w: &CudaWeight) -> CudaAct {
+        self.gemm(x, w, false)
+    }
+
+    fn gather_rows(&self, x: &CudaAct, rows: &[usize]) -> CudaAct {
+        assert!(
+            rows.iter().all(|&r| r < x.rows),
+            "gather_rows: row out of range"
+        );
+        let out = self.alloc_act(rows.len(), x.cols);
+        if rows.is_empty() {
+            return out;
+        }
+        let r = self.upload_idx(rows);
+        let (xp, rp, op, cols, one) = (
+            self.bf16_ptr(x),
+            self.ptr(&r),
+            self.bf16_ptr(&out),
+            x.cols as i32,
+            1i32,
+        );
+        launch!(self, gather_rows_div, (rows.len() as u32, 1, 1), 256, 0; &xp, &rp, &one, &op, &cols);
+        out
+    }
+
+    fn rms_norm(&self, x: &CudaAct, w: &CudaVector, eps: f32) -> CudaAct {
+        let g = w.len;
+        assert_eq!(
+            x.cols % g,
+            0,
+            "rms_norm: width {} not a multiple of {g}",
+            x.cols
+        );
+        let out = self.alloc_act(x.rows, x.cols);
+        let groups = x.rows * x.cols / g;
+        if groups == 0 {
+            return out;
+        }
+        let (xp, wp, op) = (self.bf16_ptr(x), self.ptr(&w.buf), self.bf16_ptr(&out));
+        let (ng, gi) = (groups as i64, g as i32);
+        launch!(self, rms_norm, (groups.div_ceil(8) as u32, 1, 1), 256, 0; &xp, &wp, &op, &ng, &gi, &eps);
+        out
+    }
+
+    fn add_assign(&self, x: &mut CudaAct, y: &CudaAct) {
+        assert_eq!((x.rows, x.cols), (y.rows, y.cols));
+        let n = x.rows * x.cols;
+        if n == 0 {
+            return;
+        }
+        let (xp, yp, n64) = (self.bf16_ptr(x), self.bf16_ptr(y), n as i64);
+        launch!(self, add_inplace, (n.div_ceil(256) as u32, 1, 1), 256, 0; &xp, &yp, &n64);
+    }
+
+    fn add_rms_norm(&self, x: &mut CudaAct, y: &CudaAct, w: &CudaVector, eps: f32) -> CudaAct {
+        assert_eq!((x.rows, x.cols), (y.rows, y.cols));
+        assert_eq!(x.cols, w.len, "add_rms_norm normalises whole rows");
+        let out = self.alloc_act(x.rows, x.cols);
+        if x.rows == 0 {
+            return out;
+        }
+        let (xp, yp, wp, op, cols) = (
+            self.bf16_ptr(x),
+            self.bf16_ptr(y),
+            self.ptr(&w.buf),
+            self.bf16_ptr(&out),
+            x.cols as i32,
+        );
+        launch!(self, add_rms_norm, (x.rows as u32, 1, 1), 512, 0; &xp, &yp, &wp, &op, &cols, &eps);
+        out
+    }
+
+    fn swiglu(&self, gate: &CudaAct, up: &CudaAct) -> CudaAct {
+        assert_eq!((gate.rows, gate.cols), (up.rows, up.cols));
+        let n = gate.rows * gate.cols;
+        let out = self.alloc_act(gate.rows, gate.cols);
+        if n == 0 {
+            return out;
+        }
+        let (gp, upp, op, n64) = (
+            self.bf16_ptr(gate),
+            self.bf16_ptr(up),
+            self.bf16_ptr(&out),
+            n as i64,
+        );
+        launch!(self, swiglu, (n.div_ceil(256) as u32, 1, 1), 256, 0; &gp, &upp, &op, &n64);
+        out
+    }
+
+    fn rope(&self, x: &mut CudaAct, head_dim: usize, positions: &[usize], inv_freq: &[f32]) {
+        assert_eq!(inv_freq.len(), head_dim / 2);
+        assert_eq!(positions.len(), x.rows);
+        assert_eq!(x.cols % head_dim, 0);
+        assert!(
+            head_dim <= 128 && head_dim.is_multiple_of(2),
+            "head_dim {head_dim} unsupported"
+        );
+        if x.rows == 0 {
+            return;
+        }
+        let pos = self.upload_idx(positions);
+        let f = self.inv_freq(inv_freq);
+        let n_q = (x.cols / head_dim) as i32;
+        let (xp, pp, fp, null, zero, d, eps) = (
+            self.bf16_ptr(x),
+            self.ptr(&pos),
+            self.ptr(&*f),
+            0u64,
+            0i32,
+            head_dim as i32,
+            0f32,
+        );
+        launch!(self, rope_qk_write, (x.rows as u32, n_q as u32, 1), 32, 0;
+            &xp, &null, &null, &null, &null, &pp, &null, &fp, &null, &eps, &n_q, &zero, &d);
+    }
+
+    fn write_kv(&self, kv: &mut CudaKv, layer: usize, k: &CudaAct, v: &CudaAct, slots: &[usize]) {
+        let width = kv.spec.n_kv_heads * kv.spec.head_dim;
+        assert_eq!((k.cols, v.cols), (width, width));
+        assert_eq!(k.rows, slots.len());
+        assert!(layer < kv.spec.n_cache_layers);
+        assert!(
+            slots.iter().all(|&s| s < kv.spec.capacity_tokens()),
+            "kv slot out of range"
+        );
+        if slots.is_empty() {
+            return;
+        }
+        let s = self.upload_idx(slots);
+        let off = (layer * kv.spec.capacity_tokens() * width * 2) as u64;
+        let (kp, vp, sp, kc, vc, w) = (
+            self.bf16_ptr(k),
+            self.bf16_ptr(v),
+            self.ptr(&s),
+            self.ptr(&kv.k) + off,
+            self.ptr(&kv.v) + off,
+            width as i32,
+        );
+        launch!(self, write_kv, (slots.len() as u32, 1, 1), 128, 0; &kp, &vp, &sp, &kc, &vc, &w);
+    }
+
+    fn batch(&self, seqs: Vec<AttnSeq>) -> CudaBatch {
+        let mut positions = Vec::new();
+        let mut new_slots = Vec::new();
+        let (mut seq_row, mut seq_pos, mut seq_slot, mut slots) = (vec![], vec![], vec![], vec![]);
+        let mut host = Vec::with_capacity(seqs.len());
+        for s in &seqs {
+            assert_eq!(
+                s.rows.start,
+                positions.len(),
+                "batch rows must be contiguous"
+            );
+            let n = s.rows.len();
+            assert_eq!(
+                s.slots.len(),
+                s.first_pos + n,
+                "slots must cover the context"
+            );
+            positions.extend(s.first_pos..s.first_pos + n);
+            new_slots.extend_from_slice(&s.slots[s.first_pos..]);
+            seq_row.push(s.rows.start);
+            seq_pos.push(s.first_pos);
+            seq_slot.push(slots.len());
+            slots.extend_from_slice(&s.slots);
+            host.push((s.rows.start, s.first_pos, n));
+        }
+        CudaBatch {
+            rows: positions.len(),
+            positions: self.upload_idx(&positions),
+            new_slots: self.upload_idx(&new_slots),
+            seq_row: self.upload_idx(&seq_row),
+            seq_pos: self.upload_idx(&seq_pos),
+            seq_slot: self.upload_idx(&seq_slot),
+            slots: self.upload_idx(&slots),
+            host,
+            tiles: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn attn_prep(
+        &self,
+        q: &mut CudaAct,
+        new_kv: Option<(CudaAct, CudaAct)>,
+        kv: &mut CudaKv,
+        layer: usize,
+        head_dim: usize,
+        inv_freq: &[f32],
+        q_norm: Option<(&CudaVector, f32)>,
+        batch: &CudaBatch,
+    ) {
+        assert_eq!(q.rows, batch.rows);
+        assert_eq!(q.cols % head_dim, 0);
+        assert!(
+            head_dim <= 128 && head_dim.is_multiple_of(2),
+            "head_dim {head_dim} unsupported"
+        );
+        assert_eq!(inv_freq.len(), head_dim / 2);
+        assert!(layer < kv.spec.n_cache_layers);
+        if q.rows == 0 {
+            return;
+        }
+        let n_q = (q.cols / head_dim) as i32;
+        let width = kv.spec.n_kv_heads * kv.spec.head_dim;
+        let off = (layer * kv.spec.capacity_tokens() * width * 2) as u64;
+        let f = self.inv_freq(inv_freq);
+        let (kp, vp, n_kv) = match &new_kv {
+            Some((k, v)) => {
+                assert_eq!((k.cols, v.cols), (width, width));
+                (
+                    self.bf16_ptr(k),
+                    self.bf16_ptr(v),
+                    kv.spec.n_kv_heads as i32,
+                )
+            }
+            None => (0, 0, 0),
+        };
+        let (qw, eps) = match q_norm {
+            Some((w, eps)) => {
+                assert_eq!(w.len, head_dim);
+                (self.ptr(&w.buf), eps)
+            }
+            None => (0, 0.0),
+        };
+        let (qp, kc, vc, pp, sp, fp, d) = (
+            self.bf16_ptr(q),
+            self.ptr(&kv.k) + off,
+            self.ptr(&kv.v) + off,
+            self.ptr(&batch.positions),
+            self.ptr(&batch.new_slots),
+            self.ptr(&*f),
+            head_dim as i32,
+        );
+        let heads = (n_q + 2 * n_kv) as u32;
+        launch!(self, rope_qk_write, (q.rows as u32, heads, 1), 32, 0;
+            &qp, &kp, &vp, &kc, &vc, &pp, &sp, &fp, &qw, &eps, &n_q, &n_kv, &d);
+    }
+
+    fn attention(
+        &self,
+        q: &CudaAct,
+        kv: &CudaKv,
+        layer: usize,
+        n_heads: usize,
+        key_norm: Option<(&CudaVector, f32)>,
+        scale: ScoreScale,
+        batch: &CudaBatch,
+    ) -> CudaAct {
+        let spec = kv.spec;
+        let (d, n_kv) = (spec.head_dim, spec.n_kv_heads);
+        assert_eq!(q.cols, n_heads * d);
+        assert_eq!(q.rows, batch.rows);
+        assert_eq!(n_heads % n_kv, 0);
+        assert!(d <= 128, "head_dim {d} unsupported");
+        let group = n_heads / n_kv;
+        let out = self.alloc_act(q.rows, q.cols);
+        if q.rows == 0 {
+            return out;
+        }
+        // Query vectors per block: as many rows as fit 64 vectors and the shared memory.
+        assert!(
+            d % 4 == 0,
+            "head_dim {d}: the attention kernel needs a multiple of 4"
+        );
+        let tile_bytes = ATT_TILE * (2 * d + 4) * 4;
+        let max_vecs = ATT_MAX_VECS.min((ATT_SMEM - tile_bytes) / (d * 4));
+        assert!(
+            group <= max_vecs,
+            "{group} query heads per kv head unsupported"
+        );
+        // Decode batches (one new row per sequence) use the small-block variant.
+        let max_new = batch.host.iter().map(|&(_, _, n)| n).max().unwrap_or(1);
+        let per_tile = (max_vecs / group).max(1).min(max_new);
+        let (tiles, n_tiles) = self.tiles(batch, per_tile);
+        // Split the key range when the grid would not fill the GPU (decode).
+        let max_ctx = batch.host.iter().map(|&(_, p, n)| p + n).max().unwrap_or(1);
+        let blocks = n_kv * n_tiles;
+        let want = 4 * self.n_sms();
+        let max_splits = max_ctx.div_ceil(64).max(1);
+        let n_splits = want.div_ceil(blocks).clamp(1, max_splits);
+        let chunk = max_ctx.div_ceil(n_splits).div_ceil(ATT_TILE) * ATT_TILE;
+        let n_splits = max_ctx.div_ceil(chunk);
+        let parts = q.rows * n_heads * n_splits;
+        let (pm, pl, pa) = (
+            self.alloc_f32(parts),
+            self.alloc_f32(parts),
+            self.alloc_f32(parts * d),
+        );
+        let width = n_kv * d;
+        let off = (layer * spec.capacity_tokens() * width * 2) as u64;
+        let (kw, eps) = match key_norm {
+            Some((w, eps)) => {
+                assert_eq!(w.len, d);
+                (self.ptr(&w.buf), eps)
+            }
+            None => (0, 0.0),
+        };
+        let smem = ((per_tile * group * d) * 4 + tile_bytes) as u32;
+        // The score scale exactly as the CPU oracle computes it.
+        let (scale_mode, scale_val) = match scale {
+            ScoreScale::DivSqrt => (0i32, (d as f32).sqrt()),
+            ScoreScale::MulInvSqrt => (1i32, (d as f64).powf(-0.5) as f32),
+        };
+        let (qp, kc, vc, tp) = (
+            self.bf16_ptr(q),
+            self.ptr(&kv.k) + off,
+            self.ptr(&kv.v) + off,
+            self.ptr(&*tiles),
+        );
+        let (sr, spos, ss, sl) = (
+            self.ptr(&batch.seq_row),
+            self.ptr(&batch.seq_pos),
+            self.ptr(&batch.seq_slot),
+            self.ptr(&batch.slots),
+        );
+        let (nq, nkv, di, ch, ns) = (
+            n_heads as i32,
+            n_kv as i32,
+            d as i32,
+            chunk as i32,
+            n_splits as i32,
+        );
+        let (pmp, plp, pap) = (self.ptr(&pm), self.ptr(&pl), self.ptr(&pa));
+        let grid = (n_kv as u32, n_tiles as u32, n_splits as u32);
+        let vecs = per_tile * group;
+        if vecs <= 2 * 8 {
+            // At least 4 warps: each warp stages at most 8 of a tile's 32 keys.
+            let threads = 32 * vecs.div_ceil(2).max(4) as u32;
+            launch!(self, attn_fwd_small, grid, threads, smem;
+                &qp, &kc, &vc, &tp, &sr, &spos, &ss, &sl, &kw, &eps, &scale_mode, &scale_val,
+                &nq, &nkv, &di, &ch, &ns, &pmp, &plp, &pap);
+        } else {
+            let threads = 32 * vecs.div_ceil(8).max(4) as u32;
+            launch!(self, attn_fwd, grid, threads, smem;
+                &qp, &kc, &vc, &tp, &sr, &spos, &ss, &sl, &kw, &eps, &scale_mode, &scale_val,
+                &nq, &nkv, &di, &ch, &ns, &pmp, &plp, &pap);
+        }
+        let op = self.bf16_ptr(&out);
+        launch!(self, attn_merge, ((q.rows * n_heads) as u32, 1, 1), d.div_ceil(32) as u32 * 32, 0;
+            &pmp, &plp, &pap, &op, &ns, &di);
+        out
+    }
+
+    fn route(
+        &self,
+        logits: &CudaAct,
+        k: usize,
+        renormalize: bool,
+        round_weights: bool,
+    ) -> (Vec<u32>, Vec<f32>) {
+        let (experts, weights) = self.route_device(logits, k, renormalize, round_weights);
+        let e = self
+            .stream
+            .clone_dtoh(&experts)
+            .expect("device to host copy");
+        let w = self
+            .stream
+            .clone_dtoh(&weights)
+            .expect("device to host copy");
+        let n = logits.rows * k;
+        (e[..n].iter().map(|&x| x as u32).collect(), w[..n].to_vec())
+    }
+
+    fn combine(&self, out: &mut CudaAct, src: &CudaAct, weights: &[f32], k: usize) {
+        assert_eq!(src.rows, out.rows * k);
+        assert_eq!(weights.len(), src.rows);
+        assert_eq!(src.cols, out.cols);
+        if out.rows == 0 {
+            return;
+        }
+        let w = self.upload_f32(weights);
+        let (op, sp, wp, ki, cols) = (
+            self.bf16_ptr(out),
+            self.bf16_ptr(src),
+            self.ptr(&w),
+            k as i32,
+            out.cols as i32,
+        );
+        launch!(self, combine, (out.rows as u32, 1, 1), 256, 0; &op, &sp, &wp, &ki, &cols);
+    }
+
+    fn scatter_rows(&self, dst: &mut CudaAct, src: &CudaAct, at: &[usize]) {
+        assert_eq!(src.rows, at.len());
+        assert_eq!(src.cols, dst.cols);
+        assert!(
+            at.iter().all(|&r| r < dst.rows),
+            "scatter_rows: row out of range"
+        );
+        if at.is_empty() {
+            return;
+        }
+        let a = self.upload_idx(at);
+        let (dp, sp, ap, cols) = (
+            self.bf16_ptr(dst),
+            self.bf16_ptr(src),
+            self.ptr(&a),
+            dst.cols as i32,
+        );
+        launch!(self, scatter_rows, (at.len() as u32, 1, 1), 256, 0; &dp, &sp, &ap, &cols);
+    }
+
+    fn copy_kv(&self, kv: &mut CudaKv, from: &[usize], to: &[usize]) {
+        assert_eq!(from.len(), to.len());
+        let cap = kv.spec.capacity_tokens();
+        assert!(
+            from.iter().chain(to).all(|&s| s < cap),
+            "kv slot out of range"
+        );
+        if from.is_empty() {
+            return;
+        }
+        let width = kv.spec.n_kv_heads * kv.spec.head_dim;
+        let (f, t) = (self.upload_idx(from), self.upload_idx(to));
+        let (kp, vp, fp, tp, w, le) = (
+            self.ptr(&kv.k),
+            self.ptr(&kv.v),
+            self.ptr(&f),
+            self.ptr(&t),
+            width as i32,
+            (cap * width) as i64,
+        );
+        launch!(self, copy_kv, (from.len() as u32, kv.spec.n_cache_layers as u32, 1), 128, 0;
+            &kp, &vp, &fp, &tp, &w, &le);
+    }
+
+    fn mlp(&self, x: &CudaAct, m: MlpRef<'_, CudaWeight>) -> CudaAct {
+        if x.rows <= GEMV_MAX_ROWS && x.cols.is_multiple_of(8) && m.gate.rows.is_multiple_of(8) {
+            return self.mlp_gemv(x, m);
+        }
+        let g = self.matmul(x, m.gate);
+        let u = self.matmul(x, m.up);
+        self.matmul(&self.swiglu(&g, &u), m.down)
+    }
+
+    fn moe(
+        &self,
+        h: &CudaAct,
+        router: &CudaWeight,
+        routing: Routing,
+        shared: Option<MlpRef<'_, CudaWeight>>,
+        experts: &[MlpRef<'_, CudaWeight>],
+    ) -> CudaAct {
+        let (n_tokens, hidden) = (h.rows, h.cols);
+        let k = routing.top_k;
+        let n_exp = experts.len();
+        assert!((1..=256).contains(&n_exp), "{n_exp} experts unsupported");
+        if n_tokens == 0 {
+            return self.zeros(0, hidden);
+        }
+        let width = experts[0].gate.rows;
+        let pairs = n_tokens * k;
+        let decode = pairs <= MOE_GEMV_MAX_PAIRS
+            && hidden % 8 == 0
+            && width.is_multiple_of(8)
+            && shared.is_none_or(|m| m.gate.rows == width);
+        // Decode runs the shared expert as one more expert of the same GEMV launches
+        // while its rows fit one pass; beyond that a GEMM reads its weights once.
+        let n_shared = if decode && shared.is_some() && n_tokens <= GEMV_MAX_ROWS {
+            n_tokens
+        } else {
+            0
+        };
+        let shared_apart = shared.filter(|_| n_shared == 0).map(|m| self.mlp(h, m));
+        let logits = self.gemm(h, router, routing.fp32_logits);
+        let (chosen, weights) =
+            self.route_device(&logits, k, routing.renormalize, routing.round_weights);
+        // Every element of these is written by `moe_permute` before it is read.
+        let alloc_i = |n: usize| {
+            // SAFETY: i32 has no invalid bit patterns; moe_permute writes off, perm,
+            // inv and meta in full, and active up to meta[0], the only part read.
+            unsafe { self.stream.alloc::<i32>(n.max(1)) }.expect("device alloc")
+        };
+        let rows = pairs + n_shared;
+        let (off, perm, inv, active, meta) = (
+            alloc_i(n_exp + 2),
+            alloc_i(rows),
+            alloc_i(rows),
+            alloc_i(n_exp + 1),
+            alloc_i(1),
+        );
+        let (cp, offp, pp, ip, ap, mp) = (
+            self.ptr(&chosen),
+            self.ptr(&off),
+            self.ptr(&perm),
+            self.ptr(&inv),
+            self.ptr(&active),
+            self.ptr(&meta),
+        );
+        let (np, ne, ns) = (pairs as i32, n_exp as i32, n_shared as i32);
+        launch!(self, moe_permute, (1, 1, 1), 1024, 0; &cp, &np, &ne, &ns, &offp, &pp, &ip, &ap, &mp);
+        let wp = self.ptr(&weights);
+        let (ki, cols) = (k as i32, hidden as i32);
+        if decode {
+            // Everything stays on the device: routed outputs in pair order, then the
+            // shared expert's rows; one combine writes the block's output.
+            let mut all: Vec<MlpRef<'_, CudaWeight>> = experts.to_vec();
+            all.extend(shared);
+            let t = self.expert_tables(&all);
+            let tables = (self.ptr(&t.gate), self.ptr(&t.up), self.ptr(&t.down));
+            let y = self.alloc_act(rows, hidden);
+            let yp = self.bf16_ptr(&y);
+            self.expert_gemvs(
+                tables,
+                h,
+                (offp, pp, ap, mp),
+                rows,
+                pairs,
+                k,
+                all.len(),
+                width,
+                yp,
+            );
+            if let Some(out) = shared_apart {
+                // The routed rows are in pair order here (no shared rows appended).
+                let op = self.bf16_ptr(&out);
+                launch!(self, combine, (n_tokens as u32, 1, 1), 256, 0; &op, &yp, &wp, &ki, &cols);
+                return out;
+            }
+            let out = self.alloc_act(n_tokens, hidden);
+            let (op, hs) = (self.bf16_ptr(&out), (n_shared > 0) as i32);
+            launch!(self, combine_shared, (n_tokens as u32, 1, 1), 256, 0; &op, &yp, &wp, &ki, &cols, &np, &hs);
+            return out;
+        }
+        let out = shared_apart.unwrap_or_else(|| self.zeros(n_tokens, hidden));
+        let routed = self.alloc_act(pairs, hidden);
+        // Prefill: expert-sorted rows, one cuBLAS GEMM per expert and projection.
+        let offsets = self.stream.clone_dtoh(&off).expect("device to host copy");
+        let xs = self.alloc_act(pairs, hidden);
+        let (hp, xsp) = (self.bf16_ptr(h), self.bf16_ptr(&xs));
+        launch!(self, gather_rows_div, (pairs as u32, 1, 1), 256, 0; &hp, &pp, &ki, &xsp, &cols);
+        let (g, u) = (self.alloc_act(pairs, width), self.alloc_act(pairs, width));
+        let (gp, upp) = (self.bf16_ptr(&g), self.bf16_ptr(&u));
+        let row = |base: u64, i: usize, w: usize| base + (i * w * 2) as u64;
+        for (e, m) in experts.iter().enumerate() {
+            let (a, b) = (offsets[e] as usize, offsets[e + 1] as usize);
+            if a == b {
+                continue;
+            }
+            assert_eq!(m.gate.rows, width, "experts of one layer share a width");
+            self.gemm_raw(
+                row(xsp, a, hidden),
+                self.ptr(&m.gate.buf),
+                row(gp, a, width),
+                b - a,
+                width,
+                hidden,
+                false,
+            );
+            self.gemm_raw(
+                row(xsp, a, hidden),
+                self.ptr(&m.up.buf),
+                row(upp, a, width),
+                b - a,
+                width,
+                hidden,
+                false,
+            );
+        }
+        let act = self.swiglu(&g, &u);
+        drop((g, u));
+        let actp = self.bf16_ptr(&act);
+        let rp = self.bf16_ptr(&routed);
+        for (e, m) in experts.iter().enumerate() {
+            let (a, b) = (offsets[e] as usize, offsets[e + 1] as usize);
+            if a == b {
+                continue;
+            }
+            self.gemm_raw(
+                row(actp, a, width),
+                self.ptr(&m.down.buf),
+                row(rp, a, hidden),
+                b - a,
+                hidden,
+                width,
+                false,
+            );
+        }
+        let op = self.bf16_ptr(&out);
+        launch!(self, combine_perm, (n_tokens as u32, 1, 1), 256, 0; &op, &rp, &wp, &ip, &ki, &cols);
+        out
+    }
+}
+
+impl CudaBackend {
+    /// Routing on the device: `(experts, weights)`, `k` per row, as `route` defines.
+    fn route_device(
+        &self,
+        logits: &CudaAct,
+        k: usize,
+        renormalize: bool,
+        round_weights: bool,
+    ) -> (CudaSlice<i32>, CudaSlice<f32>) {
+        let e = logits.cols;
+        assert!(
+            k >= 1 && k <= e && e <= 256,
+            "route: k={k} with {e} experts"
+        );
+        let n = logits.rows * k;
+        let experts = self
+            .stream
+            .alloc_zeros::<i32>(n.max(1))
+            .expect("device alloc");
+        let weights = self.alloc_f32(n);
+        if logits.rows == 0 {
+            return (experts, weights);
+        }
+        let (lp, ep, wp) = (self.act_ptr(logits), self.ptr(&experts), self.ptr(&weights));
+        let (rows, ei, ki, rn, rw) = (
+            logits.rows as i32,
+            e as i32,
+            k as i32,
+            renormalize as i32,
+            round_weights as i32,
+        );
+        let grid = (logits.rows.div_ceil(128) as u32, 1, 1);
+        match logits.buf {
+            ActBuf::Bf16(_) => {
+                launch!(self, route_bf16, grid, 128, 0; &lp, &rows, &ei, &ki, &rn, &rw, &ep, &wp)
+            }
+            ActBuf::F32(_) => {
+                launch!(self, route_f32, grid, 128, 0; &lp, &rows, &ei, &ki, &rn, &rw, &ep, &wp)
+            }
+        }
+        (experts, weights)
+    }
+}
+
+/// Ceilings measured on the device, for benchmark ratios.
+impl CudaBackend {
+    /// Device-to-device copy bandwidth in GB/s, counting bytes read plus written
+    /// (best of `reps` copies of `bytes`).
+    pub fn copy_bandwidth_gbs(&self, bytes: usize, reps: usize) -> f64 {
+        let src = self.stream.alloc_zeros::<u8>(bytes).expect("device alloc");
+        let mut dst = self.stream.alloc_zeros::<u8>(bytes).expect("device alloc");
+        let mut best = f64::MAX;
+        for _ in 0..reps.max(2) {
+            self.synchronize();
+            let t = std::time::Instant::now();
+            self.stream
+                .memcpy_dtod(&src, &mut dst)
+                .expect("device copy");
+            self.synchronize();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        2.0 * bytes as f64 / best / 1e9
+    }
+
+    /// cuBLAS bf16 GEMM throughput in TFLOP/s for `[m, k] x [n, k]ᵀ` (best of `reps`).
+    pub fn gemm_tflops(&self, m: usize, n: usize, k: usize, reps: usize) -> f64 {
+        let a = self.random_act(m, k, 1, 1.0);
+        let b = self.random_weight(n, k, 2, 1.0);
+        let c = self.alloc_act(m, n);
+        let (ap, bp, cp) = (self.bf16_ptr(&a), self.ptr(&b.buf), self.bf16_ptr(&c));
+        let mut best = f64::MAX;
+        for _ in 0..reps.max(2) {
+            self.synchronize();
+            let t = std::time::Instant::now();
+            self.gemm_raw(ap, bp, cp, m, n, k, false);
+            self.synchronize();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        2.0 * (m * n * k) as f64 / best / 1e12
+    }
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Builds what scripts/gpu/run.sh needs on a GPU host into .dev/gpu/ (git-ignored):
+# the release `hyserve` binary and the CUDA parity test binary, stripped.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+mkdir -p .dev/gpu
+cargo build --release --locked
+cp target/release/hyserve .dev/gpu/hyserve
+test_bin=$(cargo test --release --locked -p hyserve-worker --features gpu-tests --test gpu --no-run \
+    --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "gpu" and m.get("executable"):
+        print(m["executable"])')
+cp "$test_bin" .dev/gpu/gpu-tests
+strip .dev/gpu/hyserve .dev/gpu/gpu-tests
+du -sh .dev/gpu/*

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# On a GPU host: the CUDA parity tests, then the benchmarks (ours and the PyTorch eager
+# peer, in the same run), writing logs, JSON and a Markdown results table to $OUT.
+#
+#   scripts/gpu/package.sh                 # on a development machine: builds .dev/gpu/
+#   scripts/gpu/run.sh [stage ...]         # on the GPU host; stages: tests layer tune e2e
+#                                          # (default: tests layer e2e)
+#
+# Environment: BIN (default .dev/gpu), OUT (default gpu-results), PY (a python with torch).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+BIN=${BIN:-.dev/gpu}
+OUT=${OUT:-gpu-results}
+mkdir -p "$OUT"
+STAGES=${*:-tests layer e2e}
+
+# Libraries: NCCL is only shipped inside the torch wheel on the project's hosts.
+LIBDIR=$(mktemp -d)
+for n in /opt/torch/.venv/lib/python3*/site-packages/nvidia/nccl/lib/libnccl.so.2; do
+    [ -e "$n" ] && ln -sf "$n" "$LIBDIR/libnccl.so"
+done
+export LD_LIBRARY_PATH="$LIBDIR:${LD_LIBRARY_PATH:-}"
+export NCCL_NVLS_ENABLE=0
+export HYSERVE_KERNEL_CACHE="${HYSERVE_KERNEL_CACHE:-/tmp/hyserve-kernels}"
+if [ -z "${PY:-}" ]; then
+    for p in python3 /opt/torch/.venv/bin/python; do
+        if "$p" -c "import torch" 2>/dev/null; then PY=$p; break; fi
+    done
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
+echo "GPU: $(cat "$OUT/gpu.txt")"
+
+stage() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+step() { echo "== $1 ($(date +%T))"; }
+
+if stage tests; then
+    step "CUDA parity tests"
+    "$BIN/gpu-tests" --test-threads=1 --nocapture > "$OUT/tests.log" 2>&1
+    echo "tests rc=$?" | tee -a "$OUT/tests.log"
+    grep -E "relative error|agree|test result|panicked" "$OUT/tests.log" | head -80
+fi
+
+if stage layer; then
+    step "layer benchmark: hyserve"
+    "$BIN/hyserve" bench-gpu --json-out "$OUT/layer_hyserve.json" > /dev/null 2> "$OUT/layer_hyserve.log"
+    echo "rc=$?"; tail -25 "$OUT/layer_hyserve.log"
+    step "layer benchmark: PyTorch eager"
+    "$PY" scripts/peers/torch_layer_bench.py --out "$OUT/layer_torch.json" > "$OUT/layer_torch.log" 2>&1
+    echo "rc=$?"; tail -5 "$OUT/layer_torch.log"
+fi
+
+if stage tune; then
+    # Decode GEMV variants (loads in flight per lane), compiled in through NVRTC -D.
+    for u in 1 2 8; do
+        step "tuning: GEMV_U=$u"
+        HYSERVE_NVRTC_DEFINES=GEMV_U=$u "$BIN/hyserve" bench-gpu --only gemv,moe_t1,moe_t8,layer \
+            --json-out "$OUT/tune_gemv_u$u.json" > /dev/null 2> "$OUT/tune_gemv_u$u.log"
+        grep -E "gemv|moe_t|layer" "$OUT/tune_gemv_u$u.log" | grep ms
+    done
+fi
+
+if stage e2e; then
+    step "end to end: hyserve serve --device cuda"
+    scripts/gpu/e2e.sh "$BIN" "$OUT" "$PY"
+fi
+
+"$PY" scripts/gpu/report.py "$OUT" > "$OUT/results.md" 2> "$OUT/report.log"
+cat "$OUT/results.md"
+# One archive of everything (the device runner brings back only a few files).
+tar czf "$OUT.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")"
