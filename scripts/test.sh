@@ -4,4 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
-cargo test --workspace --locked "$@"
+
+# NVRTC and the CUDA headers from PyPI (no GPU needed): the kernel sources are compiled
+# for sm_90 by the same compiler the GPU hosts use, so a .cu error fails here, not there.
+NV=target/nvrtc
+if [ ! -e "$NV/nvidia/cu13/include/cuda_bf16.h" ]; then
+    python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$NV" \
+        nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96
+fi
+export LD_LIBRARY_PATH="$PWD/$NV/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
+export HYSERVE_CUDA_INCLUDE="$PWD/$NV/nvidia/cu13/include"
+
+cargo test --workspace --locked --features hyserve-kernels/nvrtc-tests "$@"

@@ -116,7 +116,9 @@ extern "C" __global__ void gather_rows_div(const bf16* x, const int* rows, int d
     for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = src[c];
 }
 
+#ifndef GEMV_MT
 #define GEMV_MT 8   // token rows per pass over a weight row
+#endif
 #ifndef GEMV_U
 #define GEMV_U 2    // 16-byte loads per lane in flight, per weight row (tuned on H200: 2 > 1, 4, 8)
 #endif
@@ -127,9 +129,11 @@ extern "C" __global__ void gather_rows_div(const bf16* x, const int* rows, int d
 // up to 8 tokens. act[i] (i = sorted pair position) = rb(silu(rb(x·g)) * rb(x·u)).
 // x rows: token perm[i] / topk for routed pairs (perm[i] < n_routed), perm[i] - n_routed
 // for the shared expert's pseudo-pairs. K must be a multiple of 8.
-extern "C" __global__ void __launch_bounds__(256)
-moe_gate_up(const u64* gate_ptrs, const u64* up_ptrs, const bf16* x, const int* off, const int* perm,
-            const int* active, const int* meta, int topk, int n_routed, bf16* act, int width, int K) {
+template <int MT>
+__device__ void moe_gate_up_impl(const u64* gate_ptrs, const u64* up_ptrs, const bf16* x,
+                                 const int* off, const int* perm, const int* active,
+                                 const int* meta, int topk, int n_routed, bf16* act, int width,
+                                 int K) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
     const int n = blockIdx.x * (blockDim.x / 32) + warp;
     if (n >= width || (int)blockIdx.y >= meta[0]) return;
@@ -138,18 +142,18 @@ moe_gate_up(const u64* gate_ptrs, const u64* up_ptrs, const bf16* x, const int* 
         const bf16* wg = reinterpret_cast<const bf16*>(gate_ptrs[e]) + (size_t)n * K;
         const bf16* wu = reinterpret_cast<const bf16*>(up_ptrs[e]) + (size_t)n * K;
         const int beg = off[e], end = off[e + 1];
-        for (int m0 = beg; m0 < end; m0 += GEMV_MT) {
-            const int mt = min(GEMV_MT, end - m0);
-            const bf16* xr[GEMV_MT];
+        for (int m0 = beg; m0 < end; m0 += MT) {
+            const int mt = min(MT, end - m0);
+            const bf16* xr[MT];
 #pragma unroll
-            for (int mm = 0; mm < GEMV_MT; mm++)
+            for (int mm = 0; mm < MT; mm++)
             {
                 int p = perm[m0 + min(mm, mt - 1)];
                 xr[mm] = x + (size_t)(p < n_routed ? p / topk : p - n_routed) * K;
             }
-            float ag[GEMV_MT], au[GEMV_MT];
+            float ag[MT], au[MT];
 #pragma unroll
-            for (int mm = 0; mm < GEMV_MT; mm++) ag[mm] = au[mm] = 0.f;
+            for (int mm = 0; mm < MT; mm++) ag[mm] = au[mm] = 0.f;
             for (int k0 = lane * 8; k0 < K; k0 += 32 * 8 * GEMV_U) {
                 uint4 g[GEMV_U], u[GEMV_U];
 #pragma unroll
@@ -168,7 +172,7 @@ moe_gate_up(const u64* gate_ptrs, const u64* up_ptrs, const bf16* x, const int* 
                     unpack8(g[t], gf);
                     unpack8(u[t], uf);
 #pragma unroll
-                    for (int mm = 0; mm < GEMV_MT; mm++) {
+                    for (int mm = 0; mm < MT; mm++) {
                         if (mm >= mt) break;
                         float xf[8];
                         unpack8(*reinterpret_cast<const uint4*>(xr[mm] + kk), xf);
@@ -181,7 +185,7 @@ moe_gate_up(const u64* gate_ptrs, const u64* up_ptrs, const bf16* x, const int* 
                 }
             }
 #pragma unroll
-            for (int mm = 0; mm < GEMV_MT; mm++) {
+            for (int mm = 0; mm < MT; mm++) {
                 if (mm >= mt) break;
                 float gs = warp_sum(ag[mm]), us = warp_sum(au[mm]);
                 if (lane == 0) act[(size_t)(m0 + mm) * width + n] = st(silu_rb(rb(gs)) * rb(us));
@@ -192,9 +196,9 @@ moe_gate_up(const u64* gate_ptrs, const u64* up_ptrs, const bf16* x, const int* 
 
 // Expert down GEMV: y[perm[i]] row, column n = rb(act[i] · down_e[n]), for the sorted
 // pairs i of the active expert of block y. K (= expert width) must be a multiple of 8.
-extern "C" __global__ void __launch_bounds__(256)
-moe_down(const u64* down_ptrs, const bf16* act, const int* off, const int* perm, const int* active,
-         const int* meta, bf16* y, int hidden, int K) {
+template <int MT>
+__device__ void moe_down_impl(const u64* down_ptrs, const bf16* act, const int* off, const int* perm,
+                              const int* active, const int* meta, bf16* y, int hidden, int K) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
     const int n = blockIdx.x * (blockDim.x / 32) + warp;
     if (n >= hidden || (int)blockIdx.y >= meta[0]) return;
@@ -202,11 +206,11 @@ moe_down(const u64* down_ptrs, const bf16* act, const int* off, const int* perm,
         const int e = active[blockIdx.y];
         const bf16* w = reinterpret_cast<const bf16*>(down_ptrs[e]) + (size_t)n * K;
         const int beg = off[e], end = off[e + 1];
-        for (int m0 = beg; m0 < end; m0 += GEMV_MT) {
-            const int mt = min(GEMV_MT, end - m0);
-            float acc[GEMV_MT];
+        for (int m0 = beg; m0 < end; m0 += MT) {
+            const int mt = min(MT, end - m0);
+            float acc[MT];
 #pragma unroll
-            for (int mm = 0; mm < GEMV_MT; mm++) acc[mm] = 0.f;
+            for (int mm = 0; mm < MT; mm++) acc[mm] = 0.f;
             for (int k0 = lane * 8; k0 < K; k0 += 32 * 8 * 2 * GEMV_U) {
                 uint4 wv[2 * GEMV_U];
 #pragma unroll
@@ -221,7 +225,7 @@ moe_down(const u64* down_ptrs, const bf16* act, const int* off, const int* perm,
                     float wf[8];
                     unpack8(wv[t], wf);
 #pragma unroll
-                    for (int mm = 0; mm < GEMV_MT; mm++) {
+                    for (int mm = 0; mm < MT; mm++) {
                         if (mm >= mt) break;
                         float xf[8];
                         unpack8(*reinterpret_cast<const uint4*>(act + (size_t)(m0 + mm) * K + kk), xf);
@@ -231,7 +235,7 @@ moe_down(const u64* down_ptrs, const bf16* act, const int* off, const int* perm,
                 }
             }
 #pragma unroll
-            for (int mm = 0; mm < GEMV_MT; mm++) {
+            for (int mm = 0; mm < MT; mm++) {
                 if (mm >= mt) break;
                 float s = warp_sum(acc[mm]);
                 if (lane == 0) y[(size_t)perm[m0 + mm] * hidden + n] = st(s);
@@ -240,19 +244,49 @@ moe_down(const u64* down_ptrs, const bf16* act, const int* off, const int* perm,
     }
 }
 
+// Entry points: 8 token rows per pass (batches), and 2 (batch-1 decode: fewer
+// registers, more warps in flight; measured 86.8% -> 89.9% of HBM on the MoE block).
+extern "C" __global__ void __launch_bounds__(256)
+moe_gate_up(const u64* gate_ptrs, const u64* up_ptrs, const bf16* x, const int* off, const int* perm,
+            const int* active, const int* meta, int topk, int n_routed, bf16* act, int width, int K) {
+    moe_gate_up_impl<GEMV_MT>(gate_ptrs, up_ptrs, x, off, perm, active, meta, topk, n_routed, act,
+                              width, K);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+moe_gate_up_mt2(const u64* gate_ptrs, const u64* up_ptrs, const bf16* x, const int* off,
+                const int* perm, const int* active, const int* meta, int topk, int n_routed,
+                bf16* act, int width, int K) {
+    moe_gate_up_impl<2>(gate_ptrs, up_ptrs, x, off, perm, active, meta, topk, n_routed, act, width,
+                        K);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+moe_down(const u64* down_ptrs, const bf16* act, const int* off, const int* perm, const int* active,
+         const int* meta, bf16* y, int hidden, int K) {
+    moe_down_impl<GEMV_MT>(down_ptrs, act, off, perm, active, meta, y, hidden, K);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+moe_down_mt2(const u64* down_ptrs, const bf16* act, const int* off, const int* perm,
+             const int* active, const int* meta, bf16* y, int hidden, int K) {
+    moe_down_impl<2>(down_ptrs, act, off, perm, active, meta, y, hidden, K);
+}
+
 // Dense GEMV for a few rows: out[m, n] = x[m] · W[n] for m < M, bf16 or fp32 output.
 // One warp per output column; K a multiple of 8.
-extern "C" __global__ void __launch_bounds__(256)
-gemv(const bf16* W, const bf16* x, bf16* out_bf16, float* out_f32, int N, int K, int M) {
+template <int MT>
+__device__ void gemv_impl(const bf16* W, const bf16* x, bf16* out_bf16, float* out_f32, int N, int K,
+                          int M) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
     const int n = blockIdx.x * (blockDim.x / 32) + warp;
     if (n >= N) return;
     const bf16* w = W + (size_t)n * K;
-    for (int m0 = 0; m0 < M; m0 += GEMV_MT) {
-        const int mt = min(GEMV_MT, M - m0);
-        float acc[GEMV_MT];
+    for (int m0 = 0; m0 < M; m0 += MT) {
+        const int mt = min(MT, M - m0);
+        float acc[MT];
 #pragma unroll
-        for (int mm = 0; mm < GEMV_MT; mm++) acc[mm] = 0.f;
+        for (int mm = 0; mm < MT; mm++) acc[mm] = 0.f;
         for (int k0 = lane * 8; k0 < K; k0 += 32 * 8 * 2 * GEMV_U) {
             uint4 wv[2 * GEMV_U];
 #pragma unroll
@@ -267,7 +301,7 @@ gemv(const bf16* W, const bf16* x, bf16* out_bf16, float* out_f32, int N, int K,
                 float wf[8];
                 unpack8(wv[t], wf);
 #pragma unroll
-                for (int mm = 0; mm < GEMV_MT; mm++) {
+                for (int mm = 0; mm < MT; mm++) {
                     if (mm >= mt) break;
                     float xf[8];
                     unpack8(*reinterpret_cast<const uint4*>(x + (size_t)(m0 + mm) * K + kk), xf);
@@ -277,7 +311,7 @@ gemv(const bf16* W, const bf16* x, bf16* out_bf16, float* out_f32, int N, int K,
             }
         }
 #pragma unroll
-        for (int mm = 0; mm < GEMV_MT; mm++) {
+        for (int mm = 0; mm < MT; mm++) {
             if (mm >= mt) break;
             float s = warp_sum(acc[mm]);
             if (lane == 0) {
@@ -287,6 +321,17 @@ gemv(const bf16* W, const bf16* x, bf16* out_bf16, float* out_f32, int N, int K,
             }
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+gemv(const bf16* W, const bf16* x, bf16* out_bf16, float* out_f32, int N, int K, int M) {
+    gemv_impl<GEMV_MT>(W, x, out_bf16, out_f32, N, K, M);
+}
+
+// Up to 2 rows per pass (batch-1 and -2 decode).
+extern "C" __global__ void __launch_bounds__(256)
+gemv_mt2(const bf16* W, const bf16* x, bf16* out_bf16, float* out_f32, int N, int K, int M) {
+    gemv_impl<2>(W, x, out_bf16, out_f32, N, K, M);
 }
 
 // Greedy sampling on the device: the arg-max of each logits row (lowest index on ties).

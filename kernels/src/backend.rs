@@ -99,6 +99,16 @@ pub struct Routing {
     pub fp32_logits: bool,
 }
 
+/// What a recorded forward pass depends on besides its inputs' contents: the batch's
+/// rows (one decode token each), a bound on every sequence's context, and the MoE's
+/// (token, choice) pairs per layer (which decide the kernels' shapes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RecordKey {
+    pub rows: usize,
+    pub ctx_bound: usize,
+    pub moe_pairs: usize,
+}
+
 /// Tensor operations over one device.
 ///
 /// `Weight` is a `[out, in]` matrix, `Vector` a 1-D parameter (norm weights), `Act` an
@@ -183,8 +193,26 @@ pub trait Backend: Send + Sync + 'static {
         v: &Self::Act,
         slots: &[usize],
     );
-    /// Prepares a batch: `seqs` cover the activation rows in order, without gaps.
-    fn batch(&self, seqs: Vec<AttnSeq>) -> Self::Batch;
+    /// Prepares a batch: `seqs` cover the activation rows in order, without gaps;
+    /// `tokens` are the rows' token ids.
+    fn batch(&self, seqs: Vec<AttnSeq>, tokens: &[u32]) -> Self::Batch;
+    /// Rows of an embedding table for the batch's tokens.
+    fn embed_batch(&self, table: &Self::Weight, batch: &Self::Batch) -> Self::Act;
+    /// Runs a forward pass's device work `f` on the batch of `seqs` and `tokens`.
+    /// A backend that can record device work (CUDA graphs) records `f` once per `key`
+    /// and replays the recording on later calls with new batch contents, so a decode
+    /// step costs one launch instead of hundreds. The default runs `f` directly.
+    fn forward_recorded(
+        &self,
+        key: RecordKey,
+        seqs: Vec<AttnSeq>,
+        tokens: &[u32],
+        f: &mut dyn FnMut(&Self::Batch) -> Self::Act,
+    ) -> Self::Act {
+        let _ = key;
+        let batch = self.batch(seqs, tokens);
+        f(&batch)
+    }
     /// The attention block between the projections and the attention itself: RoPE on
     /// `q` then the per-head `q_norm`; on layers that own a cache slot, RoPE on `k` and
     /// the write of `k` and `v` to cache layer `layer` at the batch's new slots.

@@ -7,7 +7,7 @@
 //! The MoE block is the shared MLP plus the router's top-k experts, combined with
 //! their routing weights.
 
-use hyserve_kernels::{AttnSeq, Backend, MlpRef, Routing, ScoreScale};
+use hyserve_kernels::{AttnSeq, Backend, MlpRef, RecordKey, Routing, ScoreScale};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{Arch, ModelConfig};
@@ -257,14 +257,52 @@ impl<B: Backend> Model<B> {
                 logit_rows.push(tokens.len() - 1);
             }
         }
-        let batch = b.batch(seqs);
+        // A decode step (one token per sequence, last logits only) has shapes that
+        // depend only on the batch size: a backend may record and replay it.
+        let decode = chunks.iter().all(|c| c.tokens.len() == 1 && !c.all_logits);
+        let logits = if decode {
+            let max_ctx = chunks.iter().map(|c| c.first_pos + 1).max().unwrap_or(1);
+            let top_k = self.cfg.layers.iter().map(|l| l.top_k).max().unwrap_or(1);
+            let key = RecordKey {
+                rows: chunks.len(),
+                ctx_bound: max_ctx.next_power_of_two().max(256),
+                moe_pairs: chunks.len() * top_k,
+            };
+            b.forward_recorded(key, seqs, &tokens, &mut |batch| {
+                self.device_forward(b, kv, batch, None)
+            })
+        } else {
+            let batch = b.batch(seqs, &tokens);
+            self.device_forward(b, kv, &batch, Some(&logit_rows))
+        };
+        let flat = b.download(&logits);
+        let vocab = self.cfg.vocab_size;
+        let mut out = Vec::with_capacity(chunks.len());
+        let mut row = 0;
+        for c in chunks {
+            let n = if c.all_logits { c.tokens.len() } else { 1 };
+            out.push(flat[row * vocab..(row + n) * vocab].to_vec());
+            row += n;
+        }
+        out
+    }
+
+    /// The device part of a forward pass: embeddings to logits of `logit_rows` (all
+    /// rows when `None`).
+    fn device_forward(
+        &self,
+        b: &B,
+        kv: &mut B::Kv,
+        batch: &B::Batch,
+        logit_rows: Option<&[usize]>,
+    ) -> B::Act {
         let cfg = &self.cfg;
         let eps = cfg.rms_norm_eps;
         let scale = match cfg.arch {
             Arch::HunyuanLarge => ScoreScale::DivSqrt,
             Arch::HunyuanV1Moe => ScoreScale::MulInvSqrt,
         };
-        let mut x = b.embed(&self.embed, &tokens);
+        let mut x = b.embed_batch(&self.embed, batch);
         // The MoE output of the previous layer, added to `x` fused with the next norm.
         let mut pending: Option<B::Act> = None;
         for (l, layer) in self.layers.iter().enumerate() {
@@ -288,7 +326,7 @@ impl<B: Backend> Model<B> {
                 cfg.head_dim,
                 &self.inv_freq,
                 q_norm,
-                &batch,
+                batch,
             );
             let key_norm = layer.k_norm.as_ref().map(|w| (w, eps));
             let attn = b.attention(
@@ -298,7 +336,7 @@ impl<B: Backend> Model<B> {
                 cfg.n_heads,
                 key_norm,
                 scale,
-                &batch,
+                batch,
             );
             let o = b.matmul(&attn, &layer.o);
             // MoE.
@@ -308,19 +346,12 @@ impl<B: Backend> Model<B> {
         if let Some(y) = pending {
             b.add_assign(&mut x, &y);
         }
-        let last = b.gather_rows(&x, &logit_rows);
+        let last = match logit_rows {
+            Some(rows) => b.gather_rows(&x, rows),
+            None => x,
+        };
         let last = b.rms_norm(&last, &self.norm, eps);
-        let logits = b.matmul(&last, self.lm_head.as_ref().unwrap_or(&self.embed));
-        let flat = b.download(&logits);
-        let vocab = cfg.vocab_size;
-        let mut out = Vec::with_capacity(chunks.len());
-        let mut row = 0;
-        for c in chunks {
-            let n = if c.all_logits { c.tokens.len() } else { 1 };
-            out.push(flat[row * vocab..(row + n) * vocab].to_vec());
-            row += n;
-        }
-        out
+        b.matmul(&last, self.lm_head.as_ref().unwrap_or(&self.embed))
     }
 
     /// Shared MLP + routed experts, combined with the routing weights.

@@ -50,13 +50,16 @@ def main():
             print(f"| {c['name']}{extra} | {c['ms']:.3f} | {work} | {achieved} | {100 * c['ratio']:.1f}% of {c['bound']} | {ps} | {sp} |")
         print()
     e2e = load(os.path.join(out, "e2e_hyserve.json"))
+    nog = load(os.path.join(out, "e2e_hyserve_nographs.json"))
+    nog_levels = {l["concurrency"]: l for l in (nog or {}).get("levels", [])}
     tpeer = load(os.path.join(out, "e2e_torch.json"))
     if e2e or tpeer:
         tc = {c["name"]: c for c in (tpeer or {}).get("cases", [])}
         gen = (tpeer or {}).get("gen", 64)
         print("| concurrency / batch | hyserve serve: output tok/s (HTTP, incl. prefill) | ITL p50 ms | TTFT p50 ms "
+              "| same without CUDA graphs: tok/s, ITL p50 ms "
               "| PyTorch eager: decode tok/s | PyTorch: prefill+decode tok/s | ratio (hyserve / PyTorch prefill+decode) |")
-        print("|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|")
         levels = {l["concurrency"]: l for l in (e2e or {}).get("levels", [])}
         for b in sorted(set(levels) | {int(n.split("_b")[1]) for n in tc if "_b" in n}):
             l = levels.get(b)
@@ -66,10 +69,12 @@ def main():
             if d and p and d.get("step_ms") and p.get("ms"):
                 total = b * gen / (p["ms"] / 1e3 + gen * d["step_ms"] / 1e3)
             ours_tps = l["output_tokens_per_s"] if l else None
+            n = nog_levels.get(b)
             cells = [
                 f"{ours_tps:.1f}" if ours_tps else "n/a",
                 f"{l['itl_p50_ms']:.2f}" if l else "n/a",
                 f"{l['ttft_p50_ms']:.1f}" if l else "n/a",
+                f"{n['output_tokens_per_s']:.1f}, {n['itl_p50_ms']:.2f}" if n else "n/a",
                 f"{d['tok_s']:.1f}" if d and d.get("tok_s") else "n/a",
                 f"{total:.1f}" if total else "n/a",
                 f"{ours_tps / total:.2f}x" if ours_tps and total else "n/a",

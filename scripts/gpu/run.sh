@@ -50,12 +50,14 @@ if stage layer; then
 fi
 
 if stage tune; then
-    # Decode GEMV variants (loads in flight per lane), compiled in through NVRTC -D.
-    for u in 1 2 8; do
-        step "tuning: GEMV_U=$u"
-        HYSERVE_NVRTC_DEFINES=GEMV_U=$u "$BIN/hyserve" bench-gpu --only gemv,moe_t1,moe_t8,layer \
-            --json-out "$OUT/tune_gemv_u$u.json" > /dev/null 2> "$OUT/tune_gemv_u$u.log"
-        grep -E "gemv|moe_t|layer" "$OUT/tune_gemv_u$u.log" | grep ms
+    # Decode GEMV variants (loads in flight per lane, token rows per pass), compiled in
+    # through NVRTC -D options.
+    for defs in ${TUNE_DEFINES:-GEMV_U=1 GEMV_U=4 GEMV_MT=4 GEMV_MT=2 GEMV_MT=4,GEMV_U=4}; do
+        step "tuning: $defs"
+        tag=$(echo "$defs" | tr ',=' '__')
+        HYSERVE_NVRTC_DEFINES=$defs "$BIN/hyserve" bench-gpu --only gemv,moe_t1,moe_t8,layer \
+            --json-out "$OUT/tune_$tag.json" > /dev/null 2> "$OUT/tune_$tag.log"
+        grep -E "gemv|moe_t|layer" "$OUT/tune_$tag.log" | grep ms
     done
 fi
 

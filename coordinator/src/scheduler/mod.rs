@@ -20,6 +20,7 @@ pub mod blocks;
 #[cfg(test)]
 mod tests;
 
+use rayon::prelude::*;
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
@@ -604,12 +605,32 @@ impl Scheduler {
             return Vec::new();
         }
         self.steps_total += 1;
+        // Sampling reads a whole vocabulary row per sequence (129K entries for
+        // Hunyuan-Large): do it for all sequences in parallel first, then apply in order.
+        let work: Vec<(usize, Scheduled, Vec<f32>)> = flight
+            .steps
+            .into_iter()
+            .zip(outputs)
+            .flat_map(|((w, scheduled), out)| {
+                scheduled
+                    .into_iter()
+                    .zip(out.logits)
+                    .map(move |(s, row)| (w, s, row))
+            })
+            .collect();
+        let seqs = &self.seqs;
+        let samples: Vec<Option<Sampled>> = work
+            .par_iter()
+            .map(|(_, s, row)| {
+                let seq = seqs.get(&s.id)?;
+                let done = (seq.n_computed + s.n_tokens).min(seq.tokens.len()) >= seq.tokens.len();
+                (!seq.cancelled && done).then(|| sample(seq, row))
+            })
+            .collect();
         let mut events = Vec::new();
-        for ((w, scheduled), out) in flight.steps.into_iter().zip(outputs) {
-            for (s, row) in scheduled.into_iter().zip(out.logits) {
-                self.step_tokens_total += s.n_tokens as u64;
-                self.apply(w, s, &row, &mut events);
-            }
+        for ((w, s, _), sampled) in work.into_iter().zip(samples) {
+            self.step_tokens_total += s.n_tokens as u64;
+            self.apply(w, s, sampled, &mut events);
         }
         events
     }
@@ -621,12 +642,13 @@ impl Scheduler {
         self.in_flight.take()
     }
 
-    /// One sequence's result of the step: `row` is the logits after its last new token.
+    /// One sequence's result of the step: `sampled` is its next token (with logprobs),
+    /// drawn from the logits after its last new token when its prompt is all computed.
     fn apply(
         &mut self,
         w: usize,
         s: Scheduled,
-        row: &[f32],
+        sampled: Option<Sampled>,
         events: &mut Vec<(SeqId, TokenEvent)>,
     ) {
         let Some(seq) = self.seqs.get_mut(&s.id) else {
@@ -645,7 +667,9 @@ impl Scheduler {
         if seq.n_left() > 0 {
             return; // mid-prompt chunk: its logits predict a known token
         }
-        let (id, logprob, top) = sample(seq, row);
+        let Some((id, logprob, top)) = sampled else {
+            return;
+        };
         seq.tokens.push(id);
         events.push((s.id, TokenEvent::Token { id, logprob, top }));
         let reason = if seq.stop_token_ids.contains(&id) {
@@ -775,9 +799,12 @@ impl Scheduler {
     }
 }
 
+/// A sampled token, its logprob and the top alternatives (when asked for).
+type Sampled = (u32, Option<f32>, Vec<TokenLogprob>);
+
 /// Samples `seq`'s next token from `logits` (statelessly, by its seed and position) and
 /// reports logprobs if the request asked for them.
-fn sample(seq: &Seq, logits: &[f32]) -> (u32, Option<f32>, Vec<TokenLogprob>) {
+fn sample(seq: &Seq, logits: &[f32]) -> Sampled {
     let position = seq.tokens.len();
     let mut sampler = Sampler::at_position(seq.sampling.clone(), seq.seed, position);
     let (prompt, output) = seq.tokens.split_at(seq.prompt_len);

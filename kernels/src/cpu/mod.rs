@@ -101,6 +101,7 @@ impl CpuKv {
 #[derive(Clone, Debug)]
 pub struct CpuBatch {
     pub seqs: Vec<AttnSeq>,
+    pub tokens: Vec<u32>,
     pub positions: Vec<usize>,
     pub new_slots: Vec<usize>,
 }
@@ -121,6 +122,7 @@ impl CpuBatch {
         }
         Self {
             seqs,
+            tokens: Vec::new(),
             positions,
             new_slots,
         }
@@ -380,8 +382,14 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn batch(&self, seqs: Vec<AttnSeq>) -> CpuBatch {
-        CpuBatch::new(seqs)
+    fn batch(&self, seqs: Vec<AttnSeq>, tokens: &[u32]) -> CpuBatch {
+        let mut b = CpuBatch::new(seqs);
+        b.tokens = tokens.to_vec();
+        b
+    }
+
+    fn embed_batch(&self, table: &HostMatrix, batch: &CpuBatch) -> CpuTensor {
+        self.embed(table, &batch.tokens)
     }
 
     fn attn_prep(
@@ -663,7 +671,7 @@ mod tests {
             2,
             None,
             ScoreScale::DivSqrt,
-            &b.batch(vec![seq]),
+            &b.batch(vec![seq], &[0]),
         );
         // Token 0 sees only value 0, for both query heads of the group.
         assert_eq!(&o.data[0..4], &[10.0, 0.0, 10.0, 0.0]);

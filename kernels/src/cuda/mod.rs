@@ -33,7 +33,7 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
-use crate::backend::{AttnSeq, Backend, KvSpec, MlpRef, Precision, Routing, ScoreScale};
+use crate::backend::{AttnSeq, Backend, KvSpec, MlpRef, Precision, RecordKey, Routing, ScoreScale};
 use crate::numeric::{self, DType};
 use crate::weight::HostMatrix;
 
@@ -98,8 +98,11 @@ kernel_table!(
     combine_shared,
     gather_rows_div,
     moe_gate_up,
+    moe_gate_up_mt2,
     moe_down,
+    moe_down_mt2,
     gemv,
+    gemv_mt2,
     argmax_rows,
 );
 
@@ -157,6 +160,9 @@ pub struct CudaKv {
 /// A forward batch on the device.
 pub struct CudaBatch {
     rows: usize,
+    /// Bound on every sequence's context (the key splits are sized for it).
+    max_ctx: usize,
+    tokens: CudaSlice<i32>,
     positions: CudaSlice<i32>,
     new_slots: CudaSlice<i32>,
     seq_row: CudaSlice<i32>,
@@ -168,6 +174,93 @@ pub struct CudaBatch {
     /// Row tiles for the attention kernel, per rows-per-tile (built on first use).
     tiles: Mutex<HashMap<usize, RowTiles>>,
 }
+
+/// A batch's host-side arrays, before upload.
+struct BatchHost {
+    tokens: Vec<i32>,
+    positions: Vec<i32>,
+    new_slots: Vec<i32>,
+    seq_row: Vec<i32>,
+    seq_pos: Vec<i32>,
+    seq_slot: Vec<i32>,
+    slots: Vec<i32>,
+    host: Vec<(usize, usize, usize)>,
+    max_ctx: usize,
+}
+
+impl BatchHost {
+    /// Flattens `seqs`; with `stride`, sequence s's slot list starts at `s * stride`
+    /// (fixed offsets, so a recorded batch can be refilled in place).
+    fn new(seqs: &[AttnSeq], tokens: &[u32], stride: Option<usize>) -> Self {
+        let idx = |x: usize| i32::try_from(x).expect("index fits i32");
+        let mut h = BatchHost {
+            tokens: tokens.iter().map(|&t| t as i32).collect(),
+            positions: Vec::new(),
+            new_slots: Vec::new(),
+            seq_row: Vec::new(),
+            seq_pos: Vec::new(),
+            seq_slot: Vec::new(),
+            slots: Vec::new(),
+            host: Vec::with_capacity(seqs.len()),
+            max_ctx: 1,
+        };
+        for (i, s) in seqs.iter().enumerate() {
+            assert_eq!(
+                s.rows.start,
+                h.positions.len(),
+                "batch rows must be contiguous"
+            );
+            let n = s.rows.len();
+            assert_eq!(
+                s.slots.len(),
+                s.first_pos + n,
+                "slots must cover the context"
+            );
+            h.positions.extend((s.first_pos..s.first_pos + n).map(idx));
+            h.new_slots
+                .extend(s.slots[s.first_pos..].iter().map(|&x| idx(x)));
+            h.seq_row.push(idx(s.rows.start));
+            h.seq_pos.push(idx(s.first_pos));
+            if let Some(stride) = stride {
+                assert!(
+                    s.slots.len() <= stride,
+                    "context exceeds the recorded bound"
+                );
+                h.slots.resize(i * stride, 0);
+            }
+            h.seq_slot.push(idx(h.slots.len()));
+            h.slots.extend(s.slots.iter().map(|&x| idx(x)));
+            h.host.push((s.rows.start, s.first_pos, n));
+            h.max_ctx = h.max_ctx.max(s.first_pos + n);
+        }
+        assert_eq!(h.tokens.len(), h.positions.len(), "one token per row");
+        if let Some(stride) = stride {
+            h.slots.resize(seqs.len() * stride, 0);
+            h.max_ctx = stride;
+        }
+        h
+    }
+}
+
+/// A recorded decode step: the graph, the input buffers it reads, its output.
+struct Recorded {
+    graph: GraphCell,
+    batch: CudaBatch,
+    out: CudaAct,
+}
+
+/// A CUDA graph, used only under the backend's `graphs` lock.
+struct GraphCell(cudarc::driver::CudaGraph);
+
+// SAFETY: a graph executable may be launched from any thread with its context bound
+// (cudarc binds it); the driver only requires that calls on one graph be serialised,
+// which the Mutex around every `GraphCell` guarantees.
+unsafe impl Send for GraphCell {}
+
+/// Most recorded decode graphs kept (one per batch size and context bound).
+const MAX_GRAPHS: usize = 48;
+/// Consecutive steps of one decode shape before it is recorded.
+const RECORD_AFTER: usize = 3;
 
 /// Attention row tiles on the device and their count.
 type RowTiles = (Arc<CudaSlice<i32>>, usize);
@@ -188,6 +281,9 @@ struct Identity {
     meta: CudaSlice<i32>,
 }
 
+/// Bytes of cuBLAS workspace.
+const BLAS_WORKSPACE: usize = 32 << 20;
+
 /// Rows at or below which a GEMM runs as a GEMV (every weight byte read once).
 const GEMV_MAX_ROWS: usize = 8;
 /// (token, choice) pairs at or below which the routed experts run as GEMVs (a few
@@ -205,6 +301,12 @@ pub struct CudaBackend {
     expert_tables: Mutex<HashMap<(u64, usize), Arc<ExpertTables>>>,
     identity: Mutex<HashMap<usize, Arc<Identity>>>,
     inv_freq: Mutex<HashMap<Vec<u32>, Arc<CudaSlice<f32>>>>,
+    graphs: Mutex<HashMap<RecordKey, Recorded>>,
+    /// The last unrecorded decode shape and how many steps in a row had it.
+    graph_seen: Mutex<(Option<RecordKey>, usize)>,
+    graphs_enabled: bool,
+    /// cuBLAS's workspace (set explicitly, so recording a GEMM allocates nothing).
+    _blas_workspace: CudaSlice<u8>,
 }
 
 /// Facts about the started backend, for logs and benchmark records.
@@ -242,6 +344,19 @@ impl CudaBackend {
             .map_err(drv)?;
         let k = Kernels::load(&module)?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Blas(format!("{e:?}")))?;
+        let workspace = stream.alloc_zeros::<u8>(BLAS_WORKSPACE).map_err(drv)?;
+        {
+            let (wp, _sync) = workspace.device_ptr(&stream);
+            // SAFETY: the workspace is a live allocation of BLAS_WORKSPACE bytes owned
+            // by the backend for as long as the handle.
+            let r = unsafe {
+                blas::cublasSetWorkspace_v2(*blas.handle(), wp as *mut c_void, BLAS_WORKSPACE)
+            };
+            if r != blas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(CudaError::Blas(format!("cublasSetWorkspace: {r:?}")));
+            }
+        }
+        let graphs_enabled = std::env::var("HYSERVE_CUDA_GRAPHS").map_or(true, |v| v != "0");
         let device = ctx.name().map_err(drv)?;
         let info = CudaInfo {
             device: device.clone(),
@@ -261,6 +376,10 @@ impl CudaBackend {
                 expert_tables: Mutex::new(HashMap::new()),
                 identity: Mutex::new(HashMap::new()),
                 inv_freq: Mutex::new(HashMap::new()),
+                graphs: Mutex::new(HashMap::new()),
+                graph_seen: Mutex::new((None, 0)),
+                graphs_enabled,
+                _blas_workspace: workspace,
             },
             info,
         ))
@@ -282,6 +401,68 @@ impl CudaBackend {
     /// Waits for all queued work.
     pub fn synchronize(&self) {
         self.stream.synchronize().expect("stream synchronize");
+    }
+
+    /// Turns decode-step recording (CUDA graphs) on or off (on unless
+    /// `HYSERVE_CUDA_GRAPHS=0`); turning it off drops the recordings.
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs_enabled = on;
+        if !on {
+            self.graphs.lock().expect("graphs lock").clear();
+        }
+    }
+
+    /// Decode steps recorded so far.
+    pub fn recorded_graphs(&self) -> usize {
+        self.graphs.lock().expect("graphs lock").len()
+    }
+
+    fn batch_from(&self, h: &BatchHost) -> CudaBatch {
+        CudaBatch {
+            rows: h.positions.len(),
+            max_ctx: h.max_ctx,
+            tokens: self.upload_i32(&h.tokens),
+            positions: self.upload_i32(&h.positions),
+            new_slots: self.upload_i32(&h.new_slots),
+            seq_row: self.upload_i32(&h.seq_row),
+            seq_pos: self.upload_i32(&h.seq_pos),
+            seq_slot: self.upload_i32(&h.seq_slot),
+            slots: self.upload_i32(&h.slots),
+            host: h.host.clone(),
+            tiles: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// New contents for a recorded batch, in place (same shapes, same buffers).
+    fn refill(&self, b: &mut CudaBatch, h: &BatchHost) {
+        assert_eq!(b.rows, h.positions.len());
+        let s = &self.stream;
+        let copy = |dst: &mut CudaSlice<i32>, src: &[i32]| {
+            assert_eq!(dst.len(), src.len().max(1));
+            if !src.is_empty() {
+                s.memcpy_htod(src, dst).expect("host to device copy");
+            }
+        };
+        copy(&mut b.tokens, &h.tokens);
+        copy(&mut b.positions, &h.positions);
+        copy(&mut b.new_slots, &h.new_slots);
+        copy(&mut b.seq_row, &h.seq_row);
+        copy(&mut b.seq_pos, &h.seq_pos);
+        copy(&mut b.seq_slot, &h.seq_slot);
+        copy(&mut b.slots, &h.slots);
+    }
+
+    /// Device-to-device copy of `bytes` between raw pointers.
+    fn copy_bytes(&self, src: u64, dst: u64, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        // SAFETY: both pointers are live device allocations of at least `bytes`
+        // bytes (checked by the callers), on this backend's context and stream.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream())
+        }
+        .expect("device copy");
     }
 
     fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
@@ -420,7 +601,12 @@ impl CudaBackend {
         if m <= GEMV_MAX_ROWS && k.is_multiple_of(8) {
             let (null, mi, ni, ki) = (0u64, m as i32, n as i32, k as i32);
             let (cb, cf) = if f32_out { (null, c) } else { (c, null) };
-            launch!(self, gemv, (n.div_ceil(8) as u32, 1, 1), 256, 0; &b, &a, &cb, &cf, &ni, &ki, &mi);
+            let grid = (n.div_ceil(8) as u32, 1, 1);
+            if m <= 2 {
+                launch!(self, gemv_mt2, grid, 256, 0; &b, &a, &cb, &cf, &ni, &ki, &mi);
+            } else {
+                launch!(self, gemv, grid, 256, 0; &b, &a, &cb, &cf, &ni, &ki, &mi);
+            }
             return;
         }
         let (alpha, beta) = (1.0f32, 0.0f32);
@@ -529,10 +715,21 @@ impl CudaBackend {
         // At most min(pairs, experts) experts are active; block rows past the active
         // count exit at once.
         let slots = pairs.min(n_experts) as u32;
-        launch!(self, moe_gate_up, (width.div_ceil(8) as u32, slots, 1), 256, 0;
-            &gp, &upp, &xp, &off, &perm, &active, &meta, &tk, &nr, &ap, &wi, &hi);
-        launch!(self, moe_down, (hidden.div_ceil(8) as u32, slots, 1), 256, 0;
-            &dp, &ap, &off, &perm, &active, &meta, &y, &hi, &wi);
+        // No expert gets more rows than there are tokens (a token picks distinct
+        // experts; the shared expert takes each token once).
+        let tokens = n_routed.div_ceil(topk).max(pairs - n_routed);
+        let (gx, dx) = (width.div_ceil(8) as u32, hidden.div_ceil(8) as u32);
+        if tokens <= 2 {
+            launch!(self, moe_gate_up_mt2, (gx, slots, 1), 256, 0;
+                &gp, &upp, &xp, &off, &perm, &active, &meta, &tk, &nr, &ap, &wi, &hi);
+            launch!(self, moe_down_mt2, (dx, slots, 1), 256, 0;
+                &dp, &ap, &off, &perm, &active, &meta, &y, &hi, &wi);
+        } else {
+            launch!(self, moe_gate_up, (gx, slots, 1), 256, 0;
+                &gp, &upp, &xp, &off, &perm, &active, &meta, &tk, &nr, &ap, &wi, &hi);
+            launch!(self, moe_down, (dx, slots, 1), 256, 0;
+                &dp, &ap, &off, &perm, &active, &meta, &y, &hi, &wi);
+        }
     }
 
     /// A dense MLP of few rows through the fused expert GEMVs (identity routing).
@@ -914,42 +1111,113 @@ impl Backend for CudaBackend {
         launch!(self, write_kv, (slots.len() as u32, 1, 1), 128, 0; &kp, &vp, &sp, &kc, &vc, &w);
     }
 
-    fn batch(&self, seqs: Vec<AttnSeq>) -> CudaBatch {
-        let mut positions = Vec::new();
-        let mut new_slots = Vec::new();
-        let (mut seq_row, mut seq_pos, mut seq_slot, mut slots) = (vec![], vec![], vec![], vec![]);
-        let mut host = Vec::with_capacity(seqs.len());
-        for s in &seqs {
-            assert_eq!(
-                s.rows.start,
-                positions.len(),
-                "batch rows must be contiguous"
-            );
-            let n = s.rows.len();
-            assert_eq!(
-                s.slots.len(),
-                s.first_pos + n,
-                "slots must cover the context"
-            );
-            positions.extend(s.first_pos..s.first_pos + n);
-            new_slots.extend_from_slice(&s.slots[s.first_pos..]);
-            seq_row.push(s.rows.start);
-            seq_pos.push(s.first_pos);
-            seq_slot.push(slots.len());
-            slots.extend_from_slice(&s.slots);
-            host.push((s.rows.start, s.first_pos, n));
-        }
+    fn batch(&self, seqs: Vec<AttnSeq>, tokens: &[u32]) -> CudaBatch {
+        let h = BatchHost::new(&seqs, tokens, None);
         CudaBatch {
-            rows: positions.len(),
-            positions: self.upload_idx(&positions),
-            new_slots: self.upload_idx(&new_slots),
-            seq_row: self.upload_idx(&seq_row),
-            seq_pos: self.upload_idx(&seq_pos),
-            seq_slot: self.upload_idx(&seq_slot),
-            slots: self.upload_idx(&slots),
-            host,
+            rows: h.positions.len(),
+            max_ctx: h.max_ctx,
+            tokens: self.upload_i32(&h.tokens),
+            positions: self.upload_i32(&h.positions),
+            new_slots: self.upload_i32(&h.new_slots),
+            seq_row: self.upload_i32(&h.seq_row),
+            seq_pos: self.upload_i32(&h.seq_pos),
+            seq_slot: self.upload_i32(&h.seq_slot),
+            slots: self.upload_i32(&h.slots),
+            host: h.host,
             tiles: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn embed_batch(&self, table: &CudaWeight, batch: &CudaBatch) -> CudaAct {
+        let out = self.alloc_act(batch.rows, table.cols);
+        if batch.rows == 0 {
+            return out;
+        }
+        let (tp, ip, op, cols) = (
+            self.ptr(&table.buf),
+            self.ptr(&batch.tokens),
+            self.bf16_ptr(&out),
+            table.cols as i32,
+        );
+        launch!(self, embed, (batch.rows as u32, 1, 1), 256, 0; &tp, &ip, &op, &cols);
+        out
+    }
+
+    fn forward_recorded(
+        &self,
+        key: RecordKey,
+        seqs: Vec<AttnSeq>,
+        tokens: &[u32],
+        f: &mut dyn FnMut(&CudaBatch) -> CudaAct,
+    ) -> CudaAct {
+        // Recordable: decode steps whose MoE stays on the GEMV path (no host sync).
+        let recordable = self.graphs_enabled
+            && key.moe_pairs <= MOE_GEMV_MAX_PAIRS
+            && seqs
+                .iter()
+                .all(|s| s.rows.len() == 1 && s.first_pos < key.ctx_bound);
+        if !recordable {
+            let batch = self.batch(seqs, tokens);
+            return f(&batch);
+        }
+        let mut graphs = self.graphs.lock().expect("graphs lock");
+        if let Some(g) = graphs.get_mut(&key) {
+            let h = BatchHost::new(&seqs, tokens, Some(key.ctx_bound));
+            self.refill(&mut g.batch, &h);
+            g.graph.0.launch().expect("graph launch");
+            let out = self.alloc_act(g.out.rows, g.out.cols);
+            let (src, dst) = (self.bf16_ptr(&g.out), self.bf16_ptr(&out));
+            self.copy_bytes(src, dst, 2 * g.out.rows * g.out.cols);
+            return out;
+        }
+        // A shape seen for the third time in a row is worth recording (serving's batch
+        // size drifts while requests come and go; steady decoding repeats it). Run the
+        // step (its result is this step's), then record the same work on the same input
+        // buffers for the steps to come.
+        let h = BatchHost::new(&seqs, tokens, Some(key.ctx_bound));
+        let batch = self.batch_from(&h);
+        let out = f(&batch);
+        let mut seen = self.graph_seen.lock().expect("graph_seen lock");
+        let streak = match *seen {
+            (k, n) if k == Some(key) => n + 1,
+            _ => 1,
+        };
+        *seen = (Some(key), streak);
+        drop(seen);
+        if streak < RECORD_AFTER || graphs.len() >= MAX_GRAPHS {
+            return out;
+        }
+        let persist = self.alloc_act(out.rows, out.cols);
+        self.synchronize();
+        let mode = cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+        self.stream
+            .begin_capture(mode)
+            .expect("begin graph capture");
+        let recorded = f(&batch);
+        let (src, dst) = (self.bf16_ptr(&recorded), self.bf16_ptr(&persist));
+        self.copy_bytes(src, dst, 2 * recorded.rows * recorded.cols);
+        drop(recorded);
+        let flags = cudarc::driver::sys::CUgraphInstantiate_flags(0);
+        match self.stream.end_capture(flags) {
+            Ok(Some(graph)) => {
+                tracing::debug!(
+                    rows = key.rows,
+                    ctx_bound = key.ctx_bound,
+                    "recorded a decode graph"
+                );
+                graphs.insert(
+                    key,
+                    Recorded {
+                        graph: GraphCell(graph),
+                        batch,
+                        out: persist,
+                    },
+                );
+            }
+            Ok(None) => tracing::warn!(rows = key.rows, "decode graph capture was empty"),
+            Err(e) => tracing::warn!(rows = key.rows, error = ?e, "decode graph not recorded"),
+        }
+        out
     }
 
     fn attn_prep(
@@ -1047,7 +1315,7 @@ impl Backend for CudaBackend {
         let per_tile = (max_vecs / group).max(1).min(max_new);
         let (tiles, n_tiles) = self.tiles(batch, per_tile);
         // Split the key range when the grid would not fill the GPU (decode).
-        let max_ctx = batch.host.iter().map(|&(_, p, n)| p + n).max().unwrap_or(1);
+        let max_ctx = batch.max_ctx;
         let blocks = n_kv * n_tiles;
         let want = 4 * self.n_sms();
         let max_splits = max_ctx.div_ceil(64).max(1);
