@@ -186,6 +186,55 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
+    // Prefill attention over a 32K-token prompt: flash style, so no score matrix (which
+    // would be 32768² x 80 heads x 4 B = 344 GB) is ever stored.
+    let name = "attn_prefill_ctx32768".to_string();
+    if want(&name) {
+        eprintln!("{name} ...");
+        let ctx = 32768;
+        let spec = KvSpec {
+            n_cache_layers: 1,
+            n_kv_heads: KV_HEADS,
+            head_dim: HEAD_DIM,
+            block_size: 16,
+            n_blocks: ctx / 16,
+            dtype: DType::BF16,
+        };
+        let mut kv = b.alloc_kv(spec);
+        b.randomize_kv(&mut kv, 17);
+        let batch_d = b.batch(
+            vec![AttnSeq {
+                rows: 0..ctx,
+                first_pos: 0,
+                slots: (0..ctx).collect(),
+            }],
+            &vec![0; ctx],
+        );
+        let q = b.random_act(ctx, HEADS * HEAD_DIM, 18, 1.0);
+        let knorm = b.load_vector(&vec![1.0; HEAD_DIM]);
+        let ms = median_ms(&b, 1, args.iters.min(3), || {
+            let _ = b.attention(
+                &q,
+                &kv,
+                0,
+                HEADS,
+                Some((&knorm, EPS)),
+                ScoreScale::DivSqrt,
+                &batch_d,
+            );
+        });
+        // Causal: half the score matrix, 4 FLOPs per (query, key, dim) for QK and PV.
+        let flops = 4.0 * (ctx as f64) * (ctx as f64 + 1.0) / 2.0 * (HEADS * HEAD_DIM) as f64;
+        record(
+            name,
+            ms,
+            0.0,
+            flops,
+            // Scratch: per (row, query head) one partial output of d floats plus two.
+            json!({"scratch_mib": (ctx * HEADS * (HEAD_DIM + 2) * 4) >> 20}),
+        );
+    }
+
     eprintln!("making one layer's weights on the device (12 GB) ...");
     let experts: Vec<Mlp> = (0..EXPERTS)
         .map(|e| Mlp::random(&b, 100 + 3 * e as u64))
