@@ -107,6 +107,9 @@ pub struct RecordKey {
     pub rows: usize,
     pub ctx_bound: usize,
     pub moe_pairs: usize,
+    /// Which weights and KV cache the work touches ([`Backend::record_id`]): a
+    /// recording replays the buffers it was recorded with.
+    pub buffers: u64,
 }
 
 /// Tensor operations over one device.
@@ -198,6 +201,13 @@ pub trait Backend: Send + Sync + 'static {
     fn batch(&self, seqs: Vec<AttnSeq>, tokens: &[u32]) -> Self::Batch;
     /// Rows of an embedding table for the batch's tokens.
     fn embed_batch(&self, table: &Self::Weight, batch: &Self::Batch) -> Self::Act;
+    /// Identifies the buffers a recorded forward pass would touch (a KV cache and a
+    /// model, named by one of its weights). The default, for backends that record
+    /// nothing, is 0.
+    fn record_id(&self, kv: &Self::Kv, weight: &Self::Weight) -> u64 {
+        let _ = (kv, weight);
+        0
+    }
     /// Runs a forward pass's device work `f` on the batch of `seqs` and `tokens`.
     /// A backend that can record device work (CUDA graphs) records `f` once per `key`
     /// and replays the recording on later calls with new batch contents, so a decode

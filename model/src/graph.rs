@@ -267,6 +267,7 @@ impl<B: Backend> Model<B> {
                 rows: chunks.len(),
                 ctx_bound: max_ctx.next_power_of_two().max(256),
                 moe_pairs: chunks.len() * top_k,
+                buffers: b.record_id(kv, &self.embed),
             };
             b.forward_recorded(key, seqs, &tokens, &mut |batch| {
                 self.device_forward(b, kv, batch, None)

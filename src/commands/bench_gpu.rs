@@ -316,6 +316,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .collect();
         let x0 = b.random_act(1, HIDDEN, 40, 1.0);
         let hit = 1;
+        let buffers = b.record_id(&kv, &wq);
         let mut layer_step = |batch: &CudaBatch| -> CudaAct {
             let mut x = b.zeros(1, HIDDEN);
             b.add_assign(&mut x, &x0);
@@ -356,6 +357,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             rows: 1,
             ctx_bound: 4096,
             moe_pairs: 1,
+            buffers,
         };
         let ms_graph = median_ms(&b, args.warmup.max(2), args.iters, || {
             let _ = b.forward_recorded(key, seqs.clone(), &[0], &mut layer_step);

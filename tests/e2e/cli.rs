@@ -255,3 +255,59 @@ fn torch_save_checkpoint_loads() {
     assert_eq!(a.0, b.0);
     assert_eq!(a.1.2, b.1.2, "bitwise identical logits");
 }
+
+/// `serve --device cuda` where there is no CUDA (as on CI machines): a clear error
+/// naming what is missing and a non-zero exit, not a panic. (Where CUDA is present this
+/// test is not meaningful; `HYSERVE_EXPECT_CUDA=1` skips it on GPU hosts.)
+#[test]
+fn serve_on_cuda_without_cuda_is_a_clear_error() {
+    if std::env::var_os("HYSERVE_EXPECT_CUDA").is_some() {
+        eprintln!(
+            "HYSERVE_EXPECT_CUDA is set: this host has CUDA, the no-CUDA error is not checked"
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    init_model(&m, "hunyuan-large", "tiny", "bf16", 0, &[]);
+    let err = run_err(&[
+        "serve",
+        "--model",
+        m.to_str().unwrap(),
+        "--device",
+        "cuda",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--grpc-addr",
+        "127.0.0.1:0",
+    ]);
+    assert!(err.contains("CUDA libraries not found"), "{err}");
+    assert!(err.contains("LD_LIBRARY_PATH"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// The large-4l preset writes the real dimensions' config without 50 GB of weights.
+#[test]
+fn config_only_preset_has_real_dimensions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    run_ok(&[
+        "init-model",
+        "--arch",
+        "hunyuan-large",
+        "--preset",
+        "large-4l",
+        "--config-only",
+        "--out",
+        m.to_str().unwrap(),
+    ]);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["hidden_size"], 6400);
+    assert_eq!(cfg["num_attention_heads"], 80);
+    assert_eq!(cfg["num_key_value_heads"], 8);
+    assert_eq!(cfg["intermediate_size"], 18304);
+    assert_eq!(cfg["num_experts"], 16);
+    assert_eq!(cfg["cla_share_factor"], 2);
+    assert!(!m.join("model.safetensors").exists());
+}

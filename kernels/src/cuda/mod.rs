@@ -1143,6 +1143,11 @@ impl Backend for CudaBackend {
         out
     }
 
+    fn record_id(&self, kv: &CudaKv, weight: &CudaWeight) -> u64 {
+        // Device addresses: a recording embeds them, so equal addresses replay correctly.
+        self.ptr(&kv.k).rotate_left(32) ^ self.ptr(&weight.buf)
+    }
+
     fn forward_recorded(
         &self,
         key: RecordKey,
