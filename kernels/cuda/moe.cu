@@ -196,49 +196,64 @@ __device__ void moe_gate_up_impl(const u64* gate_ptrs, const u64* up_ptrs, const
 
 // Expert down GEMV: y[perm[i]] row, column n = rb(act[i] · down_e[n]), for the sorted
 // pairs i of the active expert of block y. K (= expert width) must be a multiple of 8.
-template <int MT>
+template <int MT, int S>
 __device__ void moe_down_impl(const u64* down_ptrs, const bf16* act, const int* off, const int* perm,
                               const int* active, const int* meta, bf16* y, int hidden, int K) {
+    // S warps share a row, each over every S-th 256-element chunk of K (a row count too
+    // small to fill the GPU with one warp per row is split along K instead).
+    __shared__ float red[8][MT];
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-    const int n = blockIdx.x * (blockDim.x / 32) + warp;
-    if (n >= hidden || (int)blockIdx.y >= meta[0]) return;
-    {
-        const int e = active[blockIdx.y];
-        const bf16* w = reinterpret_cast<const bf16*>(down_ptrs[e]) + (size_t)n * K;
-        const int beg = off[e], end = off[e + 1];
-        for (int m0 = beg; m0 < end; m0 += MT) {
-            const int mt = min(MT, end - m0);
-            float acc[MT];
+    const int n = blockIdx.x * ((blockDim.x / 32) / S) + warp / S;
+    const int part = warp % S;
+    if ((int)blockIdx.y >= meta[0]) return;
+    const bool valid = n < hidden;
+    const int e = active[blockIdx.y];
+    const bf16* w = reinterpret_cast<const bf16*>(down_ptrs[e]) + (size_t)(valid ? n : 0) * K;
+    const int beg = off[e], end = off[e + 1];
+    for (int m0 = beg; m0 < end; m0 += MT) {
+        const int mt = min(MT, end - m0);
+        float acc[MT];
 #pragma unroll
-            for (int mm = 0; mm < MT; mm++) acc[mm] = 0.f;
-            for (int k0 = lane * 8; k0 < K; k0 += 32 * 8 * 2 * GEMV_U) {
-                uint4 wv[2 * GEMV_U];
+        for (int mm = 0; mm < MT; mm++) acc[mm] = 0.f;
+        const int step = 256 * S * 2 * GEMV_U;
+        for (int k0 = valid ? part * 256 + lane * 8 : K; k0 < K; k0 += step) {
+            uint4 wv[2 * GEMV_U];
 #pragma unroll
-                for (int t = 0; t < 2 * GEMV_U; t++) {
-                    int kk = k0 + t * 256;
-                    if (kk < K) wv[t] = ld_stream(w + kk);
-                }
-#pragma unroll
-                for (int t = 0; t < 2 * GEMV_U; t++) {
-                    int kk = k0 + t * 256;
-                    if (kk >= K) break;
-                    float wf[8];
-                    unpack8(wv[t], wf);
-#pragma unroll
-                    for (int mm = 0; mm < MT; mm++) {
-                        if (mm >= mt) break;
-                        float xf[8];
-                        unpack8(*reinterpret_cast<const uint4*>(act + (size_t)(m0 + mm) * K + kk), xf);
-#pragma unroll
-                        for (int i = 0; i < 8; i++) acc[mm] = fmaf(wf[i], xf[i], acc[mm]);
-                    }
-                }
+            for (int t = 0; t < 2 * GEMV_U; t++) {
+                int kk = k0 + t * 256 * S;
+                if (kk < K) wv[t] = ld_stream(w + kk);
             }
 #pragma unroll
-            for (int mm = 0; mm < MT; mm++) {
-                if (mm >= mt) break;
-                float s = warp_sum(acc[mm]);
-                if (lane == 0) y[(size_t)perm[m0 + mm] * hidden + n] = st(s);
+            for (int t = 0; t < 2 * GEMV_U; t++) {
+                int kk = k0 + t * 256 * S;
+                if (kk >= K) break;
+                float wf[8];
+                unpack8(wv[t], wf);
+#pragma unroll
+                for (int mm = 0; mm < MT; mm++) {
+                    if (mm >= mt) break;
+                    float xf[8];
+                    unpack8(*reinterpret_cast<const uint4*>(act + (size_t)(m0 + mm) * K + kk), xf);
+#pragma unroll
+                    for (int i = 0; i < 8; i++) acc[mm] = fmaf(wf[i], xf[i], acc[mm]);
+                }
+            }
+        }
+#pragma unroll
+        for (int mm = 0; mm < MT; mm++) {
+            if (mm >= mt) break;
+            float sum = warp_sum(acc[mm]);
+            if (S == 1) {
+                if (lane == 0 && valid) y[(size_t)perm[m0 + mm] * hidden + n] = st(sum);
+            } else {
+                if (lane == 0) red[warp][mm] = sum;
+                __syncthreads();
+                if (lane == 0 && part == 0 && valid) {
+                    float t = 0.f;
+                    for (int p = 0; p < S; p++) t += red[warp + p][mm];
+                    y[(size_t)perm[m0 + mm] * hidden + n] = st(t);
+                }
+                __syncthreads();
             }
         }
     }
@@ -261,42 +276,45 @@ moe_gate_up_mt2(const u64* gate_ptrs, const u64* up_ptrs, const bf16* x, const i
                         K);
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-moe_down(const u64* down_ptrs, const bf16* act, const int* off, const int* perm, const int* active,
-         const int* meta, bf16* y, int hidden, int K) {
-    moe_down_impl<GEMV_MT>(down_ptrs, act, off, perm, active, meta, y, hidden, K);
-}
-
-extern "C" __global__ void __launch_bounds__(256)
-moe_down_mt2(const u64* down_ptrs, const bf16* act, const int* off, const int* perm,
-             const int* active, const int* meta, bf16* y, int hidden, int K) {
-    moe_down_impl<2>(down_ptrs, act, off, perm, active, meta, y, hidden, K);
-}
+#define MOE_DOWN_ENTRY(NAME, MT, S)                                                            \
+    extern "C" __global__ void __launch_bounds__(256)                                          \
+    NAME(const u64* down_ptrs, const bf16* act, const int* off, const int* perm,               \
+         const int* active, const int* meta, bf16* y, int hidden, int K) {                     \
+        moe_down_impl<MT, S>(down_ptrs, act, off, perm, active, meta, y, hidden, K);           \
+    }
+MOE_DOWN_ENTRY(moe_down, GEMV_MT, 1)
+MOE_DOWN_ENTRY(moe_down_mt2, 2, 1)
+MOE_DOWN_ENTRY(moe_down_s2, GEMV_MT, 2)
+MOE_DOWN_ENTRY(moe_down_mt2_s2, 2, 2)
 
 // Dense GEMV for a few rows: out[m, n] = x[m] · W[n] for m < M, bf16 or fp32 output.
 // One warp per output column; K a multiple of 8.
-template <int MT>
+template <int MT, int S>
 __device__ void gemv_impl(const bf16* W, const bf16* x, bf16* out_bf16, float* out_f32, int N, int K,
                           int M) {
+    // S warps share a row when there are too few rows to fill the GPU (as moe_down).
+    __shared__ float red[8][MT];
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-    const int n = blockIdx.x * (blockDim.x / 32) + warp;
-    if (n >= N) return;
-    const bf16* w = W + (size_t)n * K;
+    const int n = blockIdx.x * ((blockDim.x / 32) / S) + warp / S;
+    const int part = warp % S;
+    const bool valid = n < N;
+    const bf16* w = W + (size_t)(valid ? n : 0) * K;
     for (int m0 = 0; m0 < M; m0 += MT) {
         const int mt = min(MT, M - m0);
         float acc[MT];
 #pragma unroll
         for (int mm = 0; mm < MT; mm++) acc[mm] = 0.f;
-        for (int k0 = lane * 8; k0 < K; k0 += 32 * 8 * 2 * GEMV_U) {
+        const int step = 256 * S * 2 * GEMV_U;
+        for (int k0 = valid ? part * 256 + lane * 8 : K; k0 < K; k0 += step) {
             uint4 wv[2 * GEMV_U];
 #pragma unroll
             for (int t = 0; t < 2 * GEMV_U; t++) {
-                int kk = k0 + t * 256;
+                int kk = k0 + t * 256 * S;
                 if (kk < K) wv[t] = ld_stream(w + kk);
             }
 #pragma unroll
             for (int t = 0; t < 2 * GEMV_U; t++) {
-                int kk = k0 + t * 256;
+                int kk = k0 + t * 256 * S;
                 if (kk >= K) break;
                 float wf[8];
                 unpack8(wv[t], wf);
@@ -313,26 +331,33 @@ __device__ void gemv_impl(const bf16* W, const bf16* x, bf16* out_bf16, float* o
 #pragma unroll
         for (int mm = 0; mm < MT; mm++) {
             if (mm >= mt) break;
-            float s = warp_sum(acc[mm]);
-            if (lane == 0) {
+            float sum = warp_sum(acc[mm]);
+            if (S > 1) {
+                if (lane == 0) red[warp][mm] = sum;
+                __syncthreads();
+                sum = 0.f;
+                for (int p = 0; p < S; p++) sum += red[warp - part + p][mm];
+                __syncthreads();
+            }
+            if (lane == 0 && part == 0 && valid) {
                 size_t o = (size_t)(m0 + mm) * N + n;
-                if (out_f32 != nullptr) out_f32[o] = s;
-                else out_bf16[o] = st(s);
+                if (out_f32 != nullptr) out_f32[o] = sum;
+                else out_bf16[o] = st(sum);
             }
         }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-gemv(const bf16* W, const bf16* x, bf16* out_bf16, float* out_f32, int N, int K, int M) {
-    gemv_impl<GEMV_MT>(W, x, out_bf16, out_f32, N, K, M);
-}
-
-// Up to 2 rows per pass (batch-1 and -2 decode).
-extern "C" __global__ void __launch_bounds__(256)
-gemv_mt2(const bf16* W, const bf16* x, bf16* out_bf16, float* out_f32, int N, int K, int M) {
-    gemv_impl<2>(W, x, out_bf16, out_f32, N, K, M);
-}
+#define GEMV_ENTRY(NAME, MT, S)                                                                \
+    extern "C" __global__ void __launch_bounds__(256)                                          \
+    NAME(const bf16* W, const bf16* x, bf16* out_bf16, float* out_f32, int N, int K, int M) {  \
+        gemv_impl<MT, S>(W, x, out_bf16, out_f32, N, K, M);                                     \
+    }
+// 8 or 2 rows per pass (batches; batch 1-2), one or two warps per output column.
+GEMV_ENTRY(gemv, GEMV_MT, 1)
+GEMV_ENTRY(gemv_mt2, 2, 1)
+GEMV_ENTRY(gemv_s2, GEMV_MT, 2)
+GEMV_ENTRY(gemv_mt2_s2, 2, 2)
 
 // Greedy sampling on the device: the arg-max of each logits row (lowest index on ties).
 extern "C" __global__ void argmax_rows(const bf16* logits, int cols, int* out) {

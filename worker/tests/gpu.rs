@@ -363,8 +363,14 @@ fn kv_copy_matches() {
     assert_close("copy_kv", &got, &want, 1e-6);
 }
 
-fn moe_case<B: Backend>(b: &B, tokens: usize, k: usize, with_shared: bool) -> Vec<f32> {
-    let (hidden, width, n_exp) = (64, 96, 16);
+fn moe_case<B: Backend>(
+    b: &B,
+    tokens: usize,
+    k: usize,
+    with_shared: bool,
+    hidden: usize,
+) -> Vec<f32> {
+    let (width, n_exp) = (96, 16);
     let load = |seed| b.load_matrix(&mat(width, hidden, seed, 0.2));
     let load_down = |seed| b.load_matrix(&mat(hidden, width, seed, 0.2));
     let ws: Vec<_> = (0..n_exp + 1)
@@ -402,20 +408,23 @@ fn moe_case<B: Backend>(b: &B, tokens: usize, k: usize, with_shared: bool) -> Ve
     ignore = "needs a GPU: run with --features gpu-tests on a GPU host"
 )]
 fn moe_block_matches_decode_and_prefill_paths() {
-    // Up to 16 (token, choice) pairs take the fused GEMV path; more take cuBLAS per expert.
-    for (tokens, k, shared) in [
-        (1, 1, true),
-        (8, 1, true),
-        (5, 2, false),
-        (8, 2, true),
-        (20, 2, true),
-        (64, 1, true),
-        (200, 1, true),
-        (150, 2, true),
+    // Up to 64 (token, choice) pairs take the fused GEMV path (the shared expert joins it
+    // up to 8 tokens); more take cuBLAS per expert. Hidden 1024 with 17 active experts
+    // gives the down GEMV one warp per row; hidden 64 gives it two (split K).
+    for (tokens, k, shared, hidden) in [
+        (1, 1, true, 64),
+        (8, 1, true, 64),
+        (5, 2, false, 64),
+        (8, 2, true, 64),
+        (8, 2, true, 1024),
+        (20, 2, true, 64),
+        (64, 1, true, 64),
+        (200, 1, true, 64),
+        (150, 2, true, 64),
     ] {
-        let (got, want) = both!(|b| moe_case(b, tokens, k, shared));
+        let (got, want) = both!(|b| moe_case(b, tokens, k, shared, hidden));
         assert_close(
-            &format!("moe tokens={tokens} k={k} shared={shared}"),
+            &format!("moe tokens={tokens} k={k} shared={shared} hidden={hidden}"),
             &got,
             &want,
             2e-2,

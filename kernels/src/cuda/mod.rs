@@ -101,8 +101,12 @@ kernel_table!(
     moe_gate_up_mt2,
     moe_down,
     moe_down_mt2,
+    moe_down_s2,
+    moe_down_mt2_s2,
     gemv,
     gemv_mt2,
+    gemv_s2,
+    gemv_mt2_s2,
     argmax_rows,
 );
 
@@ -284,6 +288,10 @@ struct Identity {
 /// Bytes of cuBLAS workspace.
 const BLAS_WORKSPACE: usize = 32 << 20;
 
+/// Output rows (times experts) below which a GEMV gives each row two warps, splitting
+/// K: one warp per row would leave most of an H100's 8448 warp slots idle.
+const SPLIT_K_BELOW_ROWS: usize = 16384;
+
 /// Rows at or below which a GEMM runs as a GEMV (every weight byte read once).
 const GEMV_MAX_ROWS: usize = 8;
 /// (token, choice) pairs at or below which the routed experts run as GEMVs (a few
@@ -305,6 +313,9 @@ pub struct CudaBackend {
     /// The last unrecorded decode shape and how many steps in a row had it.
     graph_seen: Mutex<(Option<RecordKey>, usize)>,
     graphs_enabled: bool,
+    /// Fewest keys one attention block takes when the key range is split (a multiple
+    /// of the 32-key tile; `HYSERVE_ATTN_MIN_CHUNK` overrides it for tuning).
+    attn_min_chunk: usize,
     /// cuBLAS's workspace (set explicitly, so recording a GEMM allocates nothing).
     _blas_workspace: CudaSlice<u8>,
 }
@@ -379,6 +390,10 @@ impl CudaBackend {
                 graphs: Mutex::new(HashMap::new()),
                 graph_seen: Mutex::new((None, 0)),
                 graphs_enabled,
+                attn_min_chunk: std::env::var("HYSERVE_ATTN_MIN_CHUNK")
+                    .ok()
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .map_or(64, |c| c.max(ATT_TILE).div_ceil(ATT_TILE) * ATT_TILE),
                 _blas_workspace: workspace,
             },
             info,
@@ -601,11 +616,22 @@ impl CudaBackend {
         if m <= GEMV_MAX_ROWS && k.is_multiple_of(8) {
             let (null, mi, ni, ki) = (0u64, m as i32, n as i32, k as i32);
             let (cb, cf) = if f32_out { (null, c) } else { (c, null) };
-            let grid = (n.div_ceil(8) as u32, 1, 1);
-            if m <= 2 {
-                launch!(self, gemv_mt2, grid, 256, 0; &b, &a, &cb, &cf, &ni, &ki, &mi);
-            } else {
-                launch!(self, gemv, grid, 256, 0; &b, &a, &cb, &cf, &ni, &ki, &mi);
+            // Two warps per column when one warp per column would not fill the GPU.
+            let split = n < SPLIT_K_BELOW_ROWS;
+            let grid = (n.div_ceil(if split { 4 } else { 8 }) as u32, 1, 1);
+            match (m <= 2, split) {
+                (true, false) => {
+                    launch!(self, gemv_mt2, grid, 256, 0; &b, &a, &cb, &cf, &ni, &ki, &mi)
+                }
+                (false, false) => {
+                    launch!(self, gemv, grid, 256, 0; &b, &a, &cb, &cf, &ni, &ki, &mi)
+                }
+                (true, true) => {
+                    launch!(self, gemv_mt2_s2, grid, 256, 0; &b, &a, &cb, &cf, &ni, &ki, &mi)
+                }
+                (false, true) => {
+                    launch!(self, gemv_s2, grid, 256, 0; &b, &a, &cb, &cf, &ni, &ki, &mi)
+                }
             }
             return;
         }
@@ -718,17 +744,27 @@ impl CudaBackend {
         // No expert gets more rows than there are tokens (a token picks distinct
         // experts; the shared expert takes each token once).
         let tokens = n_routed.div_ceil(topk).max(pairs - n_routed);
-        let (gx, dx) = (width.div_ceil(8) as u32, hidden.div_ceil(8) as u32);
-        if tokens <= 2 {
-            launch!(self, moe_gate_up_mt2, (gx, slots, 1), 256, 0;
+        let gx = width.div_ceil(8) as u32;
+        let split = hidden * (slots as usize) < SPLIT_K_BELOW_ROWS;
+        let dx = hidden.div_ceil(if split { 4 } else { 8 }) as u32;
+        let (ga, gb) = (tokens <= 2, (gx, slots, 1));
+        if ga {
+            launch!(self, moe_gate_up_mt2, gb, 256, 0;
                 &gp, &upp, &xp, &off, &perm, &active, &meta, &tk, &nr, &ap, &wi, &hi);
-            launch!(self, moe_down_mt2, (dx, slots, 1), 256, 0;
-                &dp, &ap, &off, &perm, &active, &meta, &y, &hi, &wi);
         } else {
-            launch!(self, moe_gate_up, (gx, slots, 1), 256, 0;
+            launch!(self, moe_gate_up, gb, 256, 0;
                 &gp, &upp, &xp, &off, &perm, &active, &meta, &tk, &nr, &ap, &wi, &hi);
-            launch!(self, moe_down, (dx, slots, 1), 256, 0;
-                &dp, &ap, &off, &perm, &active, &meta, &y, &hi, &wi);
+        }
+        let db = (dx, slots, 1);
+        match (tokens <= 2, split) {
+            (true, false) => launch!(self, moe_down_mt2, db, 256, 0;
+                &dp, &ap, &off, &perm, &active, &meta, &y, &hi, &wi),
+            (false, false) => launch!(self, moe_down, db, 256, 0;
+                &dp, &ap, &off, &perm, &active, &meta, &y, &hi, &wi),
+            (true, true) => launch!(self, moe_down_mt2_s2, db, 256, 0;
+                &dp, &ap, &off, &perm, &active, &meta, &y, &hi, &wi),
+            (false, true) => launch!(self, moe_down_s2, db, 256, 0;
+                &dp, &ap, &off, &perm, &active, &meta, &y, &hi, &wi),
         }
     }
 
@@ -1323,7 +1359,7 @@ impl Backend for CudaBackend {
         let max_ctx = batch.max_ctx;
         let blocks = n_kv * n_tiles;
         let want = 4 * self.n_sms();
-        let max_splits = max_ctx.div_ceil(64).max(1);
+        let max_splits = max_ctx.div_ceil(self.attn_min_chunk).max(1);
         let n_splits = want.div_ceil(blocks).clamp(1, max_splits);
         let chunk = max_ctx.div_ceil(n_splits).div_ceil(ATT_TILE) * ATT_TILE;
         let n_splits = max_ctx.div_ceil(chunk);
