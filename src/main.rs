@@ -4,6 +4,7 @@
 //! - `generate`: run one prompt through a model (the fidelity interface).
 //! - `bench`: CPU decode/prefill throughput beside the machine's memory bandwidth.
 //! - `bench-gpu`: one Hunyuan-Large layer at real dimensions on a GPU, against ceilings.
+//! - `plan`: the expert placement of a model on an inventory of GPUs.
 //! - `serve`: the whole system in one process (gateway, scheduler, workers).
 
 #![forbid(unsafe_code)]
@@ -38,6 +39,7 @@ enum Command {
     Generate(commands::generate::Args),
     Bench(commands::bench::Args),
     BenchGpu(commands::bench_gpu::Args),
+    Plan(commands::plan::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,6 +57,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(a) => commands::generate::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::BenchGpu(a) => commands::bench_gpu::run(a),
+        Command::Plan(a) => commands::plan::run(a),
     }
 }
 

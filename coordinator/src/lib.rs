@@ -5,11 +5,14 @@
 //! - [`api`]: requests, token events and the closed error class the fronts map.
 //! - [`scheduler`]: the plain, synchronous scheduler: batching, KV blocks, prefix cache,
 //!   preemption and sampling.
+//! - [`placement`]: the expert placement planner (plain code): which worker holds which
+//!   expert, dense-part layout, replicas for hot experts, KV room.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod engine;
+pub mod placement;
 pub mod scheduler;
 
 pub use hyserve_worker::{SeqStep, Step, StepOutput};

@@ -4,4 +4,5 @@ pub mod bench;
 pub mod bench_gpu;
 pub mod generate;
 pub mod init_model;
+pub mod plan;
 pub mod serve;

@@ -311,3 +311,35 @@ fn config_only_preset_has_real_dimensions() {
     assert_eq!(cfg["cla_share_factor"], 2);
     assert!(!m.join("model.safetensors").exists());
 }
+
+/// `hyserve plan` on the real Hunyuan-Large config: refused on 8 x 80 GB in bf16 with the
+/// shortfall and a non-zero exit; on 16 x 80 GB a plan with KV room for every worker.
+#[test]
+fn plan_real_hunyuan_large() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hunyuan-large-config");
+    let m = model.to_str().unwrap();
+    let err = run_err(&["plan", "--model", m, "--workers", "8xH100-80G"]);
+    assert!(
+        err.contains("does not fit") && err.contains("GB short"),
+        "{err}"
+    );
+    let out = run_ok(&["plan", "--model", m, "--workers", "16xH100-80G"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("tensor-parallel over groups of 4"), "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.contains("H100-80G")).count(),
+        16,
+        "{text}"
+    );
+    let out = run_ok(&[
+        "plan",
+        "--model",
+        m,
+        "--workers",
+        "16xH100-80G",
+        "--dtype",
+        "fp8",
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("data-parallel"), "{text}");
+}
