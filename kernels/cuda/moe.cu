@@ -196,6 +196,54 @@ __device__ void moe_gate_up_impl(const u64* gate_ptrs, const u64* up_ptrs, const
 
 // Expert down GEMV: y[perm[i]] row, column n = rb(act[i] · down_e[n]), for the sorted
 // pairs i of the active expert of block y. K (= expert width) must be a multiple of 8.
+// The dot products of one weight row `w` with `mt` (<= MT) consecutive rows of `x`
+// (row stride K), this warp's share: with S warps per row, warp `part` takes every
+// S-th 256-element chunk of K. Adds per-lane partial sums to acc.
+template <int MT, int S>
+__device__ __forceinline__ void row_dots(const bf16* w, const bf16* x, int mt, int K, int part,
+                                         int lane, float* acc) {
+    const int step = 256 * S * 2 * GEMV_U;
+    for (int k0 = part * 256 + lane * 8; k0 < K; k0 += step) {
+        uint4 wv[2 * GEMV_U];
+#pragma unroll
+        for (int t = 0; t < 2 * GEMV_U; t++) {
+            int kk = k0 + t * 256 * S;
+            if (kk < K) wv[t] = ld_stream(w + kk);
+        }
+#pragma unroll
+        for (int t = 0; t < 2 * GEMV_U; t++) {
+            int kk = k0 + t * 256 * S;
+            if (kk >= K) break;
+            float wf[8];
+            unpack8(wv[t], wf);
+#pragma unroll
+            for (int mm = 0; mm < MT; mm++) {
+                if (mm >= mt) break;
+                float xf[8];
+                unpack8(*reinterpret_cast<const uint4*>(x + (size_t)mm * K + kk), xf);
+#pragma unroll
+                for (int i = 0; i < 8; i++) acc[mm] = fmaf(wf[i], xf[i], acc[mm]);
+            }
+        }
+    }
+}
+
+// The full dot product of a row from its S warps' partials (every thread of the block
+// must call it, S > 1 synchronises): valid in every lane of the row's warps.
+template <int MT, int S>
+__device__ __forceinline__ float row_total(float partial, int mm, int warp, int part,
+                                           float (*red)[MT]) {
+    float sum = warp_sum(partial);
+    if (S > 1) {
+        if ((threadIdx.x & 31) == 0) red[warp][mm] = sum;
+        __syncthreads();
+        sum = 0.f;
+        for (int p = 0; p < S; p++) sum += red[warp - part + p][mm];
+        __syncthreads();
+    }
+    return sum;
+}
+
 template <int MT, int S>
 __device__ void moe_down_impl(const u64* down_ptrs, const bf16* act, const int* off, const int* perm,
                               const int* active, const int* meta, bf16* y, int hidden, int K) {
@@ -215,46 +263,12 @@ __device__ void moe_down_impl(const u64* down_ptrs, const bf16* act, const int* 
         float acc[MT];
 #pragma unroll
         for (int mm = 0; mm < MT; mm++) acc[mm] = 0.f;
-        const int step = 256 * S * 2 * GEMV_U;
-        for (int k0 = valid ? part * 256 + lane * 8 : K; k0 < K; k0 += step) {
-            uint4 wv[2 * GEMV_U];
-#pragma unroll
-            for (int t = 0; t < 2 * GEMV_U; t++) {
-                int kk = k0 + t * 256 * S;
-                if (kk < K) wv[t] = ld_stream(w + kk);
-            }
-#pragma unroll
-            for (int t = 0; t < 2 * GEMV_U; t++) {
-                int kk = k0 + t * 256 * S;
-                if (kk >= K) break;
-                float wf[8];
-                unpack8(wv[t], wf);
-#pragma unroll
-                for (int mm = 0; mm < MT; mm++) {
-                    if (mm >= mt) break;
-                    float xf[8];
-                    unpack8(*reinterpret_cast<const uint4*>(act + (size_t)(m0 + mm) * K + kk), xf);
-#pragma unroll
-                    for (int i = 0; i < 8; i++) acc[mm] = fmaf(wf[i], xf[i], acc[mm]);
-                }
-            }
-        }
+        if (valid) row_dots<MT, S>(w, act + (size_t)m0 * K, mt, K, part, lane, acc);
 #pragma unroll
         for (int mm = 0; mm < MT; mm++) {
             if (mm >= mt) break;
-            float sum = warp_sum(acc[mm]);
-            if (S == 1) {
-                if (lane == 0 && valid) y[(size_t)perm[m0 + mm] * hidden + n] = st(sum);
-            } else {
-                if (lane == 0) red[warp][mm] = sum;
-                __syncthreads();
-                if (lane == 0 && part == 0 && valid) {
-                    float t = 0.f;
-                    for (int p = 0; p < S; p++) t += red[warp + p][mm];
-                    y[(size_t)perm[m0 + mm] * hidden + n] = st(t);
-                }
-                __syncthreads();
-            }
+            float sum = row_total<MT, S>(acc[mm], mm, warp, part, red);
+            if (lane == 0 && part == 0 && valid) y[(size_t)perm[m0 + mm] * hidden + n] = st(sum);
         }
     }
 }
@@ -304,41 +318,11 @@ __device__ void gemv_impl(const bf16* W, const bf16* x, bf16* out_bf16, float* o
         float acc[MT];
 #pragma unroll
         for (int mm = 0; mm < MT; mm++) acc[mm] = 0.f;
-        const int step = 256 * S * 2 * GEMV_U;
-        for (int k0 = valid ? part * 256 + lane * 8 : K; k0 < K; k0 += step) {
-            uint4 wv[2 * GEMV_U];
-#pragma unroll
-            for (int t = 0; t < 2 * GEMV_U; t++) {
-                int kk = k0 + t * 256 * S;
-                if (kk < K) wv[t] = ld_stream(w + kk);
-            }
-#pragma unroll
-            for (int t = 0; t < 2 * GEMV_U; t++) {
-                int kk = k0 + t * 256 * S;
-                if (kk >= K) break;
-                float wf[8];
-                unpack8(wv[t], wf);
-#pragma unroll
-                for (int mm = 0; mm < MT; mm++) {
-                    if (mm >= mt) break;
-                    float xf[8];
-                    unpack8(*reinterpret_cast<const uint4*>(x + (size_t)(m0 + mm) * K + kk), xf);
-#pragma unroll
-                    for (int i = 0; i < 8; i++) acc[mm] = fmaf(wf[i], xf[i], acc[mm]);
-                }
-            }
-        }
+        if (valid) row_dots<MT, S>(w, x + (size_t)m0 * K, mt, K, part, lane, acc);
 #pragma unroll
         for (int mm = 0; mm < MT; mm++) {
             if (mm >= mt) break;
-            float sum = warp_sum(acc[mm]);
-            if (S > 1) {
-                if (lane == 0) red[warp][mm] = sum;
-                __syncthreads();
-                sum = 0.f;
-                for (int p = 0; p < S; p++) sum += red[warp - part + p][mm];
-                __syncthreads();
-            }
+            float sum = row_total<MT, S>(acc[mm], mm, warp, part, red);
             if (lane == 0 && part == 0 && valid) {
                 size_t o = (size_t)(m0 + mm) * N + n;
                 if (out_f32 != nullptr) out_f32[o] = sum;

@@ -237,8 +237,15 @@ mod tests {
             "no include directory with cuda_bf16.h: set HYSERVE_CUDA_INCLUDE"
         );
         let cubin = compile(&program_source(), &opts).unwrap_or_else(|e| panic!("{e}"));
-        // An ELF image.
+        // An ELF image that defines every kernel the backend loads by name.
         assert_eq!(&cubin[..4], b"\x7fELF");
+        for name in super::super::KERNEL_NAMES {
+            let sym = format!("\0{name}\0");
+            assert!(
+                cubin.windows(sym.len()).any(|w| w == sym.as_bytes()),
+                "kernel `{name}` is not in the compiled image"
+            );
+        }
     }
 
     #[test]

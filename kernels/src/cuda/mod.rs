@@ -66,6 +66,9 @@ macro_rules! kernel_table {
         struct Kernels {
             $($name: CudaFunction,)*
         }
+        /// Every kernel the backend loads by name.
+        #[cfg_attr(not(test), allow(dead_code))]
+        const KERNEL_NAMES: &[&str] = &[$(stringify!($name)),*];
         impl Kernels {
             fn load(m: &Arc<CudaModule>) -> Result<Self, CudaError> {
                 Ok(Self {
@@ -316,6 +319,8 @@ pub struct CudaBackend {
     /// Fewest keys one attention block takes when the key range is split (a multiple
     /// of the 32-key tile; `HYSERVE_ATTN_MIN_CHUNK` overrides it for tuning).
     attn_min_chunk: usize,
+    /// Streaming multiprocessors (attention sizes its key splits to fill them).
+    n_sms: usize,
     /// cuBLAS's workspace (set explicitly, so recording a GEMM allocates nothing).
     _blas_workspace: CudaSlice<u8>,
 }
@@ -369,6 +374,9 @@ impl CudaBackend {
         }
         let graphs_enabled = std::env::var("HYSERVE_CUDA_GRAPHS").map_or(true, |v| v != "0");
         let device = ctx.name().map_err(drv)?;
+        let sm_count =
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
+        let n_sms = ctx.attribute(sm_count).map_err(drv)? as usize;
         let info = CudaInfo {
             device: device.clone(),
             arch: arch.clone(),
@@ -394,6 +402,7 @@ impl CudaBackend {
                     .ok()
                     .and_then(|v| v.parse::<usize>().ok())
                     .map_or(64, |c| c.max(ATT_TILE).div_ceil(ATT_TILE) * ATT_TILE),
+                n_sms,
                 _blas_workspace: workspace,
             },
             info,
@@ -816,14 +825,6 @@ impl CudaBackend {
             })
             .clone()
     }
-
-    fn n_sms(&self) -> usize {
-        self.ctx
-            .attribute(
-                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-            )
-            .map_or(132, |n| n as usize)
-    }
 }
 
 /// Keeps freed memory in the stream-ordered pool instead of returning it to the driver
@@ -1148,20 +1149,7 @@ impl Backend for CudaBackend {
     }
 
     fn batch(&self, seqs: Vec<AttnSeq>, tokens: &[u32]) -> CudaBatch {
-        let h = BatchHost::new(&seqs, tokens, None);
-        CudaBatch {
-            rows: h.positions.len(),
-            max_ctx: h.max_ctx,
-            tokens: self.upload_i32(&h.tokens),
-            positions: self.upload_i32(&h.positions),
-            new_slots: self.upload_i32(&h.new_slots),
-            seq_row: self.upload_i32(&h.seq_row),
-            seq_pos: self.upload_i32(&h.seq_pos),
-            seq_slot: self.upload_i32(&h.seq_slot),
-            slots: self.upload_i32(&h.slots),
-            host: h.host,
-            tiles: Mutex::new(HashMap::new()),
-        }
+        self.batch_from(&BatchHost::new(&seqs, tokens, None))
     }
 
     fn embed_batch(&self, table: &CudaWeight, batch: &CudaBatch) -> CudaAct {
@@ -1358,7 +1346,7 @@ impl Backend for CudaBackend {
         // Split the key range when the grid would not fill the GPU (decode).
         let max_ctx = batch.max_ctx;
         let blocks = n_kv * n_tiles;
-        let want = 4 * self.n_sms();
+        let want = 4 * self.n_sms;
         let max_splits = max_ctx.div_ceil(self.attn_min_chunk).max(1);
         let n_splits = want.div_ceil(blocks).clamp(1, max_splits);
         let chunk = max_ctx.div_ceil(n_splits).div_ceil(ATT_TILE) * ATT_TILE;
