@@ -1,7 +1,10 @@
 //! Compiles the `.proto` files into Rust (prost messages, tonic client and server) at build
 //! time, with a vendored `protoc` so that no system protobuf compiler is needed.
 
-const PROTOS: &[&str] = &["hyserve/v1/inference.proto"];
+const PROTOS: &[&str] = &[
+    "hyserve/v1/inference.proto",
+    "hyserve/cluster/v1/cluster.proto",
+];
 
 /// Messages that carry prompt or generated text: their `Debug` is written by hand in
 /// `lib.rs` so that a stray `{:?}` in a log line cannot leak it.

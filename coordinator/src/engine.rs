@@ -21,8 +21,34 @@ use crate::api::{
 };
 use crate::scheduler::{Plan, Scheduler, SchedulerConfig, SeqId};
 
-/// Builds a fresh executor for worker `i` (used at start and after a crash).
-pub type ExecutorFactory = Arc<dyn Fn(usize) -> std::io::Result<ExecutorHandle> + Send + Sync>;
+/// Where a step's result goes.
+pub type Reply = Box<dyn FnOnce(Result<StepOutput, String>) + Send>;
+
+/// How the engine reaches one worker: an executor thread in this process, or a worker
+/// process over gRPC.
+pub trait WorkerLink: Send + Sync + 'static {
+    /// Starts `step`; `reply` is called with its result (or dropped unanswered if the
+    /// worker dies).
+    fn submit(&self, step: Step, reply: Reply) -> Result<(), String>;
+    /// Whether the worker can take steps.
+    fn is_alive(&self) -> bool;
+}
+
+impl WorkerLink for ExecutorHandle {
+    fn submit(&self, step: Step, reply: Reply) -> Result<(), String> {
+        self.submit_with(step, move |r| {
+            reply(r.map_err(|e: ExecutorError| e.to_string()))
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    fn is_alive(&self) -> bool {
+        ExecutorHandle::is_alive(self)
+    }
+}
+
+/// Builds a fresh link to worker `i` (used at start and after a crash).
+pub type ExecutorFactory = Arc<dyn Fn(usize) -> std::io::Result<Box<dyn WorkerLink>> + Send + Sync>;
 
 /// Everything the engine needs to start.
 #[derive(Clone)]
@@ -31,6 +57,9 @@ pub struct EngineConfig {
     pub model: ModelInfo,
     /// A step that takes longer than this marks the engine not ready (and is logged).
     pub step_timeout: Duration,
+    /// Expert parallelism: every worker takes part in every step (those without
+    /// sequences get an empty one), steps are numbered, and carry the placement epoch.
+    pub lockstep: bool,
 }
 
 /// Messages to the scheduler actor.
@@ -64,18 +93,18 @@ pub enum WorkerMsg {
 struct WorkerActor;
 
 struct WorkerState {
-    executor: ExecutorHandle,
+    executor: Box<dyn WorkerLink>,
 }
 
 impl Actor for WorkerActor {
     type Msg = WorkerMsg;
     type State = WorkerState;
-    type Arguments = ExecutorHandle;
+    type Arguments = Box<dyn WorkerLink>;
 
     async fn pre_start(
         &self,
         _myself: ActorRef<Self::Msg>,
-        executor: ExecutorHandle,
+        executor: Box<dyn WorkerLink>,
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(WorkerState { executor })
     }
@@ -92,9 +121,12 @@ impl Actor for WorkerActor {
                     // Crash the actor, not the process: the supervisor restarts it.
                     return Err("executor thread died".into());
                 }
-                let sent = state.executor.submit_with(step, move |r| {
-                    let _ = reply.send(r.map_err(|e: ExecutorError| e.to_string()));
-                });
+                let sent = state.executor.submit(
+                    step,
+                    Box::new(move |r| {
+                        let _ = reply.send(r);
+                    }),
+                );
                 if sent.is_err() {
                     return Err("executor thread stopped".into());
                 }
@@ -118,6 +150,11 @@ struct Shared {
     workers_alive: AtomicUsize,
     n_workers: usize,
     step_timeout: Duration,
+    lockstep: bool,
+    /// The placement epoch steps run under (expert parallelism).
+    epoch: AtomicU64,
+    /// Rows routed per `[layer][expert]` (flattened) since last taken.
+    expert_load: Mutex<Vec<u64>>,
 }
 
 fn now_ms() -> u64 {
@@ -136,6 +173,8 @@ struct SchedulerState {
     in_flight: bool,
     shared: Arc<Shared>,
     factory: ExecutorFactory,
+    /// The number of the next lockstep step.
+    next_step: u64,
 }
 
 struct SchedulerArgs {
@@ -157,14 +196,39 @@ impl SchedulerActor {
         };
         st.in_flight = true;
         st.shared.busy.store(true, Ordering::Relaxed);
-        let calls: Vec<_> = plan
-            .steps
-            .iter()
-            .map(|(w, step)| (st.workers[*w].clone(), step.clone()))
-            .collect();
+        // Under lockstep every worker gets a step (an empty one if it has no
+        // sequences); only the planned workers' outputs go back to the scheduler.
+        let calls: Vec<_> = if st.shared.lockstep {
+            let (id, epoch) = (st.next_step, st.shared.epoch.load(Ordering::Acquire));
+            st.next_step += 1;
+            (0..st.workers.len())
+                .map(|w| {
+                    let mut step = plan
+                        .steps
+                        .iter()
+                        .find(|(pw, _)| *pw == w)
+                        .map(|(_, s)| s.clone())
+                        .unwrap_or_default();
+                    step.step_id = id;
+                    step.epoch = epoch;
+                    (st.workers[w].clone(), step)
+                })
+                .collect()
+        } else {
+            plan.steps
+                .iter()
+                .map(|(w, step)| (st.workers[*w].clone(), step.clone()))
+                .collect()
+        };
+        let planned: Vec<usize> = if st.shared.lockstep {
+            plan.steps.iter().map(|(w, _)| *w).collect()
+        } else {
+            (0..calls.len()).collect()
+        };
         self.add_scheduler_time(st, t0);
         let me = myself.clone();
         let timeout = st.shared.step_timeout;
+        let (shared, lockstep) = (st.shared.clone(), st.shared.lockstep);
         tokio::spawn(async move {
             let t = Instant::now();
             let mut outputs = Vec::with_capacity(calls.len());
@@ -188,7 +252,24 @@ impl SchedulerActor {
             }
             let outputs = match failure {
                 Some(e) => Err(e),
-                None => Ok(results),
+                None => {
+                    if lockstep && let Ok(mut load) = shared.expert_load.lock() {
+                        for r in &results {
+                            if load.len() < r.expert_load.len() {
+                                load.resize(r.expert_load.len(), 0);
+                            }
+                            for (a, b) in load.iter_mut().zip(&r.expert_load) {
+                                *a += b;
+                            }
+                        }
+                    }
+                    let mut results: Vec<Option<StepOutput>> =
+                        results.into_iter().map(Some).collect();
+                    Ok(planned
+                        .iter()
+                        .map(|&w| results[w].take().unwrap_or_default())
+                        .collect())
+                }
             };
             let _ = me.cast(SchedulerMsg::StepDone {
                 plan,
@@ -263,6 +344,7 @@ impl Actor for SchedulerActor {
             in_flight: false,
             shared: args.shared,
             factory: args.factory,
+            next_step: 1,
         })
     }
 
@@ -407,6 +489,9 @@ impl EngineHandle {
             workers_alive: AtomicUsize::new(0),
             n_workers: sc.n_workers,
             step_timeout: config.step_timeout,
+            lockstep: config.lockstep,
+            epoch: AtomicU64::new(0),
+            expert_load: Mutex::new(Vec::new()),
         });
         let (actor, _) = Actor::spawn(
             None,
@@ -426,6 +511,24 @@ impl EngineHandle {
             shared,
             model: config.model,
         })
+    }
+
+    /// The placement epoch the next steps run under (expert parallelism).
+    pub fn set_epoch(&self, epoch: u64) {
+        self.shared.epoch.store(epoch, Ordering::Release);
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch.load(Ordering::Acquire)
+    }
+
+    /// Rows routed per `[layer][expert]` (flattened) since the last call.
+    pub fn take_expert_load(&self) -> Vec<u64> {
+        self.shared
+            .expert_load
+            .lock()
+            .map(|mut l| std::mem::take(&mut *l))
+            .unwrap_or_default()
     }
 
     /// Stops the actors (in-flight requests end with their channels closing).

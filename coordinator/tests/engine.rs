@@ -12,7 +12,7 @@ use hyserve_kernels::cpu::CpuBackend;
 use hyserve_kernels::sampling::SamplingParams;
 use hyserve_kernels::{DType, Precision};
 use hyserve_model::init::{InitOptions, WeightFormat, init_model};
-use hyserve_model::{Arch, Checkpoint, Model};
+use hyserve_model::{Arch, Checkpoint, InProcess, Model};
 use hyserve_worker::{Executor, ExecutorHandle, GenerateOptions, generate};
 
 struct Fixture {
@@ -56,11 +56,21 @@ async fn start(f: &Fixture, n_workers: usize, n_blocks: usize) -> EngineHandle {
     let factory: ExecutorFactory = Arc::new(move |_| {
         let backend = CpuBackend::new(Precision::Bf16);
         let model = Model::load(&backend, cfg.clone(), &ck, &mut |_| {});
-        ExecutorHandle::spawn(
+        Ok(Box::new(ExecutorHandle::spawn(
             "worker",
             Executor::with_threads(backend, model, n_blocks, 16, 1),
-        )
+        )?) as _)
     });
+    start_with(f, n_workers, n_blocks, factory, false).await
+}
+
+async fn start_with(
+    f: &Fixture,
+    n_workers: usize,
+    n_blocks: usize,
+    factory: ExecutorFactory,
+    lockstep: bool,
+) -> EngineHandle {
     EngineHandle::start(
         EngineConfig {
             scheduler: SchedulerConfig {
@@ -81,6 +91,7 @@ async fn start(f: &Fixture, n_workers: usize, n_blocks: usize) -> EngineHandle {
                 created_unix: 0,
             },
             step_timeout: Duration::from_secs(30),
+            lockstep,
         },
         factory,
     )
@@ -179,5 +190,87 @@ async fn dropping_a_stream_frees_its_blocks() {
         }
     }
     assert!(freed, "blocks still held: {:?}", engine.stats());
+    engine.stop();
+}
+
+/// Three in-process workers of one expert-parallel group (each holding a third of the
+/// experts, expert 0 replicated on all), stepping in lockstep through the engine,
+/// generate exactly what one whole model does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expert_parallel_workers_match_lone_generation() {
+    let f = fixture();
+    let prompts: Vec<Vec<u32>> = (0..5u32)
+        .map(|i| {
+            (0..(4 + 5 * i))
+                .map(|j| 300 + (i * 17 + j * 11) % 400)
+                .collect()
+        })
+        .collect();
+    let lone = executor(&f, 64);
+    let opts = GenerateOptions {
+        max_tokens: 8,
+        sampling: SamplingParams::greedy(),
+        stop_ids: vec![],
+        prefill_chunk: 512,
+        collect_logits: false,
+    };
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| generate(&lone, p, &opts).unwrap().generated)
+        .collect();
+    let holders: Vec<Vec<Vec<u32>>> = f
+        .cfg
+        .layers
+        .iter()
+        .map(|l| {
+            (0..l.n_experts)
+                .map(|e| {
+                    if e == 0 {
+                        vec![0, 1, 2]
+                    } else {
+                        vec![(e % 3) as u32]
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let group = std::sync::Mutex::new(
+        InProcess::group(3, Duration::from_secs(30))
+            .into_iter()
+            .map(Some)
+            .collect::<Vec<_>>(),
+    );
+    let (ck, cfg) = (f.ck.clone(), f.cfg.clone());
+    let factory: ExecutorFactory = Arc::new(move |i| {
+        let backend = CpuBackend::new(Precision::Bf16);
+        let holds = |l: usize, e: usize| holders[l][e].contains(&(i as u32));
+        let model = Model::load_shard(&backend, cfg.clone(), &ck, &holds, &mut |_| {});
+        let mut exec = Executor::with_threads(backend, model, 32, 16, 1);
+        let ex = group.lock().unwrap()[i].take().expect("one end per worker");
+        exec.expert_parallel(Box::new(ex), 0, holders.clone());
+        Ok(Box::new(ExecutorHandle::spawn("ep-worker", exec)?) as _)
+    });
+    let engine = start_with(&f, 3, 32, factory, true).await;
+    let mut tasks = Vec::new();
+    for p in prompts {
+        let mut stream = engine.submit(request(p, 8)).unwrap();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            while let Some(ev) = stream.recv().await {
+                match ev {
+                    TokenEvent::Token { id, .. } => ids.push(id),
+                    TokenEvent::Finished { .. } => break,
+                    TokenEvent::Failed(e) => panic!("{e}"),
+                }
+            }
+            ids
+        }));
+    }
+    for (t, w) in tasks.into_iter().zip(&want) {
+        assert_eq!(&t.await.unwrap(), w);
+    }
+    let load = engine.take_expert_load();
+    assert_eq!(load.len(), f.cfg.n_layers * f.cfg.layers[0].n_experts);
+    assert!(load.iter().sum::<u64>() > 0);
     engine.stop();
 }

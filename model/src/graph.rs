@@ -7,10 +7,13 @@
 //! The MoE block is the shared MLP plus the router's top-k experts, combined with
 //! their routing weights.
 
+use std::convert::Infallible;
+
 use hyserve_kernels::{AttnSeq, Backend, MlpRef, RecordKey, Routing, ScoreScale};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{Arch, ModelConfig};
+use crate::exchange::{Exchange, ExchangeError, Round, Rows};
 
 /// A SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
 pub struct Mlp<B: Backend> {
@@ -41,7 +44,8 @@ pub struct Layer<B: Backend> {
     pub post_norm: B::Vector,
     pub router: B::Weight,
     pub shared: Option<Mlp<B>>,
-    pub experts: Vec<Mlp<B>>,
+    /// Routed experts by index; `None` where another worker holds it (expert parallelism).
+    pub experts: Vec<Option<Mlp<B>>>,
 }
 
 /// The model's weights on one backend.
@@ -84,7 +88,22 @@ impl<B: Backend> Model<B> {
         ck: &Checkpoint,
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Self {
-        let expected = crate::names::expected(&cfg);
+        Self::load_shard(backend, cfg, ck, &|_, _| true, progress)
+    }
+
+    /// Like [`Model::load`], but of the routed experts only those `(layer, expert)` for
+    /// which `holds` is true: one worker's shard under expert parallelism.
+    pub fn load_shard(
+        backend: &B,
+        cfg: ModelConfig,
+        ck: &Checkpoint,
+        holds: &dyn Fn(usize, usize) -> bool,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Self {
+        let expected: Vec<_> = crate::names::expected(&cfg)
+            .into_iter()
+            .filter(|e| expert_of(&e.name).is_none_or(|(l, x)| holds(l, x)))
+            .collect();
         let bytes_total: u64 = expected
             .iter()
             .map(|e| ck.get(&e.name).map_or(0, |t| t.bytes.len() as u64))
@@ -97,6 +116,7 @@ impl<B: Backend> Model<B> {
         };
         Self::assemble(
             cfg,
+            holds,
             &mut |name| {
                 let w = backend.load_matrix(&ck.matrix(name));
                 p.tensors_done += 1;
@@ -135,6 +155,7 @@ impl<B: Backend> Model<B> {
         let mut n = 0u64;
         Self::assemble(
             cfg.clone(),
+            &|_, _| true,
             &mut |name| {
                 let shape = shapes[name];
                 let (rows, cols) = (shape[0], shape[1]);
@@ -163,6 +184,7 @@ impl<B: Backend> Model<B> {
 
     fn assemble(
         cfg: ModelConfig,
+        holds: &dyn Fn(usize, usize) -> bool,
         mat: &mut dyn FnMut(&str) -> B::Weight,
         vec: &mut dyn FnMut(&str) -> B::Vector,
     ) -> Self {
@@ -179,7 +201,7 @@ impl<B: Backend> Model<B> {
             };
             let shared = (spec.shared_width > 0).then(|| mlp(format!("{m}.shared_mlp")));
             let experts = (0..spec.n_experts)
-                .map(|x| mlp(format!("{m}.experts.{x}")))
+                .map(|x| holds(l, x).then(|| mlp(format!("{m}.experts.{x}"))))
                 .collect();
             layers.push(Layer {
                 input_norm: vec(&format!("{pre}.input_layernorm.weight")),
@@ -214,6 +236,57 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// Loads the routed experts `which` from `ck`, off to the side: the staging half of
+    /// a placement change, done while the model keeps serving.
+    pub fn load_experts(
+        backend: &B,
+        ck: &Checkpoint,
+        which: &[(usize, usize)],
+    ) -> Vec<((usize, usize), Mlp<B>)> {
+        which
+            .iter()
+            .map(|&(l, x)| {
+                let base = format!("model.layers.{l}.mlp.experts.{x}");
+                let m = |p: &str| backend.load_matrix(&ck.matrix(&format!("{base}.{p}.weight")));
+                (
+                    (l, x),
+                    Mlp {
+                        gate: m("gate_proj"),
+                        up: m("up_proj"),
+                        down: m("down_proj"),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// The switching half: installs `staged` experts and frees every routed expert
+    /// `keep` says this worker no longer holds.
+    pub fn set_experts(
+        &mut self,
+        staged: Vec<((usize, usize), Mlp<B>)>,
+        keep: &dyn Fn(usize, usize) -> bool,
+    ) {
+        for ((l, x), m) in staged {
+            self.layers[l].experts[x] = Some(m);
+        }
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            for (x, e) in layer.experts.iter_mut().enumerate() {
+                if !keep(l, x) {
+                    *e = None;
+                }
+            }
+        }
+    }
+
+    /// Whether routed expert `(layer, expert)` is held here.
+    pub fn holds_expert(&self, layer: usize, expert: usize) -> bool {
+        self.layers
+            .get(layer)
+            .and_then(|l| l.experts.get(expert))
+            .is_some_and(Option::is_some)
+    }
+
     /// Bytes of weights held on the backend.
     pub fn weight_bytes(&self, b: &B) -> usize {
         let mlp =
@@ -226,7 +299,7 @@ impl<B: Backend> Model<B> {
                 n += b.weight_bytes(k) + b.weight_bytes(v);
             }
             n += l.shared.as_ref().map_or(0, mlp);
-            n += l.experts.iter().map(mlp).sum::<usize>();
+            n += l.experts.iter().flatten().map(mlp).sum::<usize>();
         }
         n
     }
@@ -234,29 +307,8 @@ impl<B: Backend> Model<B> {
     /// Runs a batch of sequence chunks; returns, per chunk, its logits rows
     /// (`[rows, vocab]`, every new token's or only the last one's).
     pub fn forward(&self, b: &B, kv: &mut B::Kv, chunks: &[SeqChunk]) -> Vec<Vec<f32>> {
-        let mut tokens = Vec::new();
-        let mut seqs = Vec::with_capacity(chunks.len());
-        let mut logit_rows = Vec::new();
-        for c in chunks {
-            let start = tokens.len();
-            assert_eq!(
-                c.slots.len(),
-                c.first_pos + c.tokens.len(),
-                "slots must cover the context"
-            );
-            assert!(!c.tokens.is_empty(), "a chunk has at least one token");
-            tokens.extend_from_slice(&c.tokens);
-            seqs.push(AttnSeq {
-                rows: start..tokens.len(),
-                first_pos: c.first_pos,
-                slots: c.slots.clone(),
-            });
-            if c.all_logits {
-                logit_rows.extend(start..tokens.len());
-            } else {
-                logit_rows.push(tokens.len() - 1);
-            }
-        }
+        let (tokens, seqs, logit_rows) = flatten(chunks);
+        let mut moe = |l: usize, h: &B::Act| Ok::<_, Infallible>(self.moe(b, l, h));
         // A decode step (one token per sequence, last logits only) has shapes that
         // depend only on the batch size: a backend may record and replay it.
         let decode = chunks.iter().all(|c| c.tokens.len() == 1 && !c.all_logits);
@@ -270,13 +322,43 @@ impl<B: Backend> Model<B> {
                 buffers: b.record_id(kv, &self.embed),
             };
             b.forward_recorded(key, seqs, &tokens, &mut |batch| {
-                self.device_forward(b, kv, batch, None)
+                let Ok(x) = self.device_forward(b, kv, batch, None, &mut moe);
+                x
             })
         } else {
             let batch = b.batch(seqs, &tokens);
-            self.device_forward(b, kv, &batch, Some(&logit_rows))
+            let Ok(x) = self.device_forward(b, kv, &batch, Some(&logit_rows), &mut moe);
+            x
         };
-        let flat = b.download(&logits);
+        self.split_logits(&b.download(&logits), chunks)
+    }
+
+    /// [`Model::forward`] with the routed experts spread over the workers of `ep`: this
+    /// worker's tokens go to the workers holding their experts and come back combined,
+    /// bitwise as if every expert were local. Every worker of the group must call it
+    /// for every step, with no chunks when it has no sequences of its own.
+    pub fn forward_ep(
+        &self,
+        b: &B,
+        kv: &mut B::Kv,
+        chunks: &[SeqChunk],
+        ep: &mut ExpertParallel<'_>,
+    ) -> Result<Vec<Vec<f32>>, ExchangeError> {
+        if chunks.is_empty() {
+            for l in 0..self.layers.len() {
+                self.moe_ep(b, l, None, ep)?;
+            }
+            return Ok(Vec::new());
+        }
+        let (tokens, seqs, logit_rows) = flatten(chunks);
+        let batch = b.batch(seqs, &tokens);
+        let logits = self.device_forward(b, kv, &batch, Some(&logit_rows), &mut |l, h| {
+            Ok(self.moe_ep(b, l, Some(h), ep)?.expect("rows given"))
+        })?;
+        Ok(self.split_logits(&b.download(&logits), chunks))
+    }
+
+    fn split_logits(&self, flat: &[f32], chunks: &[SeqChunk]) -> Vec<Vec<f32>> {
         let vocab = self.cfg.vocab_size;
         let mut out = Vec::with_capacity(chunks.len());
         let mut row = 0;
@@ -289,14 +371,15 @@ impl<B: Backend> Model<B> {
     }
 
     /// The device part of a forward pass: embeddings to logits of `logit_rows` (all
-    /// rows when `None`).
-    fn device_forward(
+    /// rows when `None`), with the MoE block of layer `l` computed by `moe(l, h)`.
+    fn device_forward<E>(
         &self,
         b: &B,
         kv: &mut B::Kv,
         batch: &B::Batch,
         logit_rows: Option<&[usize]>,
-    ) -> B::Act {
+        moe: &mut dyn FnMut(usize, &B::Act) -> Result<B::Act, E>,
+    ) -> Result<B::Act, E> {
         let cfg = &self.cfg;
         let eps = cfg.rms_norm_eps;
         let scale = match cfg.arch {
@@ -342,7 +425,7 @@ impl<B: Backend> Model<B> {
             let o = b.matmul(&attn, &layer.o);
             // MoE.
             let h = b.add_rms_norm(&mut x, &o, &layer.post_norm, eps);
-            pending = Some(self.moe(b, l, &h));
+            pending = Some(moe(l, &h)?);
         }
         if let Some(y) = pending {
             b.add_assign(&mut x, &y);
@@ -352,27 +435,237 @@ impl<B: Backend> Model<B> {
             None => x,
         };
         let last = b.rms_norm(&last, &self.norm, eps);
-        b.matmul(&last, self.lm_head.as_ref().unwrap_or(&self.embed))
+        Ok(b.matmul(&last, self.lm_head.as_ref().unwrap_or(&self.embed)))
     }
 
-    /// Shared MLP + routed experts, combined with the routing weights.
-    fn moe(&self, b: &B, l: usize, h: &B::Act) -> B::Act {
-        let layer = &self.layers[l];
-        let routing = Routing {
+    fn routing(&self, l: usize) -> Routing {
+        Routing {
             top_k: self.cfg.layers[l].top_k,
             renormalize: self.cfg.renormalize(l),
             // Large's router is a bf16 GEMM with bf16-rounded weights; the A13B reference
             // (transformers) keeps the router logits and weights in fp32.
             round_weights: self.cfg.arch == Arch::HunyuanLarge,
             fp32_logits: self.cfg.arch == Arch::HunyuanV1Moe,
-        };
-        let experts: Vec<MlpRef<'_, B::Weight>> = layer.experts.iter().map(Mlp::as_ref).collect();
+        }
+    }
+
+    /// Shared MLP + routed experts, combined with the routing weights (every expert local).
+    fn moe(&self, b: &B, l: usize, h: &B::Act) -> B::Act {
+        let layer = &self.layers[l];
+        let experts: Vec<MlpRef<'_, B::Weight>> = layer
+            .experts
+            .iter()
+            .map(|m| {
+                m.as_ref()
+                    .expect("Model::forward needs every expert; use forward_ep for a shard")
+                    .as_ref()
+            })
+            .collect();
         b.moe(
             h,
             &layer.router,
-            routing,
+            self.routing(l),
             layer.shared.as_ref().map(Mlp::as_ref),
             &experts,
         )
     }
+
+    /// The MoE block under expert parallelism. `h` is this worker's rows (`None`: it
+    /// has no tokens this step and only serves its peers). Computes exactly what
+    /// [`Backend::moe`]'s default does: the same routing, each expert's rows through
+    /// the same MLP (a row's result does not depend on the rows beside it), the same
+    /// combine; only where the expert rows are computed differs.
+    fn moe_ep(
+        &self,
+        b: &B,
+        l: usize,
+        h: Option<&B::Act>,
+        ep: &mut ExpertParallel<'_>,
+    ) -> Result<Option<B::Act>, ExchangeError> {
+        let layer = &self.layers[l];
+        let spec = &self.cfg.layers[l];
+        let hidden = self.cfg.hidden_size;
+        let (rank, world) = (ep.exchange.rank(), ep.exchange.world());
+        let k = spec.top_k;
+        let routing = self.routing(l);
+        let round = |phase| Round {
+            step: ep.step,
+            layer: l as u32,
+            phase,
+        };
+        // Route this worker's tokens; decide where each expert's rows are computed.
+        let mut outgoing = vec![Rows::default(); world];
+        // Per peer, the (token, choice) pairs of every block sent, in send order.
+        let mut sent: Vec<Vec<Vec<usize>>> = vec![Vec::new(); world];
+        let mut local: Vec<(usize, Vec<usize>)> = Vec::new();
+        let mut weights = Vec::new();
+        if let Some(h) = h {
+            let logits = if routing.fp32_logits {
+                b.matmul_fp32(h, &layer.router)
+            } else {
+                b.matmul(h, &layer.router)
+            };
+            let (chosen, w) = b.route(&logits, k, routing.renormalize, routing.round_weights);
+            weights = w;
+            let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); spec.n_experts];
+            for (i, &e) in chosen.iter().enumerate() {
+                by_expert[e as usize].push(i);
+            }
+            let mut host: Option<Vec<f32>> = None;
+            for (e, pairs) in by_expert.into_iter().enumerate() {
+                if pairs.is_empty() {
+                    continue;
+                }
+                ep.load[l][e] += pairs.len() as u64;
+                let holders = &ep.holders[l][e];
+                if holders.contains(&(rank as u32)) || holders.is_empty() {
+                    local.push((e, pairs));
+                    continue;
+                }
+                // Spread the rows evenly over the replicas, each sender starting at a
+                // different one, so a hot expert's replicas share its load.
+                let host = host.get_or_insert_with(|| b.download(h));
+                let n_h = holders.len();
+                let per = pairs.len().div_ceil(n_h);
+                for (j, part) in pairs.chunks(per).enumerate() {
+                    let dest = holders[(rank + j) % n_h] as usize;
+                    let msg = &mut outgoing[dest];
+                    msg.blocks.push((e as u32, part.len() as u32));
+                    for &p in part {
+                        let t = p / k;
+                        msg.data
+                            .extend_from_slice(&host[t * hidden..(t + 1) * hidden]);
+                    }
+                    sent[dest].push(part.to_vec());
+                }
+            }
+        }
+        ep.exchange.send(round(0), outgoing)?;
+        // While the rows travel: the shared expert and the local experts.
+        let mut done = None;
+        if let Some(h) = h {
+            let (n, _) = b.shape(h);
+            let out = match &layer.shared {
+                Some(m) => b.mlp(h, m.as_ref()),
+                None => b.zeros(n, hidden),
+            };
+            let mut routed = b.zeros(n * k, hidden);
+            for (e, pairs) in &local {
+                let Some(m) = &layer.experts[*e] else {
+                    return Err(ExchangeError::NotHeld {
+                        layer: l,
+                        expert: *e,
+                    });
+                };
+                let token_rows: Vec<usize> = pairs.iter().map(|&p| p / k).collect();
+                let y = b.mlp(&b.gather_rows(h, &token_rows), m.as_ref());
+                b.scatter_rows(&mut routed, &y, pairs);
+            }
+            done = Some((out, routed));
+        }
+        // Serve the peers' rows.
+        let incoming = ep.exchange.recv(round(0))?;
+        let mut replies = vec![Rows::default(); world];
+        for (src, msg) in incoming.into_iter().enumerate() {
+            let malformed = |reason: String| ExchangeError::Malformed { peer: src, reason };
+            if msg.data.len() != msg.n_rows() * hidden {
+                return Err(malformed(format!(
+                    "{} values for {} rows of {hidden}",
+                    msg.data.len(),
+                    msg.n_rows()
+                )));
+            }
+            let mut at = 0;
+            for &(e, n) in &msg.blocks {
+                let (e, n) = (e as usize, n as usize);
+                if e >= spec.n_experts {
+                    return Err(malformed(format!("layer {l} has no expert {e}")));
+                }
+                let Some(m) = &layer.experts[e] else {
+                    return Err(ExchangeError::NotHeld {
+                        layer: l,
+                        expert: e,
+                    });
+                };
+                let x = b.upload(n, hidden, &msg.data[at..at + n * hidden]);
+                at += n * hidden;
+                let reply = &mut replies[src];
+                reply.blocks.push((e as u32, n as u32));
+                reply.data.extend(b.download(&b.mlp(&x, m.as_ref())));
+            }
+        }
+        ep.exchange.send(round(1), replies)?;
+        // Combine the results in the tokens' order.
+        let results = ep.exchange.recv(round(1))?;
+        let Some((mut out, mut routed)) = done else {
+            return Ok(None);
+        };
+        for (dest, msg) in results.into_iter().enumerate() {
+            let expect: Vec<u32> = sent[dest].iter().map(|p| p.len() as u32).collect();
+            let lens: Vec<u32> = msg.blocks.iter().map(|&(_, n)| n).collect();
+            if lens != expect || msg.data.len() != msg.n_rows() * hidden {
+                return Err(ExchangeError::Malformed {
+                    peer: dest,
+                    reason: "the results do not match the rows sent".into(),
+                });
+            }
+            let mut at = 0;
+            for pairs in &sent[dest] {
+                let n = pairs.len();
+                let y = b.upload(n, hidden, &msg.data[at..at + n * hidden]);
+                at += n * hidden;
+                b.scatter_rows(&mut routed, &y, pairs);
+            }
+        }
+        b.combine(&mut out, &routed, &weights, k);
+        Ok(Some(out))
+    }
+}
+
+/// A forward pass's place in an expert-parallel group.
+pub struct ExpertParallel<'a> {
+    pub exchange: &'a mut dyn Exchange,
+    /// `[layer][expert]`: the ranks holding that expert (replicas included).
+    pub holders: &'a [Vec<Vec<u32>>],
+    /// The cluster-wide step number (orders the exchange's rounds).
+    pub step: u64,
+    /// Rows this worker routed, `[layer][expert]`, accumulated.
+    pub load: &'a mut [Vec<u64>],
+}
+
+/// The `(layer, expert)` a checkpoint tensor belongs to, if it is a routed expert's.
+pub fn expert_of(name: &str) -> Option<(usize, usize)> {
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let rest = rest.strip_prefix("mlp.experts.")?;
+    let (expert, _) = rest.split_once('.')?;
+    Some((layer.parse().ok()?, expert.parse().ok()?))
+}
+
+/// The flat token list, the attention sequences and the rows whose logits are wanted.
+fn flatten(chunks: &[SeqChunk]) -> (Vec<u32>, Vec<AttnSeq>, Vec<usize>) {
+    let mut tokens = Vec::new();
+    let mut seqs = Vec::with_capacity(chunks.len());
+    let mut logit_rows = Vec::new();
+    for c in chunks {
+        let start = tokens.len();
+        assert_eq!(
+            c.slots.len(),
+            c.first_pos + c.tokens.len(),
+            "slots must cover the context"
+        );
+        assert!(!c.tokens.is_empty(), "a chunk has at least one token");
+        tokens.extend_from_slice(&c.tokens);
+        seqs.push(AttnSeq {
+            rows: start..tokens.len(),
+            first_pos: c.first_pos,
+            slots: c.slots.clone(),
+        });
+        if c.all_logits {
+            logit_rows.extend(start..tokens.len());
+        } else {
+            logit_rows.push(tokens.len() - 1);
+        }
+    }
+    (tokens, seqs, logit_rows)
 }

@@ -9,7 +9,8 @@
 //!   reader (and writer) of `torch.save` zip files.
 //! - [`tokenizer`]: `hy.tiktoken` and HF `tokenizer.json`, chat templates;
 //!   [`bpe_train`] trains small byte-level BPE vocabularies for generated models.
-//! - [`graph`]: the forward pass (attention with CLA, MoE) over a backend.
+//! - [`graph`]: the forward pass (attention with CLA, MoE) over a backend, whole or
+//!   with the experts spread over workers through an [`exchange`].
 //! - [`init`]: seeded random models of the real architectures in the real formats.
 
 #![forbid(unsafe_code)]
@@ -17,6 +18,7 @@
 pub mod bpe_train;
 pub mod checkpoint;
 pub mod config;
+pub mod exchange;
 pub mod graph;
 pub mod init;
 pub mod names;
@@ -25,4 +27,5 @@ pub mod torch_bin;
 
 pub use checkpoint::{Checkpoint, CheckpointError, Format};
 pub use config::{Arch, ConfigError, LayerSpec, ModelConfig};
-pub use graph::{LoadProgress, Model, SeqChunk};
+pub use exchange::{Exchange, ExchangeError, InProcess, Round, Rows};
+pub use graph::{ExpertParallel, LoadProgress, Model, SeqChunk, expert_of};

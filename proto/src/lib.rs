@@ -4,8 +4,8 @@
 //!   prost messages plus the tonic client and server of the `Inference` service. The
 //!   compatibility rules of the package are written at the top of the `.proto` file.
 //!
-//! The coordinator-worker control and activation exchange protocols join as more `.proto`
-//! files when those processes split.
+//! - [`cluster`]: the coordinator-worker control protocol and the worker-worker
+//!   activation stream (`hyserve/cluster/v1/cluster.proto`, package `hyserve.cluster.v1`).
 
 #![forbid(unsafe_code)]
 
@@ -19,6 +19,12 @@ pub mod v1 {
     // Generated code: its style is prost's, not ours.
     #![allow(clippy::all, clippy::pedantic)]
     tonic::include_proto!("hyserve.v1");
+}
+
+/// `hyserve.cluster.v1`: coordinator-worker control and worker-worker activations.
+pub mod cluster {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("hyserve.cluster.v1");
 }
 
 // Prompts and generated text must never reach a log through `{:?}`, so the messages that

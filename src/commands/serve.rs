@@ -224,14 +224,14 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
                 "weights on the GPU"
             );
             let exec = Executor::with_threads(backend, model, n_blocks, block_size, 1);
-            ExecutorHandle::spawn(&format!("executor-{i}"), exec)
+            Ok(Box::new(ExecutorHandle::spawn(&format!("executor-{i}"), exec)?) as _)
         })
     } else {
         Arc::new(move |i| {
             let backend = CpuBackend::new(precision);
             let model = source.model(&backend);
             let exec = Executor::with_threads(backend, model, n_blocks, block_size, threads);
-            ExecutorHandle::spawn(&format!("executor-{i}"), exec)
+            Ok(Box::new(ExecutorHandle::spawn(&format!("executor-{i}"), exec)?) as _)
         })
     };
     let model_name = cfg.model_name.clone().unwrap_or_else(|| {
@@ -262,6 +262,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
                     .unwrap_or(0),
             },
             step_timeout: Duration::from_secs(cfg.step_timeout_secs),
+            lockstep: false,
         },
         factory,
     )

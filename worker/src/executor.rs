@@ -1,11 +1,13 @@
 //! The executor: runs one step (a batch of prefill chunks and decode tokens) through
 //! the model, on a thread of its own so the async runtime never blocks on compute.
 
-use std::sync::mpsc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 
 use hyserve_kernels::{Backend, KvSpec, Precision};
-use hyserve_model::{Model, ModelConfig, SeqChunk};
+use hyserve_model::graph::Mlp;
+use hyserve_model::{Exchange, ExchangeError, ExpertParallel, Model, ModelConfig, SeqChunk};
 
 /// The KV cache shape for `cfg`: one (K, V) per CLA cache layer.
 pub fn kv_spec(
@@ -41,13 +43,20 @@ pub struct SeqStep {
 #[derive(Clone, Debug, Default)]
 pub struct Step {
     pub seqs: Vec<SeqStep>,
+    /// Under expert parallelism: the cluster-wide step number (orders the exchange)
+    /// and the placement epoch the step runs under. Unused otherwise.
+    pub step_id: u64,
+    pub epoch: u64,
 }
 
 /// Logits per sequence, in step order: `[rows, vocab]` flattened.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct StepOutput {
     pub logits: Vec<Vec<f32>>,
     pub vocab_size: usize,
+    /// Under expert parallelism: rows this worker routed during the step,
+    /// `[layer][expert]` flattened; empty otherwise.
+    pub expert_load: Vec<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +65,37 @@ pub enum ExecutorError {
     BadStep { seq_id: u64, reason: String },
     #[error("executor thread stopped")]
     Stopped,
+    #[error("expert exchange: {0}")]
+    Exchange(#[from] ExchangeError),
+    #[error(
+        "step is for placement epoch {want}, but this worker has {have} and nothing staged for it"
+    )]
+    Epoch { want: u64, have: u64 },
+}
+
+/// `[layer][expert]`: the ranks holding each routed expert.
+pub type Holders = Vec<Vec<Vec<u32>>>;
+
+/// A placement epoch's experts, loaded beside the serving model and waiting for the
+/// first step of that epoch.
+pub struct Staged<B: Backend> {
+    pub epoch: u64,
+    pub holders: Holders,
+    pub experts: Vec<((usize, usize), Mlp<B>)>,
+}
+
+/// Where staged experts are handed to the executor thread.
+pub type StageSlot<B> = Arc<Mutex<Option<Staged<B>>>>;
+
+/// An executor's place in an expert-parallel group.
+struct EpState<B: Backend> {
+    exchange: Box<dyn Exchange>,
+    epoch: u64,
+    holders: Holders,
+    load: Vec<Vec<u64>>,
+    staged: StageSlot<B>,
+    /// The experts the model holds now, for whoever stages the next epoch.
+    held: Arc<Mutex<HashSet<(usize, usize)>>>,
 }
 
 /// Runs steps for the sequences and KV cache it owns.
@@ -64,6 +104,7 @@ pub struct Executor<B: Backend> {
     model: Model<B>,
     kv: B::Kv,
     spec: KvSpec,
+    ep: Option<EpState<B>>,
     /// The kernels' threads. A forward pass runs inside this pool, so the hundred or so
     /// parallel kernel calls of a decode step are local work-stealing pushes rather than
     /// cross-thread wake-ups (measured: ~30% of a small model's decode step).
@@ -101,8 +142,72 @@ impl<B: Backend> Executor<B> {
             model,
             kv,
             spec,
+            ep: None,
             pool,
         }
+    }
+
+    /// Makes this executor one rank of an expert-parallel group: its model holds a
+    /// shard of the experts (placement `holders` at `epoch`), and every step exchanges
+    /// rows with the other ranks through `exchange`. Returns the slot where the next
+    /// epoch's experts are staged and the set of experts held now.
+    pub fn expert_parallel(
+        &mut self,
+        exchange: Box<dyn Exchange>,
+        epoch: u64,
+        holders: Holders,
+    ) -> (StageSlot<B>, Arc<Mutex<HashSet<(usize, usize)>>>) {
+        let cfg = &self.model.cfg;
+        let load = cfg.layers.iter().map(|l| vec![0; l.n_experts]).collect();
+        let staged: StageSlot<B> = Arc::new(Mutex::new(None));
+        let held = Arc::new(Mutex::new(self.held_experts()));
+        self.ep = Some(EpState {
+            exchange,
+            epoch,
+            holders,
+            load,
+            staged: staged.clone(),
+            held: held.clone(),
+        });
+        (staged, held)
+    }
+
+    fn held_experts(&self) -> HashSet<(usize, usize)> {
+        let cfg = &self.model.cfg;
+        (0..cfg.n_layers)
+            .flat_map(|l| (0..cfg.layers[l].n_experts).map(move |x| (l, x)))
+            .filter(|&(l, x)| self.model.holds_expert(l, x))
+            .collect()
+    }
+
+    /// Switches to the staged placement of `epoch`, at a step boundary.
+    fn switch_epoch(&mut self, epoch: u64) -> Result<(), ExecutorError> {
+        let Some(ep) = self.ep.as_mut() else {
+            return Ok(());
+        };
+        if ep.epoch == epoch {
+            return Ok(());
+        }
+        let staged = ep.staged.lock().map(|mut s| s.take()).unwrap_or(None);
+        let Some(staged) = staged.filter(|s| s.epoch == epoch) else {
+            return Err(ExecutorError::Epoch {
+                want: epoch,
+                have: ep.epoch,
+            });
+        };
+        let rank = ep.exchange.rank() as u32;
+        let holders = staged.holders;
+        let keep = |l: usize, x: usize| holders[l][x].contains(&rank);
+        self.model.set_experts(staged.experts, &keep);
+        let held = self.held_experts();
+        let ep = self.ep.as_mut().expect("checked above");
+        if let Ok(mut h) = ep.held.lock() {
+            *h = held;
+        }
+        tracing::info!(epoch, rank, "switched to a new expert placement");
+        ep.holders = holders;
+        ep.epoch = epoch;
+        Ok(())
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -156,6 +261,7 @@ impl<B: Backend> Executor<B> {
     /// Runs one forward pass over every sequence of `step`.
     pub fn step(&mut self, step: &Step) -> Result<StepOutput, ExecutorError> {
         self.validate(step)?;
+        self.switch_epoch(step.epoch)?;
         let bs = self.spec.block_size;
         let chunks: Vec<SeqChunk> = step
             .seqs
@@ -173,10 +279,30 @@ impl<B: Backend> Executor<B> {
             })
             .collect();
         let (model, backend, kv) = (&self.model, &self.backend, &mut self.kv);
-        let logits = self.pool.install(|| model.forward(backend, kv, &chunks));
+        let Some(ep) = self.ep.as_mut() else {
+            let logits = self.pool.install(|| model.forward(backend, kv, &chunks));
+            return Ok(StepOutput {
+                logits,
+                vocab_size: self.model.cfg.vocab_size,
+                expert_load: Vec::new(),
+            });
+        };
+        for l in &mut ep.load {
+            l.fill(0);
+        }
+        let mut ctx = ExpertParallel {
+            exchange: ep.exchange.as_mut(),
+            holders: &ep.holders,
+            step: step.step_id,
+            load: &mut ep.load,
+        };
+        let logits = self
+            .pool
+            .install(|| model.forward_ep(backend, kv, &chunks, &mut ctx))?;
         Ok(StepOutput {
             logits,
             vocab_size: self.model.cfg.vocab_size,
+            expert_load: ep.load.iter().flatten().copied().collect(),
         })
     }
 }
@@ -311,6 +437,7 @@ mod tests {
             let mut want = alone
                 .step(&Step {
                     seqs: vec![seq(1, &a_prompt, 0, &[0, 1])],
+                    ..Default::default()
                 })
                 .unwrap()
                 .logits;
@@ -318,6 +445,7 @@ mod tests {
                 alone
                     .step(&Step {
                         seqs: vec![seq(1, &[7], 21, &[0, 1])],
+                        ..Default::default()
                     })
                     .unwrap()
                     .logits,
@@ -326,6 +454,7 @@ mod tests {
                 alone
                     .step(&Step {
                         seqs: vec![seq(1, &[8], 22, &[0, 1])],
+                        ..Default::default()
                     })
                     .unwrap()
                     .logits,
@@ -339,16 +468,19 @@ mod tests {
                         seq(2, &b_prompt[..4], 0, &[9]),
                         seq(1, &a_prompt, 0, &[5, 6]),
                     ],
+                    ..Default::default()
                 })
                 .unwrap();
             let s2 = shared
                 .step(&Step {
                     seqs: vec![seq(1, &[7], 21, &[5, 6]), seq(2, &b_prompt[4..], 4, &[9])],
+                    ..Default::default()
                 })
                 .unwrap();
             let s3 = shared
                 .step(&Step {
                     seqs: vec![seq(2, &[3], 9, &[9]), seq(1, &[8], 22, &[5, 6])],
+                    ..Default::default()
                 })
                 .unwrap();
             let got = vec![
@@ -366,11 +498,13 @@ mod tests {
         let a = executor(Arch::HunyuanLarge, Precision::F32)
             .step(&Step {
                 seqs: vec![seq(1, &prompt, 0, &[0])],
+                ..Default::default()
             })
             .unwrap();
         let b = executor(Arch::HunyuanLarge, Precision::Bf16)
             .step(&Step {
                 seqs: vec![seq(1, &prompt, 0, &[0])],
+                ..Default::default()
             })
             .unwrap();
         let (x, y) = (&a.logits[0], &b.logits[0]);
@@ -390,7 +524,13 @@ mod tests {
             (seq(1, &[1], 0, &[64]), "block 64"),
             (seq(1, &[], 0, &[0]), "no tokens"),
         ] {
-            let err = e.step(&Step { seqs: vec![s] }).unwrap_err().to_string();
+            let err = e
+                .step(&Step {
+                    seqs: vec![s],
+                    ..Default::default()
+                })
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(what), "{err}");
         }
     }
@@ -405,6 +545,7 @@ mod tests {
         let out = handle
             .run(Step {
                 seqs: vec![seq(1, &[1, 2, 3], 0, &[0])],
+                ..Default::default()
             })
             .unwrap();
         assert_eq!(out.logits[0].len(), 3 * out.vocab_size);

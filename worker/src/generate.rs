@@ -79,6 +79,7 @@ pub fn generate(
                 blocks: table.blocks.clone(),
                 all_logits: opts.collect_logits,
             }],
+            ..Default::default()
         })?;
         let rows = out
             .logits
@@ -114,6 +115,7 @@ pub fn generate(
                 blocks: table.blocks.clone(),
                 all_logits: false,
             }],
+            ..Default::default()
         })?;
         last = out
             .logits

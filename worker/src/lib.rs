@@ -4,6 +4,8 @@
 //! - [`blocks`]: fixed-size KV blocks, a free list, and slot arithmetic.
 //! - [`executor`]: [`Executor`] runs a [`Step`] (mixed prefill chunks and decode tokens)
 //!   on any [`hyserve_kernels::Backend`]; [`ExecutorHandle`] owns it on its own thread.
+//! - [`remote`]: the worker as a process of its own: the cluster gRPC service, the gRPC
+//!   activation exchange between worker processes, mutual TLS.
 //! - [`generate`]: a single-sequence driver (prefill in chunks, then decode with a
 //!   sampler) used by `hyserve generate` and the benchmarks.
 
@@ -12,7 +14,11 @@
 pub mod blocks;
 pub mod executor;
 pub mod generate;
+pub mod remote;
 
 pub use blocks::{BlockAllocator, BlockTable};
-pub use executor::{Executor, ExecutorError, ExecutorHandle, SeqStep, Step, StepOutput, kv_spec};
+pub use executor::{
+    Executor, ExecutorError, ExecutorHandle, Holders, SeqStep, StageSlot, Staged, Step, StepOutput,
+    kv_spec,
+};
 pub use generate::{GenerateOptions, GenerateOutput, generate};

@@ -237,6 +237,7 @@ impl Harness {
             outputs.push(StepOutput {
                 logits: rows,
                 vocab_size: VOCAB,
+                expert_load: Vec::new(),
             });
         }
         outputs

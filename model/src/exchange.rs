@@ -1,0 +1,262 @@
+//! The token exchange of expert parallelism: the seam between the layer graph and the
+//! transports that move activation rows between workers.
+//!
+//! Every worker of an expert-parallel group takes part in every layer's two rounds, in
+//! lockstep: round 0 dispatches each routed (token, expert) row to a worker holding that
+//! expert, round 1 returns the expert outputs in the order they came. A worker sends one
+//! message (possibly empty) to every peer in every round, so a peer with no tokens of
+//! its own still serves the others, and a missing message means a lost peer rather than
+//! "nothing to say". The graph does not know which transport it has: [`InProcess`]
+//! (threads of one process, here), gRPC streams between processes and NCCL between GPUs
+//! implement the same trait.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// One round of one step: messages are matched by it, stale ones are dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Round {
+    /// Cluster-wide step number, increasing.
+    pub step: u64,
+    pub layer: u32,
+    /// 0: dispatch, 1: combine.
+    pub phase: u8,
+}
+
+/// Activation rows for one peer: `blocks` of `(expert, rows)` laid out back to back in
+/// `data` (f32, `hidden` columns each).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Rows {
+    pub blocks: Vec<(u32, u32)>,
+    pub data: Vec<f32>,
+}
+
+impl Rows {
+    pub fn n_rows(&self) -> usize {
+        self.blocks.iter().map(|&(_, r)| r as usize).sum()
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ExchangeError {
+    #[error("peer {peer} sent nothing for step {step} layer {layer} within {secs} s")]
+    Timeout {
+        peer: usize,
+        step: u64,
+        layer: u32,
+        secs: u64,
+    },
+    #[error("peer {peer} is gone: {reason}")]
+    PeerLost { peer: usize, reason: String },
+    #[error("peer {peer} sent a malformed message: {reason}")]
+    Malformed { peer: usize, reason: String },
+    #[error("expert {expert} of layer {layer} is not held here")]
+    NotHeld { layer: usize, expert: usize },
+}
+
+/// A transport between the `world` workers of an expert-parallel group.
+pub trait Exchange: Send {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// Starts sending `rows[d]` to every rank `d` other than this one (this rank's own
+    /// entry is ignored); returns without waiting for delivery, so compute overlaps it.
+    fn send(&mut self, round: Round, rows: Vec<Rows>) -> Result<(), ExchangeError>;
+    /// Waits for every other rank's message of `round`; returns them by rank (this
+    /// rank's own entry empty). Messages of earlier rounds are discarded.
+    fn recv(&mut self, round: Round) -> Result<Vec<Rows>, ExchangeError>;
+}
+
+/// Collects messages by round for transports that deliver into one queue: keeps those
+/// of later rounds, drops those of earlier ones, and times out on a silent peer.
+#[derive(Debug)]
+pub struct Mailbox {
+    rank: usize,
+    world: usize,
+    pending: BTreeMap<Round, Vec<Option<Rows>>>,
+    timeout: Duration,
+}
+
+impl Mailbox {
+    pub fn new(rank: usize, world: usize, timeout: Duration) -> Self {
+        Self {
+            rank,
+            world,
+            pending: BTreeMap::new(),
+            timeout,
+        }
+    }
+
+    /// Files a message; returns false when it came from an unknown rank.
+    pub fn put(&mut self, from: usize, round: Round, rows: Rows) -> bool {
+        if from >= self.world || from == self.rank {
+            return false;
+        }
+        let slot = self
+            .pending
+            .entry(round)
+            .or_insert_with(|| vec![None; self.world]);
+        slot[from] = Some(rows);
+        true
+    }
+
+    /// Waits for `round` to complete, pulling messages with `next` (which waits at most
+    /// the given time and returns `Ok(None)` when it timed out).
+    pub fn wait(
+        &mut self,
+        round: Round,
+        next: &mut dyn FnMut(Duration) -> Result<Option<(usize, Round, Rows)>, ExchangeError>,
+    ) -> Result<Vec<Rows>, ExchangeError> {
+        let deadline = Instant::now() + self.timeout;
+        // Earlier rounds can no longer be asked for: an aborted step's leftovers.
+        self.pending = self.pending.split_off(&round);
+        loop {
+            let have = self.pending.get(&round);
+            let missing =
+                (0..self.world).find(|&r| r != self.rank && have.is_none_or(|h| h[r].is_none()));
+            let Some(missing) = missing else {
+                let got = self.pending.remove(&round).unwrap_or_default();
+                return Ok(got.into_iter().map(Option::unwrap_or_default).collect());
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ExchangeError::Timeout {
+                    peer: missing,
+                    step: round.step,
+                    layer: round.layer,
+                    secs: self.timeout.as_secs(),
+                });
+            }
+            if let Some((from, r, rows)) = next(deadline - now)?
+                && r >= round
+            {
+                self.put(from, r, rows);
+            }
+        }
+    }
+}
+
+/// The exchange between threads of one process, over channels.
+#[derive(Debug)]
+pub struct InProcess {
+    rank: usize,
+    peers: Vec<mpsc::Sender<(usize, Round, Rows)>>,
+    inbox: mpsc::Receiver<(usize, Round, Rows)>,
+    mailbox: Mailbox,
+}
+
+impl InProcess {
+    /// A connected group of `world` ends, one per rank.
+    pub fn group(world: usize, timeout: Duration) -> Vec<InProcess> {
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..world).map(|_| mpsc::channel()).unzip();
+        rxs.into_iter()
+            .enumerate()
+            .map(|(rank, inbox)| InProcess {
+                rank,
+                peers: txs.clone(),
+                inbox,
+                mailbox: Mailbox::new(rank, world, timeout),
+            })
+            .collect()
+    }
+}
+
+impl Exchange for InProcess {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.peers.len()
+    }
+
+    fn send(&mut self, round: Round, rows: Vec<Rows>) -> Result<(), ExchangeError> {
+        for (peer, r) in rows.into_iter().enumerate() {
+            if peer == self.rank {
+                continue;
+            }
+            self.peers[peer]
+                .send((self.rank, round, r))
+                .map_err(|_| ExchangeError::PeerLost {
+                    peer,
+                    reason: "its channel is closed".into(),
+                })?;
+        }
+        Ok(())
+    }
+
+    fn recv(&mut self, round: Round) -> Result<Vec<Rows>, ExchangeError> {
+        let inbox = &self.inbox;
+        self.mailbox
+            .wait(round, &mut |d| match inbox.recv_timeout(d) {
+                Ok(m) => Ok(Some(m)),
+                Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
+                Err(mpsc::RecvTimeoutError::Disconnected) => Err(ExchangeError::PeerLost {
+                    peer: usize::MAX,
+                    reason: "every peer is gone".into(),
+                }),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(step: u64, layer: u32) -> Round {
+        Round {
+            step,
+            layer,
+            phase: 0,
+        }
+    }
+
+    fn rows(v: f32) -> Rows {
+        Rows {
+            blocks: vec![(0, 1)],
+            data: vec![v],
+        }
+    }
+
+    #[test]
+    fn rounds_are_matched_and_stale_messages_dropped() {
+        let mut g = InProcess::group(3, Duration::from_secs(5));
+        let (mut a, mut b, mut c) = (g.remove(0), g.remove(0), g.remove(0));
+        // A leftover of an aborted step 1, then step 2 messages out of order.
+        b.send(round(1, 0), vec![rows(9.0), Rows::default(), rows(9.0)])
+            .unwrap();
+        c.send(round(2, 1), vec![rows(3.0), rows(3.0), Rows::default()])
+            .unwrap();
+        b.send(round(2, 0), vec![rows(1.0), Rows::default(), rows(1.0)])
+            .unwrap();
+        c.send(round(2, 0), vec![rows(2.0), rows(2.0), Rows::default()])
+            .unwrap();
+        let got = a.recv(round(2, 0)).unwrap();
+        assert_eq!(got, vec![Rows::default(), rows(1.0), rows(2.0)]);
+        b.send(round(2, 1), vec![rows(4.0), Rows::default(), rows(4.0)])
+            .unwrap();
+        let got = a.recv(round(2, 1)).unwrap();
+        assert_eq!(got, vec![Rows::default(), rows(4.0), rows(3.0)]);
+    }
+
+    #[test]
+    fn a_silent_peer_is_a_timeout_naming_it() {
+        let mut g = InProcess::group(3, Duration::from_millis(50));
+        let (mut a, mut b) = (g.remove(0), g.remove(0));
+        b.send(round(1, 4), vec![rows(1.0), Rows::default(), rows(1.0)])
+            .unwrap();
+        let err = a.recv(round(1, 4)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ExchangeError::Timeout {
+                    peer: 2,
+                    step: 1,
+                    layer: 4,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+}
