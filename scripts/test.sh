@@ -5,6 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 
+# A real etcd server for the cluster tests (they start their own on free ports).
+if ! command -v etcd >/dev/null && [ -z "${HYSERVE_ETCD_BIN:-}" ]; then
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server >/dev/null
+fi
+
 # NVRTC and the CUDA headers from PyPI (no GPU needed): the kernel sources are compiled
 # for sm_90 by the same compiler the GPU hosts use, so a .cu error fails here, not there.
 NV=target/nvrtc

@@ -33,7 +33,8 @@ pub fn resolve_model_dir(model: Option<&Path>) -> anyhow::Result<PathBuf> {
     let dir = default_model_dir();
     if !dir.join("config.json").exists() {
         tracing::info!(dir = %dir.display(), "creating the embedded default model (first run)");
-        let tmp = dir.with_extension("partial");
+        // Per process: several processes (a cluster's workers) may start at once.
+        let tmp = dir.with_extension(format!("partial-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         let bar = bar("init");
         init_model(
@@ -52,8 +53,13 @@ pub fn resolve_model_dir(model: Option<&Path>) -> anyhow::Result<PathBuf> {
             },
         )?;
         bar.finish_and_clear();
-        std::fs::rename(&tmp, &dir)
-            .with_context(|| format!("moving {} into place", tmp.display()))?;
+        if let Err(e) = std::fs::rename(&tmp, &dir) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            // Another process finished first: use its (identical, same seed) model.
+            if !dir.join("config.json").exists() {
+                return Err(e).with_context(|| format!("moving {} into place", tmp.display()));
+            }
+        }
     }
     Ok(dir)
 }

@@ -6,6 +6,9 @@
 //! - `bench-gpu`: one Hunyuan-Large layer at real dimensions on a GPU, against ceilings.
 //! - `plan`: the expert placement of a model on an inventory of GPUs.
 //! - `serve`: the whole system in one process (gateway, scheduler, workers).
+//! - `coordinator`: gateway and scheduler of a cluster of `worker` processes.
+//! - `worker`: one worker process of a cluster (expert-parallel shard).
+//! - `cluster-certs`: a cluster CA and member certificates for mutual TLS.
 
 #![forbid(unsafe_code)]
 
@@ -35,6 +38,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Serve(commands::serve::Args),
+    Coordinator(commands::serve::CoordinatorArgs),
+    Worker(commands::worker::Args),
+    ClusterCerts(commands::certs::Args),
     InitModel(commands::init_model::Args),
     Generate(commands::generate::Args),
     Bench(commands::bench::Args),
@@ -53,6 +59,9 @@ fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Serve(a) => commands::serve::run(a),
+        Command::Coordinator(a) => commands::serve::run_coordinator(a),
+        Command::Worker(a) => commands::worker::run(a),
+        Command::ClusterCerts(a) => commands::certs::run(a),
         Command::InitModel(a) => commands::init_model::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Bench(a) => commands::bench::run(a),

@@ -7,11 +7,16 @@
 //!   preemption and sampling.
 //! - [`placement`]: the expert placement planner (plain code): which worker holds which
 //!   expert, dense-part layout, replicas for hot experts, KV room.
+//! - [`membership`]: worker registration and discovery through etcd leases and watches.
+//! - [`cluster`]: the coordinator of worker processes: discovery, placement, assignment,
+//!   the gRPC links the engine steps through, rebalancing by placement epochs.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod cluster;
 pub mod engine;
+pub mod membership;
 pub mod placement;
 pub mod scheduler;
 

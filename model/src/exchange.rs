@@ -67,6 +67,9 @@ pub trait Exchange: Send {
     fn recv(&mut self, round: Round) -> Result<Vec<Rows>, ExchangeError>;
 }
 
+/// One delivered message: sender rank, round, rows.
+pub type Delivery = (usize, Round, Rows);
+
 /// Collects messages by round for transports that deliver into one queue: keeps those
 /// of later rounds, drops those of earlier ones, and times out on a silent peer.
 #[derive(Debug)]
@@ -105,7 +108,7 @@ impl Mailbox {
     pub fn wait(
         &mut self,
         round: Round,
-        next: &mut dyn FnMut(Duration) -> Result<Option<(usize, Round, Rows)>, ExchangeError>,
+        next: &mut dyn FnMut(Duration) -> Result<Option<Delivery>, ExchangeError>,
     ) -> Result<Vec<Rows>, ExchangeError> {
         let deadline = Instant::now() + self.timeout;
         // Earlier rounds can no longer be asked for: an aborted step's leftovers.
@@ -140,8 +143,8 @@ impl Mailbox {
 #[derive(Debug)]
 pub struct InProcess {
     rank: usize,
-    peers: Vec<mpsc::Sender<(usize, Round, Rows)>>,
-    inbox: mpsc::Receiver<(usize, Round, Rows)>,
+    peers: Vec<mpsc::Sender<Delivery>>,
+    inbox: mpsc::Receiver<Delivery>,
     mailbox: Mailbox,
 }
 

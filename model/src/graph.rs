@@ -378,7 +378,7 @@ impl<B: Backend> Model<B> {
         kv: &mut B::Kv,
         batch: &B::Batch,
         logit_rows: Option<&[usize]>,
-        moe: &mut dyn FnMut(usize, &B::Act) -> Result<B::Act, E>,
+        moe: &mut MoeFn<'_, B, E>,
     ) -> Result<B::Act, E> {
         let cfg = &self.cfg;
         let eps = cfg.rms_norm_eps;
@@ -621,6 +621,10 @@ impl<B: Backend> Model<B> {
         Ok(Some(out))
     }
 }
+
+/// Computes layer `l`'s MoE block of `h`.
+type MoeFn<'a, B, E> =
+    dyn FnMut(usize, &<B as Backend>::Act) -> Result<<B as Backend>::Act, E> + 'a;
 
 /// A forward pass's place in an expert-parallel group.
 pub struct ExpertParallel<'a> {

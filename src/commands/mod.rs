@@ -2,7 +2,9 @@
 
 pub mod bench;
 pub mod bench_gpu;
+pub mod certs;
 pub mod generate;
 pub mod init_model;
 pub mod plan;
 pub mod serve;
+pub mod worker;

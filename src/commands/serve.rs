@@ -9,7 +9,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use hyserve_coordinator::api::ModelInfo;
+use hyserve_coordinator::cluster::{Cluster, ClusterOptions, Discovery};
 use hyserve_coordinator::engine::{EngineConfig, EngineHandle, ExecutorFactory};
+use hyserve_coordinator::membership::EtcdMembership;
+use hyserve_coordinator::placement::WeightDtype;
 use hyserve_coordinator::scheduler::SchedulerConfig;
 use hyserve_gateway::{ApiKeys, Gateway, GatewayConfig};
 use hyserve_kernels::cpu::CpuBackend;
@@ -17,6 +20,7 @@ use hyserve_kernels::cuda::CudaBackend;
 use hyserve_kernels::{Backend, Precision};
 use hyserve_model::tokenizer::Tokenizer;
 use hyserve_model::{Checkpoint, Model, ModelConfig};
+use hyserve_worker::remote::model_fingerprint;
 use hyserve_worker::{Executor, ExecutorHandle, kv_spec};
 
 use crate::config::{ServeConfig, env};
@@ -152,20 +156,84 @@ pub fn resolve(a: Args) -> anyhow::Result<ServeConfig> {
     Ok(c)
 }
 
+/// `hyserve coordinator`: the gateway and scheduler of a cluster of worker processes.
+#[derive(clap::Args, Debug)]
+pub struct ClusterArgs {
+    /// etcd endpoint where the workers register (e.g. http://127.0.0.1:2379).
+    #[arg(
+        long,
+        env = "HYSERVE_ETCD",
+        required_unless_present = "peers",
+        conflicts_with = "peers"
+    )]
+    etcd: Option<String>,
+    /// Cluster name: etcd keys live under /hyserve/<cluster>/.
+    #[arg(long, env = "HYSERVE_CLUSTER", default_value = "default")]
+    cluster: String,
+    /// With etcd: how many workers to wait for.
+    #[arg(long, default_value_t = 1)]
+    expect_workers: usize,
+    /// Without etcd: the workers' endpoints (host:port), comma-separated, in rank order.
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<String>,
+    /// Seconds to wait for the workers to appear.
+    #[arg(long, default_value_t = 120)]
+    join_timeout_secs: u64,
+    /// Re-plan the experts from observed load every this many seconds (0: never).
+    #[arg(long, default_value_t = 60.0)]
+    rebalance_secs: f64,
+    /// Routed rows needed since the last rebalance before another is tried.
+    #[arg(long, default_value_t = 256)]
+    rebalance_min_rows: u64,
+    /// Milliseconds a worker waits for a peer's activations before failing the step.
+    #[arg(long, default_value_t = 10_000)]
+    exchange_timeout_ms: u64,
+    #[command(flatten)]
+    tls: super::worker::TlsArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CoordinatorArgs {
+    #[command(flatten)]
+    serve: Args,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
     let cfg = resolve(a)?;
+    runtime()?.block_on(serve(cfg, None))
+}
+
+pub fn run_coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
+    let cfg = resolve(a.serve)?;
+    let c = &a.cluster;
+    anyhow::ensure!(
+        c.rebalance_secs.is_finite() && c.rebalance_secs >= 0.0,
+        "--rebalance-secs must be >= 0"
+    );
+    anyhow::ensure!(
+        c.etcd.is_some() || !c.peers.is_empty(),
+        "give --etcd (with --expect-workers) or --peers"
+    );
+    anyhow::ensure!(c.expect_workers >= 1, "--expect-workers must be >= 1");
+    runtime()?.block_on(serve(cfg, Some(a.cluster)))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("hyserve-rt")
         .build()
-        .context("starting the async runtime")?
-        .block_on(serve(cfg))
+        .context("starting the async runtime")
 }
 
-async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+async fn serve(mut cfg: ServeConfig, cluster: Option<ClusterArgs>) -> anyhow::Result<()> {
     let dir = load::resolve_model_dir(cfg.model.as_deref())?;
     let model_cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     let ck = match cfg.random_weights {
+        // The coordinator of a cluster needs the config and tokenizer only.
+        _ if cluster.is_some() => None,
         Some(_) => None,
         None => {
             let ck = Checkpoint::open(&dir, &mut |p| {
@@ -177,6 +245,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     };
     let precision = match &ck {
         Some(ck) if cfg.device == "cpu" => load::precision_for(cfg.dtype.as_deref(), ck)?,
+        _ if cfg.dtype.as_deref() == Some("f32") => Precision::F32,
         _ => Precision::Bf16,
     };
     let tokenizer = Arc::new(
@@ -207,7 +276,33 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         cfg: model_cfg.clone(),
     });
     let block_size = cfg.block_size;
-    let factory: ExecutorFactory = if cfg.device == "cuda" {
+    let mut running_cluster = None;
+    let factory: ExecutorFactory = if let Some(c) = &cluster {
+        let discovery = match &c.etcd {
+            Some(url) => Discovery::Etcd {
+                membership: EtcdMembership::new(url, &c.cluster),
+                expect: c.expect_workers,
+            },
+            None => Discovery::Static(c.peers.clone()),
+        };
+        let opts = ClusterOptions {
+            discovery,
+            join_timeout: Duration::from_secs(c.join_timeout_secs),
+            tls: c.tls.load()?,
+            model_fingerprint: model_fingerprint(&dir)?,
+            dtype: WeightDtype::Bf16,
+            n_blocks,
+            block_size,
+            kv_bytes: (n_blocks * block_size * bytes_per_token) as u64,
+            exchange_timeout: Duration::from_millis(c.exchange_timeout_ms),
+            rebalance_min_rows: c.rebalance_min_rows,
+        };
+        let cl = Cluster::start(model_cfg.clone(), opts).await?;
+        cfg.workers = cl.workers().len();
+        let f = cl.factory();
+        running_cluster = Some(cl);
+        f
+    } else if cfg.device == "cuda" {
         start_cuda_check()?;
         Arc::new(move |i| {
             let (backend, info) = CudaBackend::new(i, precision)
@@ -262,11 +357,20 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
                     .unwrap_or(0),
             },
             step_timeout: Duration::from_secs(cfg.step_timeout_secs),
-            lockstep: false,
+            lockstep: cluster.is_some(),
         },
         factory,
     )
     .await?;
+    if let (Some(cl), Some(c)) = (&running_cluster, &cluster) {
+        cl.spawn_watch();
+        if c.rebalance_secs > 0.0 {
+            cl.spawn_rebalancer(engine.clone(), Duration::from_secs_f64(c.rebalance_secs));
+        }
+        if let Some(p) = cl.placement() {
+            engine.set_epoch(p.epoch);
+        }
+    }
     tracing::info!(
         model = %dir.display(),
         workers = cfg.workers,

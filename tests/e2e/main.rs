@@ -2,6 +2,7 @@
 //! user or the fidelity scripts do, and check what it prints and writes.
 
 mod cli;
+mod cluster;
 mod fidelity;
 mod grpc;
 mod python;

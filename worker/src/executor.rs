@@ -87,6 +87,9 @@ pub struct Staged<B: Backend> {
 /// Where staged experts are handed to the executor thread.
 pub type StageSlot<B> = Arc<Mutex<Option<Staged<B>>>>;
 
+/// The `(layer, expert)`s a worker's model holds now, published by its executor.
+pub type HeldExperts = Arc<Mutex<HashSet<(usize, usize)>>>;
+
 /// An executor's place in an expert-parallel group.
 struct EpState<B: Backend> {
     exchange: Box<dyn Exchange>,
@@ -95,7 +98,7 @@ struct EpState<B: Backend> {
     load: Vec<Vec<u64>>,
     staged: StageSlot<B>,
     /// The experts the model holds now, for whoever stages the next epoch.
-    held: Arc<Mutex<HashSet<(usize, usize)>>>,
+    held: HeldExperts,
 }
 
 /// Runs steps for the sequences and KV cache it owns.
@@ -156,7 +159,7 @@ impl<B: Backend> Executor<B> {
         exchange: Box<dyn Exchange>,
         epoch: u64,
         holders: Holders,
-    ) -> (StageSlot<B>, Arc<Mutex<HashSet<(usize, usize)>>>) {
+    ) -> (StageSlot<B>, HeldExperts) {
         let cfg = &self.model.cfg;
         let load = cfg.layers.iter().map(|l| vec![0; l.n_experts]).collect();
         let staged: StageSlot<B> = Arc::new(Mutex::new(None));

@@ -7,7 +7,6 @@
 //! A placement change is staged in the background and switched to at the first step of
 //! the new epoch.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,7 +29,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerT
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::executor::{
-    Executor, ExecutorError, ExecutorHandle, Holders, SeqStep, StageSlot, Staged, Step,
+    Executor, ExecutorError, ExecutorHandle, HeldExperts, Holders, SeqStep, StageSlot, Staged, Step,
 };
 
 /// The name every cluster certificate carries and every client checks: cluster members
@@ -331,7 +330,8 @@ impl Exchange for GrpcExchange {
         let (inbox, rt) = (&mut self.inbox, &self.rt);
         self.mailbox.wait(
             round,
-            &mut |d| match rt.block_on(tokio::time::timeout(d, inbox.recv())) {
+            // The timer is made inside the runtime: this thread has no reactor.
+            &mut |d| match rt.block_on(async { tokio::time::timeout(d, inbox.recv()).await }) {
                 Ok(Some(m)) => Ok(Some(m)),
                 Ok(None) => Err(ExchangeError::PeerLost {
                     peer: usize::MAX,
@@ -349,8 +349,9 @@ pub struct NodeConfig {
     pub threads: usize,
     pub precision: Precision,
     pub tls: Option<ClusterTls>,
-    /// Largest KV cache an assignment may ask for.
-    pub max_kv_bytes: u64,
+    /// Memory this worker offers the placement (weights and KV); also the largest KV
+    /// cache an assignment may ask for.
+    pub memory_bytes: u64,
 }
 
 struct Assigned {
@@ -358,7 +359,7 @@ struct Assigned {
     world: usize,
     handle: Arc<ExecutorHandle>,
     staged: StageSlot<CpuBackend>,
-    held: Arc<Mutex<HashSet<(usize, usize)>>>,
+    held: HeldExperts,
     /// The newest epoch assigned or staged.
     epoch: AtomicU64,
     steps: AtomicU64,
@@ -451,10 +452,10 @@ impl Worker for WorkerService {
             req.block_size.max(1) as usize,
         );
         let kv_bytes = spec.bytes_per_token() as u64 * req.block_size as u64 * req.n_blocks as u64;
-        if req.block_size == 0 || req.n_blocks < 2 || kv_bytes > self.node.max_kv_bytes {
+        if req.block_size == 0 || req.n_blocks < 2 || kv_bytes > self.node.memory_bytes {
             return Err(Status::invalid_argument(format!(
                 "a KV cache of {} blocks of {} tokens ({kv_bytes} bytes) is outside 2 blocks..{} bytes",
-                req.n_blocks, req.block_size, self.node.max_kv_bytes
+                req.n_blocks, req.block_size, self.node.memory_bytes
             )));
         }
         let tls = self.node.tls.clone();
@@ -606,8 +607,23 @@ impl Worker for WorkerService {
         let handle = a.handle.clone();
         let out = tokio::task::spawn_blocking(move || handle.run(step))
             .await
-            .map_err(|e| Status::internal(format!("step: {e}")))?
-            .map_err(exec_status)?;
+            .map_err(|e| Status::internal(format!("step: {e}")))?;
+        let out = match out {
+            Ok(o) => o,
+            Err(ExecutorError::Stopped) => {
+                // The executor died: forget the assignment, so the coordinator's next
+                // step finds this worker unassigned and assigns it afresh.
+                let mut st = self.state.lock().await;
+                if st.as_ref().is_some_and(|s| Arc::ptr_eq(s, &a)) {
+                    st.take();
+                }
+                tracing::error!("the executor stopped; waiting to be assigned again");
+                return Err(Status::failed_precondition(
+                    "this worker has no assignment yet (its executor stopped)",
+                ));
+            }
+            Err(e) => return Err(exec_status(e)),
+        };
         a.steps.fetch_add(1, Ordering::Relaxed);
         Ok(Response::new(StepResponse {
             logits: out.logits.iter().map(|l| f32_bytes(l)).collect(),
@@ -654,9 +670,16 @@ impl Worker for WorkerService {
         _req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         let s = self.state.lock().await.clone();
+        let (memory_bytes, device) = (self.node.memory_bytes, "cpu".to_string());
         Ok(Response::new(match s {
-            None => StatusResponse::default(),
+            None => StatusResponse {
+                memory_bytes,
+                device,
+                ..Default::default()
+            },
             Some(a) => StatusResponse {
+                memory_bytes,
+                device,
                 assigned: true,
                 rank: a.rank,
                 epoch: a.epoch.load(Ordering::Acquire),

@@ -1,0 +1,499 @@
+//! The coordinator's side of a multi-process cluster: finds the workers (etcd or a
+//! static list), plans the placement, assigns every worker its rank and shard, links
+//! the engine's worker actors to the worker processes over gRPC, and rebalances the
+//! experts from observed load by placement epochs.
+//!
+//! A rebalance never pauses serving: the new placement is staged on the workers (they
+//! load their new experts beside the serving ones), then the engine's epoch is raised
+//! and the next step, on every worker at once, switches to it.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyserve_model::ModelConfig;
+use hyserve_proto::cluster::worker_client::WorkerClient;
+use hyserve_proto::cluster::{AssignRequest, StageRequest, StatusRequest};
+use hyserve_worker::remote::{
+    ClusterTls, MAX_MESSAGE_BYTES, endpoint, f32_from_bytes, placement_to_pb, step_to_pb,
+};
+use hyserve_worker::{Holders, Step, StepOutput};
+use tonic::transport::Channel;
+
+use crate::engine::{EngineHandle, ExecutorFactory, Reply, WorkerLink};
+use crate::membership::{EtcdMembership, MemberEvent, MembershipError, WorkerInfo};
+use crate::placement::{self, DenseLayout, PlanOptions, WeightDtype, WorkerSpec};
+
+/// How the coordinator finds its workers.
+#[derive(Clone, Debug)]
+pub enum Discovery {
+    /// Workers registered in etcd; waits for `expect` of them.
+    Etcd {
+        membership: EtcdMembership,
+        expect: usize,
+    },
+    /// A fixed list of worker endpoints (`host:port`), ranks in list order.
+    Static(Vec<String>),
+}
+
+/// Everything the cluster needs besides the model config.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    pub discovery: Discovery,
+    pub join_timeout: Duration,
+    pub tls: Option<ClusterTls>,
+    pub model_fingerprint: String,
+    pub dtype: WeightDtype,
+    pub n_blocks: usize,
+    pub block_size: usize,
+    /// KV bytes per worker the plan must leave.
+    pub kv_bytes: u64,
+    pub exchange_timeout: Duration,
+    /// Rows routed since the last rebalance below which no rebalance is tried.
+    pub rebalance_min_rows: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
+    #[error("worker {worker} ({addr}): {message}")]
+    Worker {
+        worker: String,
+        addr: String,
+        message: String,
+    },
+    #[error("placement: {0}")]
+    Plan(String),
+}
+
+/// The placement in force, as stored in etcd.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PlacementRecord {
+    pub epoch: u64,
+    /// Worker names by rank.
+    pub workers: Vec<String>,
+    /// `[layer][expert]`: ranks holding it.
+    pub holders: Holders,
+    pub replicas: usize,
+    pub notes: Vec<String>,
+}
+
+struct State {
+    record: PlacementRecord,
+    assign: Vec<AssignRequest>,
+    /// Rows routed per `[layer][expert]` since the last rebalance.
+    window: Vec<u64>,
+}
+
+/// A running cluster: its workers and the placement in force.
+pub struct Cluster {
+    cfg: ModelConfig,
+    opts: ClusterOptions,
+    workers: Vec<WorkerInfo>,
+    clients: Vec<WorkerClient<Channel>>,
+    specs: Vec<WorkerSpec>,
+    state: Mutex<State>,
+}
+
+fn client_for(addr: &str, tls: Option<&ClusterTls>) -> Result<WorkerClient<Channel>, String> {
+    let ch = endpoint(addr, tls)?.connect_lazy();
+    Ok(WorkerClient::new(ch)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+fn holders_u32(h: &[Vec<Vec<usize>>]) -> Holders {
+    h.iter()
+        .map(|l| {
+            l.iter()
+                .map(|e| e.iter().map(|&w| w as u32).collect())
+                .collect()
+        })
+        .collect()
+}
+
+impl Cluster {
+    /// Finds the workers, plans, stores the placement (etcd), and assigns every
+    /// worker; returns once every shard is loaded.
+    pub async fn start(cfg: ModelConfig, opts: ClusterOptions) -> Result<Arc<Self>, ClusterError> {
+        let tls = opts.tls.as_ref();
+        let workers = match &opts.discovery {
+            Discovery::Etcd { membership, expect } => {
+                tracing::info!(expect, "waiting for workers to register in etcd");
+                membership.wait_for(*expect, opts.join_timeout).await?
+            }
+            Discovery::Static(addrs) => {
+                let mut out = Vec::with_capacity(addrs.len());
+                for (i, addr) in addrs.iter().enumerate() {
+                    let werr = |message: String| ClusterError::Worker {
+                        worker: format!("peer {i}"),
+                        addr: addr.clone(),
+                        message,
+                    };
+                    let mut c = client_for(addr, tls).map_err(werr)?;
+                    let deadline = tokio::time::Instant::now() + opts.join_timeout;
+                    let status = loop {
+                        match c.status(StatusRequest {}).await {
+                            Ok(s) => break s.into_inner(),
+                            Err(e) if tokio::time::Instant::now() < deadline => {
+                                tracing::debug!(addr = %addr, error = %e, "worker not up yet");
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                            Err(e) => return Err(werr(e.message().to_string())),
+                        }
+                    };
+                    out.push(WorkerInfo {
+                        name: format!("peer-{i}"),
+                        addr: addr.clone(),
+                        memory_bytes: status.memory_bytes,
+                        device: status.device,
+                    });
+                }
+                out
+            }
+        };
+        let clients = workers
+            .iter()
+            .map(|w| {
+                client_for(&w.addr, tls).map_err(|message| ClusterError::Worker {
+                    worker: w.name.clone(),
+                    addr: w.addr.clone(),
+                    message,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // Each worker process is its own node: the dense part is replicated.
+        let specs: Vec<WorkerSpec> = workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| WorkerSpec {
+                kind: w.device.clone(),
+                mem_bytes: w.memory_bytes,
+                node: i,
+            })
+            .collect();
+        let plan = placement::plan(&cfg, &specs, &plan_options(&opts), None)
+            .map_err(|e| ClusterError::Plan(e.to_string()))?;
+        if plan.dense != DenseLayout::Replicated {
+            return Err(ClusterError::Plan(
+                "the plan needs tensor-parallel attention, which worker processes do not run yet; give the workers more memory".into(),
+            ));
+        }
+        // Epochs only grow, across coordinator restarts too.
+        let last_epoch = match &opts.discovery {
+            Discovery::Etcd { membership, .. } => membership
+                .load_placement()
+                .await?
+                .and_then(|v| serde_json::from_str::<PlacementRecord>(&v).ok())
+                .map_or(0, |r| r.epoch),
+            Discovery::Static(_) => 0,
+        };
+        let record = PlacementRecord {
+            epoch: last_epoch + 1,
+            workers: workers.iter().map(|w| w.name.clone()).collect(),
+            holders: holders_u32(&plan.holders),
+            replicas: plan.replicas(),
+            notes: plan.notes.clone(),
+        };
+        for note in &plan.notes {
+            tracing::info!(epoch = record.epoch, "placement: {note}");
+        }
+        let peers: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
+        let assign: Vec<AssignRequest> = (0..workers.len())
+            .map(|rank| AssignRequest {
+                rank: rank as u32,
+                peers: peers.clone(),
+                placement: Some(placement_to_pb(record.epoch, &record.holders)),
+                n_blocks: opts.n_blocks as u32,
+                block_size: opts.block_size as u32,
+                model_fingerprint: opts.model_fingerprint.clone(),
+                exchange_timeout_ms: opts.exchange_timeout.as_millis() as u32,
+            })
+            .collect();
+        let n_cells = cfg.layers.iter().map(|l| l.n_experts).sum();
+        let cluster = Arc::new(Self {
+            cfg,
+            opts,
+            workers,
+            clients,
+            specs,
+            state: Mutex::new(State {
+                record: record.clone(),
+                assign: assign.clone(),
+                window: vec![0; n_cells],
+            }),
+        });
+        cluster.store(&record).await?;
+        let calls = (0..cluster.workers.len()).map(|rank| {
+            let (c, req) = (cluster.clone(), assign[rank].clone());
+            async move { c.assign(rank, req).await }
+        });
+        for r in futures::future::join_all(calls).await {
+            r?;
+        }
+        Ok(cluster)
+    }
+
+    async fn assign(&self, rank: usize, req: AssignRequest) -> Result<(), ClusterError> {
+        let w = &self.workers[rank];
+        let t0 = std::time::Instant::now();
+        let resp = self.clients[rank]
+            .clone()
+            .assign(req)
+            .await
+            .map_err(|e| ClusterError::Worker {
+                worker: w.name.clone(),
+                addr: w.addr.clone(),
+                message: e.message().to_string(),
+            })?
+            .into_inner();
+        tracing::info!(
+            worker = %w.name, rank, experts = resp.experts_held, weight_bytes = resp.weight_bytes,
+            ms = t0.elapsed().as_millis() as u64, "worker assigned"
+        );
+        Ok(())
+    }
+
+    /// Assigns worker `rank` again with the placement in force (it restarted).
+    pub async fn reassign(&self, rank: usize) -> Result<(), ClusterError> {
+        let req = self.state.lock().ok().map(|s| s.assign[rank].clone());
+        match req {
+            Some(req) => self.assign(rank, req).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn store(&self, record: &PlacementRecord) -> Result<(), ClusterError> {
+        if let Discovery::Etcd { membership, .. } = &self.opts.discovery {
+            let json = serde_json::to_string(record).expect("record serializes");
+            membership.store_placement(&json).await?;
+        }
+        Ok(())
+    }
+
+    pub fn workers(&self) -> &[WorkerInfo] {
+        &self.workers
+    }
+
+    pub fn placement(&self) -> Option<PlacementRecord> {
+        self.state.lock().ok().map(|s| s.record.clone())
+    }
+
+    /// The engine's links to the worker processes, by rank.
+    pub fn factory(self: &Arc<Self>) -> ExecutorFactory {
+        let me = self.clone();
+        Arc::new(move |rank| {
+            Ok(Box::new(RemoteWorker {
+                rank,
+                client: me.clients[rank].clone(),
+                cluster: me.clone(),
+            }) as Box<dyn WorkerLink>)
+        })
+    }
+
+    /// One rebalance attempt from the load seen since the last one: plans with the
+    /// load, and when the placement changes, stages it on every worker and switches
+    /// the engine to the new epoch. Returns the new epoch, if any.
+    pub async fn rebalance(&self, engine: &EngineHandle) -> Result<Option<u64>, ClusterError> {
+        let (load, current) = {
+            let mut s = self
+                .state
+                .lock()
+                .map_err(|_| ClusterError::Plan("poisoned".into()))?;
+            for (w, l) in s.window.iter_mut().zip(engine.take_expert_load()) {
+                *w += l;
+            }
+            if s.window.iter().sum::<u64>() < self.opts.rebalance_min_rows {
+                return Ok(None);
+            }
+            let n = s.window.len();
+            (
+                std::mem::replace(&mut s.window, vec![0; n]),
+                s.record.clone(),
+            )
+        };
+        let mut load2d = Vec::with_capacity(self.cfg.n_layers);
+        let mut at = 0;
+        for l in &self.cfg.layers {
+            load2d.push(load[at..at + l.n_experts].to_vec());
+            at += l.n_experts;
+        }
+        let plan = placement::plan(
+            &self.cfg,
+            &self.specs,
+            &plan_options(&self.opts),
+            Some(&load2d),
+        )
+        .map_err(|e| ClusterError::Plan(e.to_string()))?;
+        let holders = holders_u32(&plan.holders);
+        if holders == current.holders {
+            return Ok(None);
+        }
+        let record = PlacementRecord {
+            epoch: current.epoch + 1,
+            workers: current.workers.clone(),
+            holders,
+            replicas: plan.replicas(),
+            notes: plan.notes.clone(),
+        };
+        let pb = placement_to_pb(record.epoch, &record.holders);
+        let t0 = std::time::Instant::now();
+        let calls = self.clients.iter().enumerate().map(|(rank, c)| {
+            let (mut c, pb) = (c.clone(), pb.clone());
+            let w = &self.workers[rank];
+            async move {
+                c.stage(StageRequest {
+                    placement: Some(pb),
+                })
+                .await
+                .map(|r| r.into_inner().experts_loaded)
+                .map_err(|e| ClusterError::Worker {
+                    worker: w.name.clone(),
+                    addr: w.addr.clone(),
+                    message: format!("staging epoch failed: {}", e.message()),
+                })
+            }
+        });
+        let mut loaded = 0;
+        for r in futures::future::join_all(calls).await {
+            loaded += r?;
+        }
+        self.store(&record).await?;
+        if let Ok(mut s) = self.state.lock() {
+            for a in &mut s.assign {
+                a.placement = Some(pb.clone());
+            }
+            s.record = record.clone();
+        }
+        engine.set_epoch(record.epoch);
+        tracing::info!(
+            epoch = record.epoch,
+            replicas = record.replicas,
+            experts_loaded = loaded,
+            stage_ms = t0.elapsed().as_millis() as u64,
+            "rebalanced: new placement staged, switching at the next step"
+        );
+        Ok(Some(record.epoch))
+    }
+
+    /// Rebalances every `every` for as long as the engine runs.
+    pub fn spawn_rebalancer(self: &Arc<Self>, engine: EngineHandle, every: Duration) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(e) = me.rebalance(&engine).await {
+                    tracing::error!(error = %e, "rebalance failed; the current placement stays");
+                }
+            }
+        });
+    }
+
+    /// Watches etcd membership: logs losses, and assigns a worker that registers again
+    /// (it restarted) its rank and shard in the placement in force.
+    pub fn spawn_watch(self: &Arc<Self>) {
+        let Discovery::Etcd { membership, .. } = self.opts.discovery.clone() else {
+            return;
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let watcher = tokio::spawn(async move {
+                if let Err(e) = membership.watch(|ev| drop(tx.send(ev))).await {
+                    tracing::error!(error = %e, "etcd watch ended");
+                }
+            });
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    MemberEvent::Lost(name) => {
+                        tracing::warn!(worker = %name, "worker left the cluster (lease expired)")
+                    }
+                    MemberEvent::Joined(info) => {
+                        let Some(rank) = me.workers.iter().position(|w| w.name == info.name) else {
+                            tracing::info!(worker = %info.name, "a worker outside the placement registered; it stays idle");
+                            continue;
+                        };
+                        if me.workers[rank].addr != info.addr {
+                            tracing::warn!(worker = %info.name, "worker came back at another address; it stays idle");
+                            continue;
+                        }
+                        tracing::info!(worker = %info.name, rank, "worker (re)joined; assigning its shard");
+                        if let Err(e) = me.reassign(rank).await {
+                            tracing::error!(error = %e, "reassigning failed");
+                        }
+                    }
+                }
+            }
+            watcher.abort();
+        });
+    }
+}
+
+fn plan_options(opts: &ClusterOptions) -> PlanOptions {
+    PlanOptions {
+        dtype: opts.dtype,
+        overhead_bytes: 64 << 20,
+        min_kv_bytes: opts.kv_bytes,
+        max_replicas: 3,
+    }
+}
+
+/// The engine's link to one worker process.
+struct RemoteWorker {
+    rank: usize,
+    client: WorkerClient<Channel>,
+    cluster: Arc<Cluster>,
+}
+
+impl WorkerLink for RemoteWorker {
+    fn submit(&self, step: Step, reply: Reply) -> Result<(), String> {
+        let (mut client, cluster, rank) = (self.client.clone(), self.cluster.clone(), self.rank);
+        let req = step_to_pb(&step);
+        tokio::spawn(async move {
+            let result = match client.run_step(req).await {
+                Ok(resp) => {
+                    let r = resp.into_inner();
+                    let vocab = r.vocab_size as usize;
+                    let logits: Option<Vec<Vec<f32>>> = r
+                        .logits
+                        .iter()
+                        .map(|b| f32_from_bytes(b).filter(|v| vocab > 0 && v.len() % vocab == 0))
+                        .collect();
+                    match logits {
+                        Some(logits) if logits.len() == step.seqs.len() => Ok(StepOutput {
+                            logits,
+                            vocab_size: vocab,
+                            expert_load: r.expert_load,
+                        }),
+                        _ => Err(format!("worker {rank} sent malformed logits")),
+                    }
+                }
+                Err(status) => {
+                    if status.code() == tonic::Code::FailedPrecondition
+                        && status.message().contains("no assignment")
+                    {
+                        tracing::warn!(
+                            rank,
+                            "worker lost its assignment (restarted); assigning again"
+                        );
+                        if let Err(e) = cluster.reassign(rank).await {
+                            tracing::error!(rank, error = %e, "reassigning failed");
+                        }
+                    } else {
+                        // Do not spin on a worker that is down: the step is retried.
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    Err(format!("worker {rank}: {}", status.message()))
+                }
+            };
+            reply(result);
+        });
+        Ok(())
+    }
+
+    fn is_alive(&self) -> bool {
+        true
+    }
+}

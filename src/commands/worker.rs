@@ -1,0 +1,186 @@
+//! `hyserve worker`: one worker process of a cluster. Serves the cluster gRPC service
+//! (assignment, steps, staging, peers' activation streams), registers in etcd under a
+//! lease when given one, and loads its shard of the checkpoint when the coordinator
+//! assigns it a rank and placement.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hyserve_coordinator::membership::{EtcdMembership, WorkerInfo};
+use hyserve_model::{Checkpoint, ModelConfig};
+use hyserve_proto::cluster::worker_server::WorkerServer;
+use hyserve_worker::remote::{
+    ClusterTls, MAX_MESSAGE_BYTES, NodeConfig, WorkerNode, WorkerService, model_fingerprint,
+};
+
+use crate::load;
+
+/// The cluster's mutual TLS: all three or none.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TlsArgs {
+    /// The cluster CA (PEM); with it every cluster connection is mutual TLS.
+    #[arg(long, env = "HYSERVE_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// This process's certificate (PEM), signed by the cluster CA.
+    #[arg(long, env = "HYSERVE_TLS_CERT", requires = "tls_ca")]
+    pub tls_cert: Option<PathBuf>,
+    /// This process's private key (PEM).
+    #[arg(long, env = "HYSERVE_TLS_KEY", requires = "tls_ca")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    pub fn load(&self) -> anyhow::Result<Option<ClusterTls>> {
+        match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (Some(ca), Some(cert), Some(key)) => Ok(Some(
+                ClusterTls::from_files(ca, cert, key).context("loading the cluster TLS files")?,
+            )),
+            (None, None, None) => Ok(None),
+            _ => anyhow::bail!("--tls-ca, --tls-cert and --tls-key go together"),
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model directory (the same model as the coordinator's; default: the embedded one).
+    #[arg(long, env = "HYSERVE_MODEL")]
+    model: Option<PathBuf>,
+    /// Address the cluster service listens on (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Address peers and the coordinator reach this worker at (default: the bound one).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Name in the cluster (ranks follow names); default: derived from the address.
+    #[arg(long)]
+    name: Option<String>,
+    /// etcd endpoint to register with (e.g. http://127.0.0.1:2379); without it the
+    /// coordinator must be given this worker in `--peers`.
+    #[arg(long, env = "HYSERVE_ETCD")]
+    etcd: Option<String>,
+    /// Cluster name: etcd keys live under /hyserve/<cluster>/.
+    #[arg(long, env = "HYSERVE_CLUSTER", default_value = "default")]
+    cluster: String,
+    /// Memory offered for weights and KV, in GiB.
+    #[arg(long, default_value_t = 8.0)]
+    memory_gib: f64,
+    /// Kernel threads of this worker (default: all cores).
+    #[arg(long)]
+    worker_threads: Option<usize>,
+    #[arg(long, value_parser = ["f32", "bf16"])]
+    dtype: Option<String>,
+    /// Seconds of etcd lease: a dead worker's registration expires after this.
+    #[arg(long, default_value_t = 5)]
+    lease_secs: u64,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("hyserve-worker-rt")
+        .build()
+        .context("starting the async runtime")?
+        .block_on(serve(a))
+}
+
+async fn serve(a: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.memory_gib.is_finite() && a.memory_gib > 0.0 && a.memory_gib < 1e6,
+        "--memory-gib {} is not a sensible amount",
+        a.memory_gib
+    );
+    let tls = a.tls.load()?;
+    let dir = load::resolve_model_dir(a.model.as_deref())?;
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let ck = Checkpoint::open(&dir, &mut |p| {
+        tracing::info!(file = %p.file, done = p.files_done, total = p.files_total, "checkpoint shard opened");
+    })?;
+    ck.validate(&cfg)?;
+    let precision = load::precision_for(a.dtype.as_deref(), &ck)?;
+    let fingerprint = model_fingerprint(&dir)?;
+    let memory_bytes = (a.memory_gib * (1u64 << 30) as f64) as u64;
+    let threads = a.worker_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let node = Arc::new(WorkerNode::new(
+        cfg,
+        ck,
+        fingerprint,
+        NodeConfig {
+            threads,
+            precision,
+            tls: tls.clone(),
+            memory_bytes,
+        },
+    ));
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("binding {}", a.listen))?;
+    let bound = listener.local_addr()?;
+    let advertise = a.advertise.clone().unwrap_or_else(|| bound.to_string());
+    let name = a
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("worker-{}", advertise.replace([':', '.'], "-")));
+    let mut server = tonic::transport::Server::builder();
+    if let Some(t) = &tls {
+        server = server.tls_config(t.server()).context("cluster TLS")?;
+    }
+    let svc = WorkerServer::new(WorkerService(node))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let shutdown = shutdown_signal();
+    let server = tokio::spawn(
+        server
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, shutdown),
+    );
+    eprintln!(
+        "hyserve worker {name} listening on {bound} (advertised as {advertise}){}",
+        if tls.is_some() { ", mutual TLS" } else { "" }
+    );
+    let _lease = match &a.etcd {
+        Some(url) => {
+            let m = EtcdMembership::new(url, &a.cluster);
+            let info = WorkerInfo {
+                name: name.clone(),
+                addr: advertise.clone(),
+                memory_bytes,
+                device: "cpu".into(),
+            };
+            Some(
+                m.register(&info, Duration::from_secs(a.lease_secs))
+                    .await
+                    .context("registering in etcd")?,
+            )
+        }
+        None => None,
+    };
+    server
+        .await
+        .context("the worker service task")?
+        .context("the worker service")?;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,429 @@
+//! A real multi-process cluster: a real etcd server, `hyserve worker` processes holding
+//! expert shards, and a `hyserve coordinator` in front, all on loopback. Greedy output
+//! must be the single-process server's, also while the experts are being rebalanced;
+//! with mutual TLS, processes holding a foreign certificate are refused.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hyserve_coordinator::cluster::PlacementRecord;
+use hyserve_coordinator::membership::EtcdMembership;
+use hyserve_proto::v1;
+use hyserve_proto::v1::inference_client::InferenceClient;
+
+use crate::support::{hyserve, init_model, run_ok};
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `cmd` with stderr piped and returns it once a stderr line contains `marker`,
+/// with that line. Panics with what it printed if it exits first.
+fn start(mut cmd: Command, marker: &str, what: &str) -> (Proc, String) {
+    let mut child = cmd
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what} did not start: {e}"));
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut seen = Vec::new();
+    let found = loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                if line.contains(marker) {
+                    break line;
+                }
+                seen.push(line);
+            }
+            _ => panic!(
+                "{what} exited before printing {marker:?}:\n{}",
+                seen.join("\n")
+            ),
+        }
+    };
+    // Keep draining stderr so the process never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (Proc(child), found)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real etcd server on free loopback ports, in a temporary data directory.
+fn etcd(dir: &Path) -> (Proc, String) {
+    let (client, peer) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let mut cmd = Command::new(std::env::var("HYSERVE_ETCD_BIN").unwrap_or("etcd".into()));
+    cmd.args([
+        "--name",
+        "test",
+        "--data-dir",
+        dir.join("etcd").to_str().unwrap(),
+        "--listen-client-urls",
+        &url,
+        "--advertise-client-urls",
+        &url,
+        "--listen-peer-urls",
+        &peer_url,
+        "--initial-advertise-peer-urls",
+        &peer_url,
+        "--initial-cluster",
+        &format!("test={peer_url}"),
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let child = cmd.spawn().unwrap_or_else(|e| {
+        panic!(
+            "etcd did not start ({e}): install etcd-server (.ci/run does) or set HYSERVE_ETCD_BIN"
+        )
+    });
+    let p = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+        assert!(Instant::now() < deadline, "etcd did not listen on {url}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (p, url)
+}
+
+fn worker(model: &Path, extra: &[&str], name: &str) -> (Proc, String) {
+    let mut cmd = hyserve();
+    cmd.args([
+        "worker",
+        "--model",
+        model.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--name",
+        name,
+        "--worker-threads",
+        "1",
+        "--memory-gib",
+        "1",
+    ])
+    .args(extra);
+    let (p, line) = start(cmd, "listening on", name);
+    let addr = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("the worker prints its address")
+        .to_string();
+    (p, addr)
+}
+
+/// Starts `hyserve <role> ...` and returns its gRPC API address.
+fn front(model: &Path, role: &str, extra: &[&str]) -> (Proc, String) {
+    let mut cmd = hyserve();
+    cmd.args([
+        role,
+        "--model",
+        model.to_str().unwrap(),
+        "--http-addr",
+        "127.0.0.1:0",
+        "--grpc-addr",
+        "127.0.0.1:0",
+    ])
+    .args(extra);
+    let (p, line) = start(cmd, "gRPC API:", role);
+    let addr = line
+        .trim()
+        .strip_prefix("gRPC API:")
+        .and_then(|r| r.split_whitespace().next())
+        .expect("the address")
+        .to_string();
+    (p, addr)
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    (0..8u32)
+        .map(|i| {
+            (0..(3 + 4 * i))
+                .map(|j| 260 + (i * 37 + j * 13) % 700)
+                .collect()
+        })
+        .collect()
+}
+
+/// Greedy completions of every prompt, sent concurrently.
+async fn complete(addr: &str, prompts: &[Vec<u32>], max_tokens: u32) -> Vec<Vec<u32>> {
+    let client = InferenceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connects");
+    let mut tasks = Vec::new();
+    for p in prompts {
+        let mut c = client.clone();
+        let req = v1::GenerateRequest {
+            input: Some(v1::generate_request::Input::TokenIds(v1::TokenIds {
+                ids: p.clone(),
+            })),
+            max_tokens: Some(max_tokens),
+            temperature: Some(0.0),
+            ignore_eos: true,
+            ..Default::default()
+        };
+        tasks.push(tokio::spawn(async move {
+            let r = c.generate(req).await.expect("generates").into_inner();
+            r.tokens.iter().map(|t| t.id).collect::<Vec<u32>>()
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn etcd_cluster_of_three_workers_matches_one_process_while_rebalancing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    init_model(&m, "hunyuan-large", "tiny", "bf16", 21, &[]);
+    let prompts = prompts();
+    let rt = runtime();
+    // The single-process server's answers.
+    let want = {
+        let (_serve, addr) = front(&m, "serve", &["--workers", "1"]);
+        rt.block_on(complete(&addr, &prompts, 12))
+    };
+    let (_etcd, url) = etcd(tmp.path());
+    let etcd_args = ["--etcd", url.as_str(), "--cluster", "e2e"];
+    let _workers: Vec<_> = (0..3)
+        .map(|i| worker(&m, &etcd_args, &format!("w{i}")).0)
+        .collect();
+    let (_coord, addr) = front(
+        &m,
+        "coordinator",
+        &[
+            "--etcd",
+            &url,
+            "--cluster",
+            "e2e",
+            "--expect-workers",
+            "3",
+            "--rebalance-secs",
+            "0.3",
+            "--rebalance-min-rows",
+            "16",
+        ],
+    );
+    let membership = EtcdMembership::new(&url, "e2e");
+    let (registered, first) = rt.block_on(async {
+        let w = membership.list().await.unwrap();
+        let p = membership
+            .load_placement()
+            .await
+            .unwrap()
+            .expect("placement stored");
+        (w, serde_json::from_str::<PlacementRecord>(&p).unwrap())
+    });
+    assert_eq!(
+        registered
+            .iter()
+            .map(|w| w.name.as_str())
+            .collect::<Vec<_>>(),
+        ["w0", "w1", "w2"]
+    );
+    assert_eq!(first.workers, ["w0", "w1", "w2"]);
+    // Every expert is held somewhere, and each worker holds some: the experts are
+    // really spread, not replicated.
+    for rank in 0..3u32 {
+        let held = first
+            .holders
+            .iter()
+            .flatten()
+            .filter(|h| h.contains(&rank))
+            .count();
+        let total = first.holders.iter().map(Vec::len).sum::<usize>();
+        assert!(
+            held > 0 && held < total,
+            "rank {rank} holds {held} of {total}"
+        );
+    }
+    // Serve under load until at least two rebalances have switched the placement;
+    // every answer must stay the single process's.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut rounds = 0;
+    let last = loop {
+        let got = rt.block_on(complete(&addr, &prompts, 12));
+        assert_eq!(got, want, "round {rounds}: the cluster's output differs");
+        rounds += 1;
+        let p: PlacementRecord = rt.block_on(async {
+            serde_json::from_str(&membership.load_placement().await.unwrap().unwrap()).unwrap()
+        });
+        if p.epoch >= first.epoch + 2 {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no two rebalances after {rounds} rounds (epoch {})",
+            p.epoch
+        );
+    };
+    // The load was skewed enough to replicate hot experts, and the answers after the
+    // last switch are still the same.
+    assert!(last.replicas > 0, "{last:?}");
+    assert_eq!(rt.block_on(complete(&addr, &prompts, 12)), want);
+}
+
+#[test]
+fn mutual_tls_refuses_foreign_certificates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    init_model(&m, "hunyuan-large", "tiny", "bf16", 22, &[]);
+    let (good, foreign) = (tmp.path().join("ca"), tmp.path().join("foreign"));
+    run_ok(&[
+        "cluster-certs",
+        "--out",
+        good.to_str().unwrap(),
+        "--names",
+        "coordinator,w0,w1",
+    ]);
+    run_ok(&[
+        "cluster-certs",
+        "--out",
+        foreign.to_str().unwrap(),
+        "--names",
+        "coordinator,w1",
+    ]);
+    let tls = |dir: &Path, name: &str| -> Vec<String> {
+        vec![
+            "--tls-ca".into(),
+            dir.join("ca.pem").to_str().unwrap().into(),
+            "--tls-cert".into(),
+            dir.join(format!("{name}.pem")).to_str().unwrap().into(),
+            "--tls-key".into(),
+            dir.join(format!("{name}.key")).to_str().unwrap().into(),
+        ]
+    };
+    let args = |v: &[String]| v.to_vec();
+    let w0_tls = tls(&good, "w0");
+    let w1_tls = tls(&good, "w1");
+    let (_w0, a0) = worker(
+        &m,
+        &w0_tls.iter().map(String::as_str).collect::<Vec<_>>(),
+        "w0",
+    );
+    let (_w1, a1) = worker(
+        &m,
+        &w1_tls.iter().map(String::as_str).collect::<Vec<_>>(),
+        "w1",
+    );
+    let peers = format!("{a0},{a1}");
+    let rt = runtime();
+
+    // A coordinator with a certificate of the cluster CA serves (the two workers
+    // exchange activations over mutual TLS too).
+    let mut ok = args(&tls(&good, "coordinator"));
+    ok.extend(["--peers".into(), peers.clone()]);
+    {
+        let (_coord, addr) = front(
+            &m,
+            "coordinator",
+            &ok.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        let got = rt.block_on(complete(&addr, &prompts()[..3], 6));
+        assert!(got.iter().all(|t| t.len() == 6), "{got:?}");
+    }
+
+    // A coordinator with a foreign certificate cannot reach the workers.
+    let mut bad = args(&tls(&foreign, "coordinator"));
+    bad.extend([
+        "--peers".into(),
+        peers.clone(),
+        "--join-timeout-secs".into(),
+        "2".into(),
+        "--http-addr".into(),
+        "127.0.0.1:0".into(),
+        "--grpc-addr".into(),
+        "127.0.0.1:0".into(),
+        "--model".into(),
+        m.to_str().unwrap().into(),
+    ]);
+    let out = hyserve()
+        .arg("coordinator")
+        .args(&bad)
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a foreign coordinator started");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains(&a0), "the error names the worker: {stderr}");
+    assert!(
+        stderr.contains("certificate"),
+        "the error says why: {stderr}"
+    );
+
+    // So does one without TLS at all.
+    let out = hyserve()
+        .args(["coordinator", "--peers", &peers, "--join-timeout-secs", "2"])
+        .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
+        .args(["--model", m.to_str().unwrap()])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success(), "a plaintext coordinator started");
+
+    // A worker with a foreign certificate is refused by the cluster's coordinator.
+    let w_foreign = tls(&foreign, "w1");
+    let (_wf, af) = worker(
+        &m,
+        &w_foreign.iter().map(String::as_str).collect::<Vec<_>>(),
+        "intruder",
+    );
+    let mut with_intruder = args(&tls(&good, "coordinator"));
+    with_intruder.extend([
+        "--peers".into(),
+        format!("{a0},{af}"),
+        "--join-timeout-secs".into(),
+        "2".into(),
+        "--http-addr".into(),
+        "127.0.0.1:0".into(),
+        "--grpc-addr".into(),
+        "127.0.0.1:0".into(),
+        "--model".into(),
+        m.to_str().unwrap().into(),
+    ]);
+    let out = hyserve()
+        .arg("coordinator")
+        .args(&with_intruder)
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a cluster with a foreign worker started"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains(&af),
+        "the error names the intruder: {stderr}"
+    );
+    assert!(
+        stderr.contains("certificate"),
+        "the error says why: {stderr}"
+    );
+}
