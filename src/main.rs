@@ -4,6 +4,7 @@
 //! - `generate`: run one prompt through a model (the fidelity interface).
 //! - `bench`: CPU decode/prefill throughput beside the machine's memory bandwidth.
 //! - `bench-gpu`: one Hunyuan-Large layer at real dimensions on a GPU, against ceilings.
+//! - `bench-ep`: real-dimension layers over several GPUs with NCCL expert parallelism.
 //! - `plan`: the expert placement of a model on an inventory of GPUs.
 //! - `serve`: the whole system in one process (gateway, scheduler, workers).
 //! - `coordinator`: gateway and scheduler of a cluster of `worker` processes.
@@ -45,6 +46,7 @@ enum Command {
     Generate(commands::generate::Args),
     Bench(commands::bench::Args),
     BenchGpu(commands::bench_gpu::Args),
+    BenchEp(commands::bench_ep::Args),
     Plan(commands::plan::Args),
 }
 
@@ -66,6 +68,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(a) => commands::generate::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::BenchGpu(a) => commands::bench_gpu::run(a),
+        Command::BenchEp(a) => commands::bench_ep::run(a),
         Command::Plan(a) => commands::plan::run(a),
     }
 }

@@ -89,10 +89,15 @@ struct State {
 pub struct Cluster {
     cfg: ModelConfig,
     opts: ClusterOptions,
-    workers: Vec<WorkerInfo>,
-    clients: Vec<WorkerClient<Channel>>,
+    /// By rank; a worker that comes back at another address is updated in place.
+    workers: Mutex<Vec<WorkerInfo>>,
+    clients: Mutex<Vec<WorkerClient<Channel>>>,
     specs: Vec<WorkerSpec>,
     state: Mutex<State>,
+    /// The engine stepping this cluster (paused while workers are reassigned).
+    engine: std::sync::OnceLock<EngineHandle>,
+    /// One recovery at a time.
+    recovering: tokio::sync::Mutex<()>,
 }
 
 fn client_for(addr: &str, tls: Option<&ClusterTls>) -> Result<WorkerClient<Channel>, String> {
@@ -214,9 +219,11 @@ impl Cluster {
         let cluster = Arc::new(Self {
             cfg,
             opts,
-            workers,
-            clients,
+            workers: Mutex::new(workers),
+            clients: Mutex::new(clients),
             specs,
+            engine: std::sync::OnceLock::new(),
+            recovering: tokio::sync::Mutex::new(()),
             state: Mutex::new(State {
                 record: record.clone(),
                 assign: assign.clone(),
@@ -224,7 +231,7 @@ impl Cluster {
             }),
         });
         cluster.store(&record).await?;
-        let calls = (0..cluster.workers.len()).map(|rank| {
+        let calls = (0..assign.len()).map(|rank| {
             let (c, req) = (cluster.clone(), assign[rank].clone());
             async move { c.assign(rank, req).await }
         });
@@ -234,11 +241,25 @@ impl Cluster {
         Ok(cluster)
     }
 
+    fn worker(&self, rank: usize) -> WorkerInfo {
+        self.workers
+            .lock()
+            .map(|w| w[rank].clone())
+            .expect("workers lock")
+    }
+
+    fn client(&self, rank: usize) -> WorkerClient<Channel> {
+        self.clients
+            .lock()
+            .map(|c| c[rank].clone())
+            .expect("clients lock")
+    }
+
     async fn assign(&self, rank: usize, req: AssignRequest) -> Result<(), ClusterError> {
-        let w = &self.workers[rank];
+        let w = self.worker(rank);
         let t0 = std::time::Instant::now();
-        let resp = self.clients[rank]
-            .clone()
+        let resp = self
+            .client(rank)
             .assign(req)
             .await
             .map_err(|e| ClusterError::Worker {
@@ -254,13 +275,29 @@ impl Cluster {
         Ok(())
     }
 
-    /// Assigns worker `rank` again with the placement in force (it restarted).
-    pub async fn reassign(&self, rank: usize) -> Result<(), ClusterError> {
-        let req = self.state.lock().ok().map(|s| s.assign[rank].clone());
-        match req {
-            Some(req) => self.assign(rank, req).await,
-            None => Ok(()),
+    /// Assigns workers `ranks` again with the placement in force (they restarted, or
+    /// a peer moved): pauses the engine so no step races the reassignment, assigns,
+    /// and resumes with those workers' sequences requeued (their KV caches are new).
+    pub async fn recover(&self, ranks: Vec<usize>) -> Result<(), ClusterError> {
+        let _one = self.recovering.lock().await;
+        if let Some(e) = self.engine.get() {
+            e.pause().await;
         }
+        let reqs: Vec<(usize, AssignRequest)> = match self.state.lock() {
+            Ok(s) => ranks.iter().map(|&r| (r, s.assign[r].clone())).collect(),
+            Err(_) => Vec::new(),
+        };
+        let results =
+            futures::future::join_all(reqs.into_iter().map(|(r, req)| self.assign(r, req))).await;
+        if let Some(e) = self.engine.get() {
+            e.resume(ranks);
+        }
+        results.into_iter().collect()
+    }
+
+    /// The engine that steps this cluster: recoveries pause it.
+    pub fn attach(&self, engine: EngineHandle) {
+        let _ = self.engine.set(engine);
     }
 
     async fn store(&self, record: &PlacementRecord) -> Result<(), ClusterError> {
@@ -271,8 +308,8 @@ impl Cluster {
         Ok(())
     }
 
-    pub fn workers(&self) -> &[WorkerInfo] {
-        &self.workers
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        self.workers.lock().map(|w| w.clone()).unwrap_or_default()
     }
 
     pub fn placement(&self) -> Option<PlacementRecord> {
@@ -285,7 +322,6 @@ impl Cluster {
         Arc::new(move |rank| {
             Ok(Box::new(RemoteWorker {
                 rank,
-                client: me.clients[rank].clone(),
                 cluster: me.clone(),
             }) as Box<dyn WorkerLink>)
         })
@@ -338,9 +374,10 @@ impl Cluster {
         };
         let pb = placement_to_pb(record.epoch, &record.holders);
         let t0 = std::time::Instant::now();
-        let calls = self.clients.iter().enumerate().map(|(rank, c)| {
-            let (mut c, pb) = (c.clone(), pb.clone());
-            let w = &self.workers[rank];
+        let clients = self.clients.lock().map(|c| c.clone()).unwrap_or_default();
+        let workers = self.workers();
+        let calls = clients.into_iter().zip(workers).map(|(mut c, w)| {
+            let pb = pb.clone();
             async move {
                 c.stage(StageRequest {
                     placement: Some(pb),
@@ -411,16 +448,23 @@ impl Cluster {
                         tracing::warn!(worker = %name, "worker left the cluster (lease expired)")
                     }
                     MemberEvent::Joined(info) => {
-                        let Some(rank) = me.workers.iter().position(|w| w.name == info.name) else {
+                        let known = me.workers();
+                        let Some(rank) = known.iter().position(|w| w.name == info.name) else {
                             tracing::info!(worker = %info.name, "a worker outside the placement registered; it stays idle");
                             continue;
                         };
-                        if me.workers[rank].addr != info.addr {
-                            tracing::warn!(worker = %info.name, "worker came back at another address; it stays idle");
-                            continue;
-                        }
-                        tracing::info!(worker = %info.name, rank, "worker (re)joined; assigning its shard");
-                        if let Err(e) = me.reassign(rank).await {
+                        let ranks = if known[rank].addr == info.addr {
+                            vec![rank]
+                        } else {
+                            // It restarted elsewhere: every peer list changes.
+                            if let Err(e) = me.move_worker(rank, &info.addr) {
+                                tracing::error!(error = %e, "worker moved to an unusable address");
+                                continue;
+                            }
+                            (0..known.len()).collect()
+                        };
+                        tracing::info!(worker = %info.name, rank, addr = %info.addr, "worker (re)joined; assigning shards again");
+                        if let Err(e) = me.recover(ranks).await {
                             tracing::error!(error = %e, "reassigning failed");
                         }
                     }
@@ -428,6 +472,30 @@ impl Cluster {
             }
             watcher.abort();
         });
+    }
+}
+
+impl Cluster {
+    /// Points rank `rank` at a new address (its process restarted elsewhere).
+    fn move_worker(&self, rank: usize, addr: &str) -> Result<(), ClusterError> {
+        let client =
+            client_for(addr, self.opts.tls.as_ref()).map_err(|message| ClusterError::Worker {
+                worker: format!("rank {rank}"),
+                addr: addr.to_string(),
+                message,
+            })?;
+        if let Ok(mut w) = self.workers.lock() {
+            w[rank].addr = addr.to_string();
+        }
+        if let Ok(mut c) = self.clients.lock() {
+            c[rank] = client;
+        }
+        if let Ok(mut s) = self.state.lock() {
+            for a in &mut s.assign {
+                a.peers[rank] = addr.to_string();
+            }
+        }
+        Ok(())
     }
 }
 
@@ -443,13 +511,13 @@ fn plan_options(opts: &ClusterOptions) -> PlanOptions {
 /// The engine's link to one worker process.
 struct RemoteWorker {
     rank: usize,
-    client: WorkerClient<Channel>,
     cluster: Arc<Cluster>,
 }
 
 impl WorkerLink for RemoteWorker {
     fn submit(&self, step: Step, reply: Reply) -> Result<(), String> {
-        let (mut client, cluster, rank) = (self.client.clone(), self.cluster.clone(), self.rank);
+        let (cluster, rank) = (self.cluster.clone(), self.rank);
+        let mut client = cluster.client(rank);
         let req = step_to_pb(&step);
         tokio::spawn(async move {
             let result = match client.run_step(req).await {
@@ -478,9 +546,14 @@ impl WorkerLink for RemoteWorker {
                             rank,
                             "worker lost its assignment (restarted); assigning again"
                         );
-                        if let Err(e) = cluster.reassign(rank).await {
-                            tracing::error!(rank, error = %e, "reassigning failed");
-                        }
+                        // After this step's failure is delivered: the recovery pauses
+                        // the engine, which waits for this very step.
+                        let c = cluster.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = c.recover(vec![rank]).await {
+                                tracing::error!(rank, error = %e, "reassigning failed");
+                            }
+                        });
                     } else {
                         // Do not spin on a worker that is down: the step is retried.
                         tokio::time::sleep(Duration::from_millis(250)).await;

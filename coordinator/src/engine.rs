@@ -81,6 +81,10 @@ pub enum SchedulerMsg {
     },
     /// Worker `i` was restarted with a fresh executor.
     WorkerRestarted(usize, ActorRef<WorkerMsg>),
+    /// Stop starting steps; answer once none is in flight.
+    Pause(tokio::sync::oneshot::Sender<()>),
+    /// Start steps again; workers `reset` lost their KV caches meanwhile.
+    Resume { reset: Vec<usize> },
 }
 
 /// Messages to a worker actor.
@@ -175,6 +179,8 @@ struct SchedulerState {
     factory: ExecutorFactory,
     /// The number of the next lockstep step.
     next_step: u64,
+    paused: bool,
+    pause_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
 struct SchedulerArgs {
@@ -187,6 +193,12 @@ impl SchedulerActor {
     /// Plans and launches the next step if none is in flight.
     fn kick(&self, myself: &ActorRef<SchedulerMsg>, st: &mut SchedulerState) {
         if st.in_flight {
+            return;
+        }
+        if st.paused {
+            for w in st.pause_waiters.drain(..) {
+                let _ = w.send(());
+            }
             return;
         }
         let t0 = Instant::now();
@@ -345,6 +357,8 @@ impl Actor for SchedulerActor {
             shared: args.shared,
             factory: args.factory,
             next_step: 1,
+            paused: false,
+            pause_waiters: Vec::new(),
         })
     }
 
@@ -410,6 +424,18 @@ impl Actor for SchedulerActor {
             SchedulerMsg::WorkerRestarted(i, w) => {
                 st.workers[i] = w;
                 st.shared.workers_alive.fetch_add(1, Ordering::AcqRel);
+            }
+            SchedulerMsg::Pause(done) => {
+                st.paused = true;
+                st.pause_waiters.push(done);
+            }
+            SchedulerMsg::Resume { reset } => {
+                if !reset.is_empty() {
+                    tracing::warn!(workers = ?reset, "workers were assigned afresh; their sequences are recomputed");
+                    st.scheduler.reset_workers(&reset);
+                    self.publish_stats(st);
+                }
+                st.paused = false;
             }
         }
         self.kick(&myself, st);
@@ -520,6 +546,21 @@ impl EngineHandle {
 
     pub fn epoch(&self) -> u64 {
         self.shared.epoch.load(Ordering::Acquire)
+    }
+
+    /// Stops starting steps and waits until none is in flight (a cluster change that
+    /// must not race a step).
+    pub async fn pause(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.actor.cast(SchedulerMsg::Pause(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Starts steps again after [`EngineHandle::pause`]; workers `reset` lost their KV
+    /// caches, so their sequences are recomputed from their tokens so far.
+    pub fn resume(&self, reset: Vec<usize>) {
+        let _ = self.actor.cast(SchedulerMsg::Resume { reset });
     }
 
     /// Rows routed per `[layer][expert]` (flattened) since the last call.

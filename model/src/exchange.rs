@@ -36,6 +36,44 @@ impl Rows {
     pub fn n_rows(&self) -> usize {
         self.blocks.iter().map(|&(_, r)| r as usize).sum()
     }
+
+    /// Little-endian bytes: block count, `(expert, rows)` pairs, then the f32 data.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(4 + 8 * self.blocks.len() + 4 * self.data.len());
+        b.extend((self.blocks.len() as u32).to_le_bytes());
+        for &(e, r) in &self.blocks {
+            b.extend(e.to_le_bytes());
+            b.extend(r.to_le_bytes());
+        }
+        for x in &self.data {
+            b.extend(x.to_le_bytes());
+        }
+        b
+    }
+
+    /// The inverse of [`Rows::to_bytes`]; `None` for bytes it did not make. Empty bytes
+    /// are an empty message.
+    pub fn from_bytes(b: &[u8]) -> Option<Rows> {
+        if b.is_empty() {
+            return Some(Rows::default());
+        }
+        let u32_at = |i: usize| -> Option<u32> {
+            Some(u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?))
+        };
+        let n = u32_at(0)? as usize;
+        let head = 4usize.checked_add(n.checked_mul(8)?)?;
+        if head > b.len() || !(b.len() - head).is_multiple_of(4) {
+            return None;
+        }
+        let blocks = (0..n)
+            .map(|i| Some((u32_at(4 + 8 * i)?, u32_at(8 + 8 * i)?)))
+            .collect::<Option<Vec<_>>>()?;
+        let data = b[head..]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Some(Rows { blocks, data })
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -240,6 +278,19 @@ mod tests {
             .unwrap();
         let got = a.recv(round(2, 1)).unwrap();
         assert_eq!(got, vec![Rows::default(), rows(4.0), rows(3.0)]);
+    }
+
+    #[test]
+    fn rows_round_trip_through_bytes_and_bad_bytes_are_refused() {
+        let r = Rows {
+            blocks: vec![(3, 2), (7, 1)],
+            data: vec![1.5, -2.0, 0.25, 8.0, 1e-3, -0.0],
+        };
+        assert_eq!(Rows::from_bytes(&r.to_bytes()), Some(r.clone()));
+        assert_eq!(Rows::from_bytes(&[]), Some(Rows::default()));
+        let b = r.to_bytes();
+        assert_eq!(Rows::from_bytes(&b[..b.len() - 1]), None);
+        assert_eq!(Rows::from_bytes(&[0xff, 0xff, 0xff, 0xff, 0, 0]), None);
     }
 
     #[test]

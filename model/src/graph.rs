@@ -137,7 +137,28 @@ impl<B: Backend> Model<B> {
         seed: u64,
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Self {
-        let expected = crate::names::expected(&cfg);
+        Self::random_shard(backend, cfg, seed, &|_, _| true, progress)
+    }
+
+    /// [`Model::random`] holding only the routed experts `holds` selects; every tensor's
+    /// values depend on its name only, so shards of one seed make one model.
+    pub fn random_shard(
+        backend: &B,
+        cfg: ModelConfig,
+        seed: u64,
+        holds: &dyn Fn(usize, usize) -> bool,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Self {
+        let all = crate::names::expected(&cfg);
+        let index: std::collections::HashMap<String, u64> = all
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.name.clone(), i as u64 + 1))
+            .collect();
+        let expected: Vec<_> = all
+            .into_iter()
+            .filter(|e| expert_of(&e.name).is_none_or(|(l, x)| holds(l, x)))
+            .collect();
         let shapes: std::collections::HashMap<&str, &[usize]> = expected
             .iter()
             .map(|e| (e.name.as_str(), e.shape.as_slice()))
@@ -152,14 +173,13 @@ impl<B: Backend> Model<B> {
             bytes_done: 0,
             bytes_total,
         };
-        let mut n = 0u64;
         Self::assemble(
             cfg.clone(),
-            &|_, _| true,
+            holds,
             &mut |name| {
                 let shape = shapes[name];
                 let (rows, cols) = (shape[0], shape[1]);
-                n += 1;
+                let n = index[name];
                 let scale = if name.ends_with("gate.wg.weight") {
                     4.0 * (3.0 / cols as f32).sqrt()
                 } else if name.contains("embed_tokens") {
@@ -488,12 +508,14 @@ impl<B: Backend> Model<B> {
         let (rank, world) = (ep.exchange.rank(), ep.exchange.world());
         let k = spec.top_k;
         let routing = self.routing(l);
+        let step = ep.step;
         let round = |phase| Round {
-            step: ep.step,
+            step,
             layer: l as u32,
             phase,
         };
         // Route this worker's tokens; decide where each expert's rows are computed.
+        let mut t0 = std::time::Instant::now();
         let mut outgoing = vec![Rows::default(); world];
         // Per peer, the (token, choice) pairs of every block sent, in send order.
         let mut sent: Vec<Vec<Vec<usize>>> = vec![Vec::new(); world];
@@ -540,7 +562,15 @@ impl<B: Backend> Model<B> {
                 }
             }
         }
+        lap(ep, &mut t0, |t| &mut t.route_s);
+        if let Some(t) = ep.timing.as_deref_mut() {
+            t.bytes_sent += outgoing
+                .iter()
+                .map(|r| 4 * r.data.len() as u64)
+                .sum::<u64>();
+        }
         ep.exchange.send(round(0), outgoing)?;
+        lap(ep, &mut t0, |t| &mut t.dispatch_s);
         // While the rows travel: the shared expert and the local experts.
         let mut done = None;
         if let Some(h) = h {
@@ -563,8 +593,10 @@ impl<B: Backend> Model<B> {
             }
             done = Some((out, routed));
         }
+        lap(ep, &mut t0, |t| &mut t.expert_s);
         // Serve the peers' rows.
         let incoming = ep.exchange.recv(round(0))?;
+        lap(ep, &mut t0, |t| &mut t.dispatch_s);
         let mut replies = vec![Rows::default(); world];
         for (src, msg) in incoming.into_iter().enumerate() {
             let malformed = |reason: String| ExchangeError::Malformed { peer: src, reason };
@@ -594,10 +626,15 @@ impl<B: Backend> Model<B> {
                 reply.data.extend(b.download(&b.mlp(&x, m.as_ref())));
             }
         }
+        lap(ep, &mut t0, |t| &mut t.expert_s);
+        if let Some(t) = ep.timing.as_deref_mut() {
+            t.bytes_sent += replies.iter().map(|r| 4 * r.data.len() as u64).sum::<u64>();
+        }
         ep.exchange.send(round(1), replies)?;
         // Combine the results in the tokens' order.
         let results = ep.exchange.recv(round(1))?;
         let Some((mut out, mut routed)) = done else {
+            lap(ep, &mut t0, |t| &mut t.combine_s);
             return Ok(None);
         };
         for (dest, msg) in results.into_iter().enumerate() {
@@ -618,6 +655,7 @@ impl<B: Backend> Model<B> {
             }
         }
         b.combine(&mut out, &routed, &weights, k);
+        lap(ep, &mut t0, |t| &mut t.combine_s);
         Ok(Some(out))
     }
 }
@@ -635,6 +673,41 @@ pub struct ExpertParallel<'a> {
     pub step: u64,
     /// Rows this worker routed, `[layer][expert]`, accumulated.
     pub load: &'a mut [Vec<u64>],
+    /// When set, the MoE phases' wall time is added here, each phase ended by
+    /// `fence` (a device synchronisation, so the split is real; benchmarks only).
+    pub timing: Option<&'a mut EpTiming>,
+    pub fence: Option<&'a (dyn Fn() + Sync)>,
+}
+
+/// Where an expert-parallel MoE block's time goes, summed over layers and steps.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EpTiming {
+    /// Router, top-k, and packing rows for their workers.
+    pub route_s: f64,
+    /// The dispatch round (sending rows, waiting for the peers').
+    pub dispatch_s: f64,
+    /// The shared expert and the routed experts, local rows and peers'.
+    pub expert_s: f64,
+    /// The combine round and the weighted sum.
+    pub combine_s: f64,
+    /// Activation bytes this worker sent.
+    pub bytes_sent: u64,
+}
+
+/// Ends a timed phase: fences, adds the time since `t0` to the phase `pick` selects.
+fn lap(
+    ep: &mut ExpertParallel<'_>,
+    t0: &mut std::time::Instant,
+    pick: fn(&mut EpTiming) -> &mut f64,
+) {
+    if let Some(t) = ep.timing.as_deref_mut() {
+        if let Some(f) = ep.fence {
+            f();
+        }
+        let now = std::time::Instant::now();
+        *pick(t) += (now - *t0).as_secs_f64();
+        *t0 = now;
+    }
 }
 
 /// The `(layer, expert)` a checkpoint tensor belongs to, if it is a routed expert's.

@@ -100,6 +100,8 @@ fn three_shards_match_one_whole_model_bitwise() {
                                     holders,
                                     step: step * 10 + f as u64,
                                     load: &mut load,
+                                    timing: None,
+                                    fence: None,
                                 };
                                 let Some(&i) = mine.get(f) else {
                                     model.forward_ep(b, &mut idle_kv, &[], &mut ep).unwrap();

@@ -3,8 +3,8 @@
 # peer, in the same run), writing logs, JSON and a Markdown results table to $OUT.
 #
 #   scripts/gpu/package.sh                 # on a development machine: builds .dev/gpu/
-#   scripts/gpu/run.sh [stage ...]         # on the GPU host; stages: tests layer tune e2e
-#                                          # (default: tests layer e2e)
+#   scripts/gpu/run.sh [stage ...]         # on the GPU host; stages: tests layer tune e2e ep
+#                                          # (default: tests layer e2e; ep needs 2+ GPUs)
 #
 # Environment: BIN (default .dev/gpu), OUT (default gpu-results), PY (a python with torch).
 set -uo pipefail
@@ -59,6 +59,17 @@ if stage tune; then
             --json-out "$OUT/tune_$tag.json" > /dev/null 2> "$OUT/tune_$tag.log"
         grep -E "gemv|moe_t|layer" "$OUT/tune_$tag.log" | grep ms
     done
+fi
+
+if stage ep; then
+    # Four real-dimension layers over 1 (fused baseline), 2 and 4 GPUs with NCCL.
+    step "expert parallelism over NCCL"
+    EP_MODEL=$(mktemp -d)/large-4l
+    "$BIN/hyserve" init-model --arch hunyuan-large --preset large-4l --config-only --out "$EP_MODEL" > /dev/null 2>&1
+    nvidia-smi topo -m > "$OUT/topo.txt" 2>&1
+    "$BIN/hyserve" bench-ep --model "$EP_MODEL" --gpus "${EP_GPUS:-1,2,4}" \
+        --batches "${EP_BATCHES:-1,16,64}" --json-out "$OUT/ep.json" > /dev/null 2> "$OUT/ep.log"
+    echo "rc=$?"; grep -E "GPU|error|Error" "$OUT/ep.log" | tail -20
 fi
 
 if stage e2e; then

@@ -1,6 +1,7 @@
 //! One module per subcommand: its clap arguments and its `run`.
 
 pub mod bench;
+pub mod bench_ep;
 pub mod bench_gpu;
 pub mod certs;
 pub mod generate;

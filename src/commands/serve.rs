@@ -363,6 +363,7 @@ async fn serve(mut cfg: ServeConfig, cluster: Option<ClusterArgs>) -> anyhow::Re
     )
     .await?;
     if let (Some(cl), Some(c)) = (&running_cluster, &cluster) {
+        cl.attach(engine.clone());
         cl.spawn_watch();
         if c.rebalance_secs > 0.0 {
             cl.spawn_rebalancer(engine.clone(), Duration::from_secs_f64(c.rebalance_secs));

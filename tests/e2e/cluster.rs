@@ -427,3 +427,56 @@ fn mutual_tls_refuses_foreign_certificates() {
         "the error says why: {stderr}"
     );
 }
+
+#[test]
+fn a_killed_worker_restarted_elsewhere_loses_no_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    init_model(&m, "hunyuan-large", "tiny", "bf16", 23, &[]);
+    let prompts = prompts();
+    let rt = runtime();
+    let want = {
+        let (_serve, addr) = front(&m, "serve", &["--workers", "1"]);
+        rt.block_on(complete(&addr, &prompts, 48))
+    };
+    let (_etcd, url) = etcd(tmp.path());
+    let etcd_args = ["--etcd", url.as_str(), "--cluster", "fault"];
+    let mut workers: Vec<_> = (0..3)
+        .map(|i| worker(&m, &etcd_args, &format!("w{i}")).0)
+        .collect();
+    let (_coord, addr) = front(
+        &m,
+        "coordinator",
+        &[
+            "--etcd",
+            &url,
+            "--cluster",
+            "fault",
+            "--expect-workers",
+            "3",
+            "--rebalance-secs",
+            "0",
+            "--exchange-timeout-ms",
+            "1500",
+        ],
+    );
+    let (a, p) = (addr.clone(), prompts.clone());
+    let requests = rt.spawn(async move { complete(&a, &p, 48).await });
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(
+        !requests.is_finished(),
+        "the requests ended before the kill: the test proves nothing"
+    );
+    // SIGKILL rank 1 mid-generation, then start a new process under its name (on
+    // another port): the coordinator reassigns every rank and recomputes what was lost.
+    drop(workers.remove(1));
+    let (replacement, _) = worker(&m, &etcd_args, "w1");
+    workers.push(replacement);
+    let got = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(120), requests)
+            .await
+            .expect("the requests finish after the worker is replaced")
+            .unwrap()
+    });
+    assert_eq!(got, want, "a request changed or was lost");
+}

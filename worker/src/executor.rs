@@ -298,6 +298,8 @@ impl<B: Backend> Executor<B> {
             holders: &ep.holders,
             step: step.step_id,
             load: &mut ep.load,
+            timing: None,
+            fence: None,
         };
         let logits = self
             .pool

@@ -6,6 +6,7 @@
 //!   on any [`hyserve_kernels::Backend`]; [`ExecutorHandle`] owns it on its own thread.
 //! - [`remote`]: the worker as a process of its own: the cluster gRPC service, the gRPC
 //!   activation exchange between worker processes, mutual TLS.
+//! - [`nccl`]: the exchange between GPUs over NCCL.
 //! - [`generate`]: a single-sequence driver (prefill in chunks, then decode with a
 //!   sampler) used by `hyserve generate` and the benchmarks.
 
@@ -14,6 +15,7 @@
 pub mod blocks;
 pub mod executor;
 pub mod generate;
+pub mod nccl;
 pub mod remote;
 
 pub use blocks::{BlockAllocator, BlockTable};

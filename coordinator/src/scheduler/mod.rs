@@ -723,6 +723,20 @@ impl Scheduler {
         }
     }
 
+    /// Workers `ws` lost their KV caches (they were assigned afresh): any step in flight
+    /// is abandoned (its late result will be ignored) and every sequence running on those
+    /// workers goes back to the queue, as after a failed step; their prefix caches go.
+    pub fn reset_workers(&mut self, ws: &[usize]) {
+        let mut steps: Vec<(usize, Vec<Scheduled>)> =
+            self.in_flight.take().map(|f| f.steps).unwrap_or_default();
+        for &w in ws {
+            if !steps.iter().any(|(x, _)| *x == w) {
+                steps.push((w, Vec::new()));
+            }
+        }
+        self.requeue(InFlight { plan_id: 0, steps });
+    }
+
     fn requeue(&mut self, flight: InFlight) {
         for (_, scheduled) in &flight.steps {
             for s in scheduled {

@@ -19,8 +19,10 @@
 //! passes device pointers of buffers whose sizes the calling method has checked.
 
 mod compile;
+mod nccl;
 
 pub use compile::{SOURCES, compile, compile_options, probe_libraries, program_source};
+pub use nccl::{NcclComm, NcclId};
 
 use std::collections::HashMap;
 use std::ffi::c_void;
