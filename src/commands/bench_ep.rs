@@ -47,6 +47,10 @@ pub struct Args {
 const BLOCK: usize = 16;
 const SEED: u64 = 7;
 
+/// One GPU's results over the batches, and its all-to-all probes (GB/s at 32 MiB
+/// per peer, seconds for 64 KiB per peer).
+type RankResult = (Vec<RankCase>, (f64, f64));
+
 /// One GPU's result for one batch.
 #[derive(Clone, Debug, Default)]
 struct RankCase {
@@ -122,7 +126,7 @@ fn rank_run(
     id: &NcclId,
     cfg: &ModelConfig,
     a: &Args,
-) -> anyhow::Result<(Vec<RankCase>, (f64, f64))> {
+) -> anyhow::Result<RankResult> {
     let (b, _) = CudaBackend::new(rank, Precision::Bf16).with_context(|| format!("GPU {rank}"))?;
     let holders: Vec<Vec<Vec<u32>>> = cfg
         .layers
@@ -210,7 +214,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         let id = NcclId::new().map_err(anyhow::Error::msg)?;
         eprintln!("{world} GPUs: making random shards, joining NCCL");
-        let results: Vec<anyhow::Result<(Vec<RankCase>, (f64, f64))>> = std::thread::scope(|s| {
+        let results: Vec<anyhow::Result<RankResult>> = std::thread::scope(|s| {
             let hs: Vec<_> = (0..world)
                 .map(|rank| {
                     let (id, cfg, a) = (&id, &cfg, &a);
@@ -224,8 +228,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 })
                 .collect()
         });
-        let results: Vec<(Vec<RankCase>, (f64, f64))> =
-            results.into_iter().collect::<Result<_, _>>()?;
+        let results: Vec<RankResult> = results.into_iter().collect::<Result<_, _>>()?;
         let probe = results.iter().map(|r| r.1.0).fold(f64::MAX, f64::min);
         let small_us = results.iter().map(|r| r.1.1).fold(0.0, f64::max) * 1e6;
         for (bi, &batch) in a.batches.iter().enumerate() {
