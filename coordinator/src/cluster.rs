@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use hyserve_model::ModelConfig;
 use hyserve_proto::cluster::worker_client::WorkerClient;
-use hyserve_proto::cluster::{AssignRequest, StageRequest, StatusRequest};
+use hyserve_proto::cluster::{AssignRequest, NcclIdRequest, StageRequest, StatusRequest};
 use hyserve_worker::remote::{
     ClusterTls, MAX_MESSAGE_BYTES, endpoint, f32_from_bytes, placement_to_pb, step_to_pb,
 };
@@ -98,6 +98,8 @@ pub struct Cluster {
     engine: std::sync::OnceLock<EngineHandle>,
     /// One recovery at a time.
     recovering: tokio::sync::Mutex<()>,
+    /// GPU workers: activations over NCCL, one communicator for all ranks.
+    gpu: bool,
 }
 
 fn client_for(addr: &str, tls: Option<&ClusterTls>) -> Result<WorkerClient<Channel>, String> {
@@ -167,6 +169,17 @@ impl Cluster {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let n_gpu = workers
+            .iter()
+            .filter(|w| w.device.starts_with("cuda"))
+            .count();
+        if n_gpu != 0 && n_gpu != workers.len() {
+            return Err(ClusterError::Plan(format!(
+                "{n_gpu} of {} workers are GPUs: a cluster's workers are all CPUs or all GPUs",
+                workers.len()
+            )));
+        }
+        let gpu = n_gpu > 0;
         // Each worker process is its own node: the dense part is replicated.
         let specs: Vec<WorkerSpec> = workers
             .iter()
@@ -204,6 +217,11 @@ impl Cluster {
             tracing::info!(epoch = record.epoch, "placement: {note}");
         }
         let peers: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
+        let nccl_id = if gpu {
+            fresh_nccl_id(&clients[0], &workers[0]).await?
+        } else {
+            Vec::new()
+        };
         let assign: Vec<AssignRequest> = (0..workers.len())
             .map(|rank| AssignRequest {
                 rank: rank as u32,
@@ -213,6 +231,7 @@ impl Cluster {
                 block_size: opts.block_size as u32,
                 model_fingerprint: opts.model_fingerprint.clone(),
                 exchange_timeout_ms: opts.exchange_timeout.as_millis() as u32,
+                nccl_id: nccl_id.clone(),
             })
             .collect();
         let n_cells = cfg.layers.iter().map(|l| l.n_experts).sum();
@@ -224,6 +243,7 @@ impl Cluster {
             specs,
             engine: std::sync::OnceLock::new(),
             recovering: tokio::sync::Mutex::new(()),
+            gpu,
             state: Mutex::new(State {
                 record: record.clone(),
                 assign: assign.clone(),
@@ -283,6 +303,28 @@ impl Cluster {
         if let Some(e) = self.engine.get() {
             e.pause().await;
         }
+        // An NCCL communicator is all ranks or none: every rank joins a fresh one.
+        let ranks = if self.gpu {
+            let id = fresh_nccl_id(&self.client(0), &self.worker(0)).await;
+            match id {
+                Ok(id) => {
+                    if let Ok(mut s) = self.state.lock() {
+                        for a in &mut s.assign {
+                            a.nccl_id = id.clone();
+                        }
+                    }
+                }
+                Err(e) => {
+                    if let Some(en) = self.engine.get() {
+                        en.resume(Vec::new());
+                    }
+                    return Err(e);
+                }
+            }
+            (0..self.workers().len()).collect()
+        } else {
+            ranks
+        };
         let reqs: Vec<(usize, AssignRequest)> = match self.state.lock() {
             Ok(s) => ranks.iter().map(|&r| (r, s.assign[r].clone())).collect(),
             Err(_) => Vec::new(),
@@ -415,6 +457,10 @@ impl Cluster {
 
     /// Rebalances every `every` for as long as the engine runs.
     pub fn spawn_rebalancer(self: &Arc<Self>, engine: EngineHandle, every: Duration) {
+        if self.gpu {
+            tracing::warn!("GPU workers do not stage new placements yet: rebalancing is off");
+            return;
+        }
         let me = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -497,6 +543,19 @@ impl Cluster {
         }
         Ok(())
     }
+}
+
+/// A new NCCL unique id, made by `w` (rank 0).
+async fn fresh_nccl_id(c: &WorkerClient<Channel>, w: &WorkerInfo) -> Result<Vec<u8>, ClusterError> {
+    c.clone()
+        .nccl_id(NcclIdRequest {})
+        .await
+        .map(|r| r.into_inner().id)
+        .map_err(|e| ClusterError::Worker {
+            worker: w.name.clone(),
+            addr: w.addr.clone(),
+            message: format!("making an NCCL id: {}", e.message()),
+        })
 }
 
 fn plan_options(opts: &ClusterOptions) -> PlanOptions {

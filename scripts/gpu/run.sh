@@ -3,7 +3,7 @@
 # peer, in the same run), writing logs, JSON and a Markdown results table to $OUT.
 #
 #   scripts/gpu/package.sh                 # on a development machine: builds .dev/gpu/
-#   scripts/gpu/run.sh [stage ...]         # on the GPU host; stages: tests layer tune e2e ep
+#   scripts/gpu/run.sh [stage ...]         # on the GPU host; stages: tests layer tune e2e ep cluster
 #                                          # (default: tests layer e2e; ep needs 2+ GPUs)
 #
 # Environment: BIN (default .dev/gpu), OUT (default gpu-results), PY (a python with torch).
@@ -70,6 +70,11 @@ if stage ep; then
     "$BIN/hyserve" bench-ep --model "$EP_MODEL" --gpus "${EP_GPUS:-1,2,4}" \
         --batches "${EP_BATCHES:-1,16,64}" --json-out "$OUT/ep.json" > /dev/null 2> "$OUT/ep.log"
     echo "rc=$?"; grep -E "GPU|error|Error" "$OUT/ep.log" | tail -20
+fi
+
+if stage cluster; then
+    step "GPU cluster: hyserve worker --device cuda x N + hyserve coordinator"
+    scripts/gpu/cluster.sh "$BIN" "$OUT" "$PY" "${EP_CLUSTER_GPUS:-2}"
 fi
 
 if stage e2e; then

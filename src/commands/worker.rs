@@ -10,10 +10,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hyserve_coordinator::membership::{EtcdMembership, WorkerInfo};
+use hyserve_kernels::Precision;
+use hyserve_kernels::cuda::CudaBackend;
 use hyserve_model::{Checkpoint, ModelConfig};
 use hyserve_proto::cluster::worker_server::WorkerServer;
 use hyserve_worker::remote::{
-    ClusterTls, MAX_MESSAGE_BYTES, NodeConfig, WorkerNode, WorkerService, model_fingerprint,
+    ClusterTls, MAX_MESSAGE_BYTES, NodeConfig, NodeDevice, WorkerNode, WorkerService,
+    model_fingerprint,
 };
 
 use crate::load;
@@ -65,9 +68,20 @@ pub struct Args {
     /// Cluster name: etcd keys live under /hyserve/<cluster>/.
     #[arg(long, env = "HYSERVE_CLUSTER", default_value = "default")]
     cluster: String,
-    /// Memory offered for weights and KV, in GiB.
-    #[arg(long, default_value_t = 8.0)]
-    memory_gib: f64,
+    /// Memory offered for weights and KV, in GiB (default: 8 on a CPU, the GPU's memory
+    /// on a GPU).
+    #[arg(long)]
+    memory_gib: Option<f64>,
+    /// Where this worker computes: cpu, or cuda (GPU `--gpu`; activations over NCCL).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
+    /// GPU ordinal with `--device cuda`.
+    #[arg(long, default_value_t = 0)]
+    gpu: usize,
+    /// Make the weights from this seed instead of reading the checkpoint (benchmarks at
+    /// real dimensions with `init-model --config-only`; every worker the same seed).
+    #[arg(long)]
+    random_weights: Option<u64>,
     /// Kernel threads of this worker (default: all cores).
     #[arg(long)]
     worker_threads: Option<usize>,
@@ -90,21 +104,47 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 }
 
 async fn serve(a: Args) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        a.memory_gib.is_finite() && a.memory_gib > 0.0 && a.memory_gib < 1e6,
-        "--memory-gib {} is not a sensible amount",
-        a.memory_gib
-    );
     let tls = a.tls.load()?;
     let dir = load::resolve_model_dir(a.model.as_deref())?;
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-    let ck = Checkpoint::open(&dir, &mut |p| {
-        tracing::info!(file = %p.file, done = p.files_done, total = p.files_total, "checkpoint shard opened");
-    })?;
-    ck.validate(&cfg)?;
-    let precision = load::precision_for(a.dtype.as_deref(), &ck)?;
+    let ck = match a.random_weights {
+        Some(_) => None,
+        None => {
+            let ck = Checkpoint::open(&dir, &mut |p| {
+                tracing::info!(file = %p.file, done = p.files_done, total = p.files_total, "checkpoint shard opened");
+            })?;
+            ck.validate(&cfg)?;
+            Some(ck)
+        }
+    };
+    let precision = match &ck {
+        Some(ck) if a.device == "cpu" => load::precision_for(a.dtype.as_deref(), ck)?,
+        _ => Precision::Bf16,
+    };
+    let device = if a.device == "cuda" {
+        NodeDevice::Cuda(a.gpu)
+    } else {
+        NodeDevice::Cpu
+    };
+    if let NodeDevice::Cuda(_) = device {
+        // A missing library is a clear error now, not a panic at the first step.
+        hyserve_kernels::cuda::probe_libraries(&["cuda", "nvrtc", "cublas", "cublasLt", "nccl"])?;
+    }
+    let memory_gib = match (a.memory_gib, device) {
+        (Some(g), _) => g,
+        (None, NodeDevice::Cpu) => 8.0,
+        (None, NodeDevice::Cuda(i)) => {
+            let (b, _) = CudaBackend::new(i, Precision::Bf16)
+                .map_err(|e| anyhow::anyhow!("GPU {i}: {e}"))?;
+            b.mem_info().1 as f64 / (1u64 << 30) as f64
+        }
+    };
+    anyhow::ensure!(
+        memory_gib.is_finite() && memory_gib > 0.0 && memory_gib < 1e6,
+        "--memory-gib {memory_gib} is not a sensible amount"
+    );
     let fingerprint = model_fingerprint(&dir)?;
-    let memory_bytes = (a.memory_gib * (1u64 << 30) as f64) as u64;
+    let memory_bytes = (memory_gib * (1u64 << 30) as f64) as u64;
     let threads = a.worker_threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -115,6 +155,8 @@ async fn serve(a: Args) -> anyhow::Result<()> {
         ck,
         fingerprint,
         NodeConfig {
+            device,
+            random_weights: a.random_weights,
             threads,
             precision,
             tls: tls.clone(),
@@ -155,7 +197,7 @@ async fn serve(a: Args) -> anyhow::Result<()> {
                 name: name.clone(),
                 addr: advertise.clone(),
                 memory_bytes,
-                device: "cpu".into(),
+                device: device.name(),
             };
             Some(
                 m.register(&info, Duration::from_secs(a.lease_secs))

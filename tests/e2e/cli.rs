@@ -284,6 +284,10 @@ fn serve_on_cuda_without_cuda_is_a_clear_error() {
     assert!(err.contains("CUDA libraries not found"), "{err}");
     assert!(err.contains("LD_LIBRARY_PATH"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+    // A GPU worker process: the same clear error, NCCL included in what is looked for.
+    let err = run_err(&["worker", "--model", m.to_str().unwrap(), "--device", "cuda"]);
+    assert!(err.contains("CUDA libraries not found"), "{err}");
+    assert!(err.contains("libnccl"), "{err}");
 }
 
 /// The large-4l preset writes the real dimensions' config without 50 GB of weights.

@@ -320,7 +320,6 @@ fn mutual_tls_refuses_foreign_certificates() {
             dir.join(format!("{name}.key")).to_str().unwrap().into(),
         ]
     };
-    let args = |v: &[String]| v.to_vec();
     let w0_tls = tls(&good, "w0");
     let w1_tls = tls(&good, "w1");
     let (_w0, a0) = worker(
@@ -338,7 +337,7 @@ fn mutual_tls_refuses_foreign_certificates() {
 
     // A coordinator with a certificate of the cluster CA serves (the two workers
     // exchange activations over mutual TLS too).
-    let mut ok = args(&tls(&good, "coordinator"));
+    let mut ok = tls(&good, "coordinator");
     ok.extend(["--peers".into(), peers.clone()]);
     {
         let (_coord, addr) = front(
@@ -351,27 +350,7 @@ fn mutual_tls_refuses_foreign_certificates() {
     }
 
     // A coordinator with a foreign certificate cannot reach the workers.
-    let mut bad = args(&tls(&foreign, "coordinator"));
-    bad.extend([
-        "--peers".into(),
-        peers.clone(),
-        "--join-timeout-secs".into(),
-        "2".into(),
-        "--http-addr".into(),
-        "127.0.0.1:0".into(),
-        "--grpc-addr".into(),
-        "127.0.0.1:0".into(),
-        "--model".into(),
-        m.to_str().unwrap().into(),
-    ]);
-    let out = hyserve()
-        .arg("coordinator")
-        .args(&bad)
-        .output()
-        .expect("runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a foreign coordinator started");
-    assert!(!stderr.contains("panicked"), "{stderr}");
+    let stderr = refused(&m, &tls(&foreign, "coordinator"), &peers);
     assert!(stderr.contains(&a0), "the error names the worker: {stderr}");
     assert!(
         stderr.contains("certificate"),
@@ -379,13 +358,7 @@ fn mutual_tls_refuses_foreign_certificates() {
     );
 
     // So does one without TLS at all.
-    let out = hyserve()
-        .args(["coordinator", "--peers", &peers, "--join-timeout-secs", "2"])
-        .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
-        .args(["--model", m.to_str().unwrap()])
-        .output()
-        .expect("runs");
-    assert!(!out.status.success(), "a plaintext coordinator started");
+    refused(&m, &[], &peers);
 
     // A worker with a foreign certificate is refused by the cluster's coordinator.
     let w_foreign = tls(&foreign, "w1");
@@ -394,30 +367,7 @@ fn mutual_tls_refuses_foreign_certificates() {
         &w_foreign.iter().map(String::as_str).collect::<Vec<_>>(),
         "intruder",
     );
-    let mut with_intruder = args(&tls(&good, "coordinator"));
-    with_intruder.extend([
-        "--peers".into(),
-        format!("{a0},{af}"),
-        "--join-timeout-secs".into(),
-        "2".into(),
-        "--http-addr".into(),
-        "127.0.0.1:0".into(),
-        "--grpc-addr".into(),
-        "127.0.0.1:0".into(),
-        "--model".into(),
-        m.to_str().unwrap().into(),
-    ]);
-    let out = hyserve()
-        .arg("coordinator")
-        .args(&with_intruder)
-        .output()
-        .expect("runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "a cluster with a foreign worker started"
-    );
-    assert!(!stderr.contains("panicked"), "{stderr}");
+    let stderr = refused(&m, &tls(&good, "coordinator"), &format!("{a0},{af}"));
     assert!(
         stderr.contains(&af),
         "the error names the intruder: {stderr}"
@@ -426,6 +376,22 @@ fn mutual_tls_refuses_foreign_certificates() {
         stderr.contains("certificate"),
         "the error says why: {stderr}"
     );
+}
+
+/// Runs a coordinator over `peers` that must fail to start; returns its stderr.
+fn refused(model: &Path, tls: &[String], peers: &str) -> String {
+    let out = hyserve()
+        .arg("coordinator")
+        .args(tls)
+        .args(["--peers", peers, "--join-timeout-secs", "2"])
+        .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
+        .args(["--model", model.to_str().unwrap()])
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "the coordinator started: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
 }
 
 #[test]

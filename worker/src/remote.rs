@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use hyserve_kernels::Precision;
 use hyserve_kernels::cpu::CpuBackend;
+use hyserve_kernels::cuda::{CudaBackend, NcclId};
 use hyserve_model::exchange::Mailbox;
 use hyserve_model::{Checkpoint, Exchange, ExchangeError, Model, ModelConfig, Round, Rows};
 use hyserve_proto::cluster::worker_client::WorkerClient;
@@ -23,6 +24,7 @@ use hyserve_proto::cluster::{
     SeqStep as PbSeqStep, StageRequest, StageResponse, StatusRequest, StatusResponse, StepRequest,
     StepResponse,
 };
+use hyserve_proto::cluster::{NcclIdRequest, NcclIdResponse};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
@@ -31,6 +33,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::executor::{
     Executor, ExecutorError, ExecutorHandle, HeldExperts, Holders, SeqStep, StageSlot, Staged, Step,
 };
+use crate::nccl::NcclExchange;
 
 /// The name every cluster certificate carries and every client checks: cluster members
 /// are authenticated by their CA, not by host names.
@@ -343,9 +346,30 @@ impl Exchange for GrpcExchange {
     }
 }
 
+/// Where a worker process computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeDevice {
+    Cpu,
+    /// The GPU of this ordinal; activations move over NCCL.
+    Cuda(usize),
+}
+
+impl NodeDevice {
+    pub fn name(self) -> String {
+        match self {
+            NodeDevice::Cpu => "cpu".into(),
+            NodeDevice::Cuda(i) => format!("cuda:{i}"),
+        }
+    }
+}
+
 /// What a worker process is started with.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
+    pub device: NodeDevice,
+    /// Make the weights from this seed instead of reading the checkpoint (benchmarks
+    /// at real dimensions; every rank must use the same seed).
+    pub random_weights: Option<u64>,
     pub threads: usize,
     pub precision: Precision,
     pub tls: Option<ClusterTls>,
@@ -358,7 +382,8 @@ struct Assigned {
     rank: u32,
     world: usize,
     handle: Arc<ExecutorHandle>,
-    staged: StageSlot<CpuBackend>,
+    /// `None` on GPU workers: they do not stage placements yet.
+    staged: Option<StageSlot<CpuBackend>>,
     held: HeldExperts,
     /// The newest epoch assigned or staged.
     epoch: AtomicU64,
@@ -369,7 +394,8 @@ struct Assigned {
 /// The worker service: one per process.
 pub struct WorkerNode {
     cfg: ModelConfig,
-    ck: Arc<Checkpoint>,
+    /// `None` with random weights.
+    ck: Option<Arc<Checkpoint>>,
     fingerprint: String,
     node: NodeConfig,
     /// Where the `Activations` handler files peers' rows; replaced at each assignment.
@@ -378,15 +404,45 @@ pub struct WorkerNode {
 }
 
 impl WorkerNode {
-    pub fn new(cfg: ModelConfig, ck: Checkpoint, fingerprint: String, node: NodeConfig) -> Self {
+    pub fn new(
+        cfg: ModelConfig,
+        ck: Option<Checkpoint>,
+        fingerprint: String,
+        node: NodeConfig,
+    ) -> Self {
         let (tx, _) = mpsc::channel(1);
         Self {
             cfg,
-            ck: Arc::new(ck),
+            ck: ck.map(Arc::new),
             fingerprint,
             node,
             inbox: Mutex::new(tx),
             state: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// This worker's shard of the model on `backend`.
+    fn model<B: hyserve_kernels::Backend>(
+        &self,
+        backend: &B,
+        holds: &dyn Fn(usize, usize) -> bool,
+    ) -> Result<Model<B>, String> {
+        match (&self.ck, self.node.random_weights) {
+            (Some(ck), _) => Ok(Model::load_shard(
+                backend,
+                self.cfg.clone(),
+                ck,
+                holds,
+                &mut |_| {},
+            )),
+            (None, Some(seed)) => Ok(Model::random_shard(
+                backend,
+                self.cfg.clone(),
+                seed,
+                holds,
+                &mut |_| {},
+            )),
+            (None, None) => Err("no checkpoint and no random-weight seed".into()),
         }
     }
 
@@ -480,22 +536,61 @@ impl Worker for WorkerService {
         let rt = tokio::runtime::Handle::current();
         let timeout = Duration::from_millis(u64::from(req.exchange_timeout_ms.max(100)));
         let epoch = placement.epoch;
-        let assigned = tokio::task::spawn_blocking(move || {
-            let backend = CpuBackend::new(node.node.precision);
+        let nccl_id = req.nccl_id.clone();
+        let (n_blocks, block_size) = (req.n_blocks as usize, req.block_size as usize);
+        let assigned = tokio::task::spawn_blocking(move || -> Result<Assigned, String> {
             let holds = |l: usize, x: usize| holders[l][x].contains(&(rank as u32));
             let t0 = std::time::Instant::now();
-            let model =
-                Model::load_shard(&backend, node.cfg.clone(), &node.ck, &holds, &mut |_| {});
-            let weight_bytes = model.weight_bytes(&backend) as u64;
-            let mut exec = Executor::with_threads(
-                backend,
-                model,
-                req.n_blocks as usize,
-                req.block_size as usize,
-                node.node.threads,
-            );
-            let exchange = GrpcExchange::new(rank, peers, inbox_rx, timeout, rt);
-            let (staged, held) = exec.expert_parallel(Box::new(exchange), epoch, holders);
+            let (handle, staged, held, weight_bytes) = match node.node.device {
+                NodeDevice::Cpu => {
+                    let backend = CpuBackend::new(node.node.precision);
+                    let model = node.model(&backend, &holds)?;
+                    let weight_bytes = model.weight_bytes(&backend) as u64;
+                    let mut exec = Executor::with_threads(
+                        backend,
+                        model,
+                        n_blocks,
+                        block_size,
+                        node.node.threads,
+                    );
+                    let exchange = GrpcExchange::new(rank, peers, inbox_rx, timeout, rt);
+                    let (staged, held) =
+                        exec.expert_parallel(Box::new(exchange), epoch, holders.clone());
+                    let handle = ExecutorHandle::spawn(&format!("executor-rank{rank}"), exec)
+                        .map_err(|e| e.to_string())?;
+                    (handle, Some(staged), held, weight_bytes)
+                }
+                NodeDevice::Cuda(ordinal) => {
+                    let id: [core::ffi::c_char; 128] = nccl_id
+                        .iter()
+                        .map(|&b| b as core::ffi::c_char)
+                        .collect::<Vec<_>>()
+                        .try_into()
+                        .map_err(|_| {
+                            format!(
+                                "a GPU worker needs the 128-byte NCCL id from the coordinator (got {} bytes)",
+                                nccl_id.len()
+                            )
+                        })?;
+                    let (backend, _) = CudaBackend::new(ordinal, Precision::Bf16)
+                        .map_err(|e| format!("GPU {ordinal}: {e}"))?;
+                    let model = node.model(&backend, &holds)?;
+                    backend.synchronize();
+                    let weight_bytes = model.weight_bytes(&backend) as u64;
+                    // Every rank joins here, concurrently (the coordinator assigns all
+                    // ranks at once).
+                    let comm = backend.nccl_comm(rank, world, &NcclId(id))?;
+                    let mut exec = Executor::with_threads(backend, model, n_blocks, block_size, 1);
+                    let (_slot, held) = exec.expert_parallel(
+                        Box::new(NcclExchange::new(comm)),
+                        epoch,
+                        holders.clone(),
+                    );
+                    let handle = ExecutorHandle::spawn(&format!("executor-gpu{ordinal}"), exec)
+                        .map_err(|e| e.to_string())?;
+                    (handle, None, held, weight_bytes)
+                }
+            };
             let experts = held.lock().map(|h| h.len()).unwrap_or(0);
             tracing::info!(
                 rank,
@@ -503,11 +598,11 @@ impl Worker for WorkerService {
                 epoch,
                 experts,
                 weight_bytes,
+                device = %node.node.device.name(),
                 load_ms = t0.elapsed().as_millis() as u64,
                 "assigned; shard loaded"
             );
-            let handle = ExecutorHandle::spawn(&format!("executor-rank{rank}"), exec)?;
-            Ok::<_, std::io::Error>(Assigned {
+            Ok(Assigned {
                 rank: rank as u32,
                 world,
                 handle: Arc::new(handle),
@@ -520,7 +615,7 @@ impl Worker for WorkerService {
         })
         .await
         .map_err(|e| Status::internal(format!("loading the shard: {e}")))?
-        .map_err(|e| Status::internal(format!("starting the executor: {e}")))?;
+        .map_err(|e| Status::internal(format!("starting the shard: {e}")))?;
         let experts_held = assigned.held.lock().map(|h| h.len() as u32).unwrap_or(0);
         let weight_bytes = assigned.weight_bytes;
         *state = Some(Arc::new(assigned));
@@ -532,6 +627,11 @@ impl Worker for WorkerService {
 
     async fn stage(&self, req: Request<StageRequest>) -> Result<Response<StageResponse>, Status> {
         let a = self.assigned().await?;
+        let Some(slot) = a.staged.clone() else {
+            return Err(Status::unimplemented(
+                "GPU workers do not stage new placements yet; the current one stays",
+            ));
+        };
         let placement = req
             .into_inner()
             .placement
@@ -550,8 +650,7 @@ impl Worker for WorkerService {
         let loaded = tokio::task::spawn_blocking(move || {
             let held = a2.held.lock().map(|h| h.clone()).unwrap_or_default();
             // Experts an earlier, never switched-to stage already loaded are reused.
-            let mut reuse = a2
-                .staged
+            let mut reuse = slot
                 .lock()
                 .ok()
                 .and_then(|mut s| s.take())
@@ -575,10 +674,15 @@ impl Worker for WorkerService {
                 .filter(|k| !reuse.iter().any(|(r, _)| r == k))
                 .collect();
             let backend = CpuBackend::new(node.node.precision);
-            let mut experts = Model::load_experts(&backend, &node.ck, &need);
+            let Some(ck) = &node.ck else {
+                return Err(
+                    "staging needs the checkpoint (this worker has random weights)".to_string(),
+                );
+            };
+            let mut experts = Model::load_experts(&backend, ck, &need);
             experts.extend(reuse);
             let n = experts.len() as u32;
-            if let Ok(mut s) = a2.staged.lock() {
+            if let Ok(mut s) = slot.lock() {
                 *s = Some(Staged {
                     epoch,
                     holders,
@@ -592,10 +696,11 @@ impl Worker for WorkerService {
                 loaded = need.len(),
                 "placement staged"
             );
-            n
+            Ok(n)
         })
         .await
-        .map_err(|e| Status::internal(format!("staging: {e}")))?;
+        .map_err(|e| Status::internal(format!("staging: {e}")))?
+        .map_err(Status::failed_precondition)?;
         Ok(Response::new(StageResponse {
             experts_loaded: loaded,
         }))
@@ -665,12 +770,22 @@ impl Worker for WorkerService {
         Ok(Response::new(ActivationAck {}))
     }
 
+    async fn nccl_id(
+        &self,
+        _req: Request<NcclIdRequest>,
+    ) -> Result<Response<NcclIdResponse>, Status> {
+        let id = NcclId::new().map_err(Status::unavailable)?;
+        Ok(Response::new(NcclIdResponse {
+            id: id.0.iter().map(|&c| c as u8).collect(),
+        }))
+    }
+
     async fn status(
         &self,
         _req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         let s = self.state.lock().await.clone();
-        let (memory_bytes, device) = (self.node.memory_bytes, "cpu".to_string());
+        let (memory_bytes, device) = (self.node.memory_bytes, self.node.device.name());
         Ok(Response::new(match s {
             None => StatusResponse {
                 memory_bytes,

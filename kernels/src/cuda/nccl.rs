@@ -10,8 +10,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::driver::{CudaSlice, CudaStream};
-use cudarc::nccl::safe::{Comm, Id};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
+use cudarc::nccl::safe::{Comm, Id, NcclType};
 
 use super::CudaBackend;
 
@@ -72,6 +72,29 @@ impl NcclComm {
         self.comm.world_size()
     }
 
+    /// One NCCL group of a send and a receive per peer (`None`: nothing that way);
+    /// this rank's own entries are skipped.
+    fn grouped<T: NcclType>(
+        &self,
+        sends: Vec<Option<CudaView<'_, T>>>,
+        recvs: Vec<Option<CudaViewMut<'_, T>>>,
+    ) -> Result<(), String> {
+        let rank = self.rank();
+        let mut g = self.comm.group();
+        for (p, (sv, rv)) in sends.into_iter().zip(recvs).enumerate() {
+            if p == rank {
+                continue;
+            }
+            if let Some(v) = sv {
+                g.send(v, p as i32).map_err(err("ncclSend"))?;
+            }
+            if let Some(v) = rv {
+                g.recv(v, p as i32).map_err(err("ncclRecv"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Sends `send[d]` to every rank `d` and returns what every rank sent here (this
     /// rank's own entry is passed through). Blocks until the bytes are on the host.
     pub fn all_to_all_bytes(&self, send: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, String> {
@@ -88,18 +111,10 @@ impl NcclComm {
             .map(|_| s.alloc_zeros::<u64>(1))
             .collect::<Result<_, _>>()
             .map_err(err("alloc"))?;
-        {
-            let sv: Vec<_> = counts.iter().map(|c| c.as_view()).collect();
-            let rv: Vec<_> = incoming.iter_mut().map(|c| c.as_view_mut()).collect();
-            let mut g = self.comm.group();
-            for (p, (sv, rv)) in sv.into_iter().zip(rv).enumerate() {
-                if p == rank {
-                    continue;
-                }
-                g.send(sv, p as i32).map_err(err("ncclSend"))?;
-                g.recv(rv, p as i32).map_err(err("ncclRecv"))?;
-            }
-        }
+        self.grouped(
+            counts.iter().map(|c| Some(c.as_view())).collect(),
+            incoming.iter_mut().map(|c| Some(c.as_view_mut())).collect(),
+        )?;
         let mut sizes = vec![0usize; world];
         for (p, c) in incoming.iter().enumerate() {
             if p != rank {
@@ -131,25 +146,15 @@ impl NcclComm {
             })
             .collect::<Result<_, _>>()
             .map_err(err("alloc"))?;
-        {
-            let sv: Vec<_> = payload
+        self.grouped(
+            payload
                 .iter()
                 .map(|b| b.as_ref().map(|b| b.as_view()))
-                .collect();
-            let rv: Vec<_> = recv
-                .iter_mut()
+                .collect(),
+            recv.iter_mut()
                 .map(|b| b.as_mut().map(|b| b.as_view_mut()))
-                .collect();
-            let mut g = self.comm.group();
-            for (p, (sv, rv)) in sv.into_iter().zip(rv).enumerate() {
-                if let Some(v) = sv {
-                    g.send(v, p as i32).map_err(err("ncclSend"))?;
-                }
-                if let Some(v) = rv {
-                    g.recv(v, p as i32).map_err(err("ncclRecv"))?;
-                }
-            }
-        }
+                .collect(),
+        )?;
         let mut out = Vec::with_capacity(world);
         for (p, b) in recv.iter().enumerate() {
             out.push(match b {
@@ -164,7 +169,7 @@ impl NcclComm {
     /// Device-to-device all-to-all of `bytes` to and from every peer: the best of
     /// `reps` timings, as bytes sent per rank per second (GB/s, 1e9).
     pub fn all_to_all_probe(&self, bytes: usize, reps: usize) -> Result<f64, String> {
-        let (rank, world) = (self.rank(), self.world());
+        let world = self.world();
         if world < 2 {
             return Ok(0.0);
         }
@@ -181,18 +186,10 @@ impl NcclComm {
         for _ in 0..reps.max(1) + 1 {
             s.synchronize().map_err(err("sync"))?;
             let t0 = Instant::now();
-            {
-                let sv: Vec<_> = send.iter().map(|b| b.as_view()).collect();
-                let rv: Vec<_> = recv.iter_mut().map(|b| b.as_view_mut()).collect();
-                let mut g = self.comm.group();
-                for (p, (sv, rv)) in sv.into_iter().zip(rv).enumerate() {
-                    if p == rank {
-                        continue;
-                    }
-                    g.send(sv, p as i32).map_err(err("ncclSend"))?;
-                    g.recv(rv, p as i32).map_err(err("ncclRecv"))?;
-                }
-            }
+            self.grouped(
+                send.iter().map(|b| Some(b.as_view())).collect(),
+                recv.iter_mut().map(|b| Some(b.as_view_mut())).collect(),
+            )?;
             s.synchronize().map_err(err("sync"))?;
             best = best.min(t0.elapsed().as_secs_f64());
         }
