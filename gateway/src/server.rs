@@ -112,7 +112,8 @@ impl Gateway {
             .add_service(health_service)
             .add_service(grpc::service(Arc::clone(&self.state)))
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(grpc_listener),
+                // Streamed tokens are small writes: no Nagle delays.
+                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
                 shutdown.clone(),
             )
             .map(|r| r.map_err(GatewayError::Grpc));

@@ -32,17 +32,19 @@ greedy() {  # LABEL
 }
 
 load() {  # LABEL
-    "$PY" scripts/bench/load.py --url "http://127.0.0.1:$PORT" --model large-4l --concurrency 1,16,64 \
+    "$PY" scripts/bench/load.py --url "http://127.0.0.1:$PORT" --model large-4l --concurrency "${CONC:-1,16,64}" \
         --requests-per-client 2 --prompt-tokens 128 --max-tokens 64 --label "$1" \
         --json-out "$OUT/cluster_$1.json" > "$OUT/cluster_load_$1.log" 2>&1
     echo "$1 load rc=$?: $(grep -o '"concurrency": [0-9]*\|"output_tokens_per_s": [0-9.]*' "$OUT/cluster_load_$1.log" | paste -sd' ')"
 }
 
-# One GPU, every expert local.
-"$BIN/hyserve" serve "${COMMON[@]}" --device cuda --random-weights 1 > "$OUT/cluster_serve1.log" 2>&1 &
-S=$!
-if wait_ready $S; then greedy 1gpu; load 1gpu; else echo "serve did not start"; tail -5 "$OUT/cluster_serve1.log"; fi
-kill $S; wait $S 2>/dev/null
+# One GPU, every expert local (CLUSTER_ONLY=1 skips it).
+if [ -z "${CLUSTER_ONLY:-}" ]; then
+    "$BIN/hyserve" serve "${COMMON[@]}" --device cuda --random-weights 1 > "$OUT/cluster_serve1.log" 2>&1 &
+    S=$!
+    if wait_ready $S; then greedy 1gpu; load 1gpu; else echo "serve did not start"; tail -5 "$OUT/cluster_serve1.log"; fi
+    kill $S; wait $S 2>/dev/null
+fi
 
 # N worker processes, one per GPU, and a coordinator.
 WPIDS=()
@@ -53,6 +55,8 @@ for i in $(seq 0 $((N - 1))); do
     WPIDS+=($!)
     PEERS="$PEERS${PEERS:+,}127.0.0.1:$((18200 + i))"
 done
+# The port must be free again (a stale server would answer for the cluster).
+for _ in $(seq 1 30); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null 2>&1 || break; sleep 1; done
 "$BIN/hyserve" coordinator "${COMMON[@]}" --peers "$PEERS" --join-timeout-secs 120 \
     > "$OUT/cluster_coordinator.log" 2>&1 &
 C=$!

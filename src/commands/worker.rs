@@ -179,7 +179,9 @@ async fn serve(a: Args) -> anyhow::Result<()> {
     let svc = WorkerServer::new(WorkerService(node))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Small messages both ways every layer: Nagle's algorithm against delayed ACKs
+    // would stall a step for 40 ms now and then.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let shutdown = shutdown_signal();
     let server = tokio::spawn(
         server

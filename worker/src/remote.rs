@@ -710,6 +710,10 @@ impl Worker for WorkerService {
         let a = self.assigned().await?;
         let step = step_from_pb(req.into_inner());
         let handle = a.handle.clone();
+        let (t0, rows) = (
+            std::time::Instant::now(),
+            step.seqs.iter().map(|s| s.tokens.len()).sum::<usize>(),
+        );
         let out = tokio::task::spawn_blocking(move || handle.run(step))
             .await
             .map_err(|e| Status::internal(format!("step: {e}")))?;
@@ -730,6 +734,7 @@ impl Worker for WorkerService {
             Err(e) => return Err(exec_status(e)),
         };
         a.steps.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(rows, ms = t0.elapsed().as_secs_f64() * 1e3, "step");
         Ok(Response::new(StepResponse {
             logits: out.logits.iter().map(|l| f32_bytes(l)).collect(),
             vocab_size: out.vocab_size as u32,
