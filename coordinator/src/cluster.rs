@@ -373,6 +373,8 @@ impl Cluster {
     /// load, and when the placement changes, stages it on every worker and switches
     /// the engine to the new epoch. Returns the new epoch, if any.
     pub async fn rebalance(&self, engine: &EngineHandle) -> Result<Option<u64>, ClusterError> {
+        // Not while a recovery reassigns workers (it would assign the old epoch).
+        let _one = self.recovering.lock().await;
         let (load, current) = {
             let mut s = self
                 .state
@@ -598,8 +600,11 @@ impl WorkerLink for RemoteWorker {
                     }
                 }
                 Err(status) => {
+                    // Unassigned (it restarted), or it missed a placement epoch: assign
+                    // it again with the placement in force.
                     if status.code() == tonic::Code::FailedPrecondition
-                        && status.message().contains("no assignment")
+                        && (status.message().contains("no assignment")
+                            || status.message().contains("placement epoch"))
                     {
                         tracing::warn!(
                             rank,

@@ -8,7 +8,9 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{
+    Client, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, WatchOptions,
+};
 use serde::{Deserialize, Serialize};
 
 /// What a worker tells the cluster about itself.
@@ -22,6 +24,25 @@ pub struct WorkerInfo {
     pub memory_bytes: u64,
     /// "cpu" or "cuda:N".
     pub device: String,
+}
+
+/// Renews a lease every third of its TTL until renewing fails.
+async fn keep_alive(mut keeper: LeaseKeeper, mut stream: LeaseKeepAliveStream, ttl: Duration) {
+    let every = Duration::from_secs((ttl.as_secs() / 3).max(1));
+    loop {
+        if let Err(e) = keeper.keep_alive().await {
+            tracing::error!(error = %e, "etcd lease keep-alive failed");
+            return;
+        }
+        match stream.message().await {
+            Ok(Some(r)) if r.ttl() > 0 => {}
+            other => {
+                tracing::error!(?other, "etcd lease lost");
+                return;
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 /// A membership change seen by the coordinator.
@@ -91,12 +112,37 @@ impl EtcdMembership {
     }
 
     /// Registers `info` under a lease of `ttl` and keeps it alive until the returned
-    /// task is dropped or the process dies; the key then expires within `ttl`.
+    /// task is dropped or the process dies; the key then expires within `ttl`. A lease
+    /// lost to an etcd outage is registered again as soon as etcd answers.
     pub async fn register(
         &self,
         info: &WorkerInfo,
         ttl: Duration,
     ) -> Result<tokio::task::JoinHandle<()>, MembershipError> {
+        let first = self.register_once(info, ttl).await?;
+        let (me, info) = (self.clone(), info.clone());
+        Ok(tokio::spawn(async move {
+            let mut lease = Some(first);
+            loop {
+                if let Some((keeper, stream)) = lease.take() {
+                    keep_alive(keeper, stream, ttl).await;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                match me.register_once(&info, ttl).await {
+                    Ok(l) => lease = Some(l),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "registering in etcd again failed; retrying")
+                    }
+                }
+            }
+        }))
+    }
+
+    async fn register_once(
+        &self,
+        info: &WorkerInfo,
+        ttl: Duration,
+    ) -> Result<(LeaseKeeper, LeaseKeepAliveStream), MembershipError> {
         let mut client = self.client().await?;
         let ttl_s = ttl.as_secs().max(2) as i64;
         let lease = client
@@ -114,28 +160,12 @@ impl EtcdMembership {
             )
             .await
             .map_err(|e| self.err(e))?;
-        let (mut keeper, mut stream) = client
+        let kept = client
             .lease_keep_alive(lease)
             .await
             .map_err(|e| self.err(e))?;
         tracing::info!(key = %key, ttl_s, "registered in etcd");
-        Ok(tokio::spawn(async move {
-            let every = Duration::from_secs((ttl_s as u64 / 3).max(1));
-            loop {
-                if let Err(e) = keeper.keep_alive().await {
-                    tracing::error!(error = %e, "etcd lease keep-alive failed");
-                    return;
-                }
-                match stream.message().await {
-                    Ok(Some(r)) if r.ttl() > 0 => {}
-                    other => {
-                        tracing::error!(?other, "etcd lease lost");
-                        return;
-                    }
-                }
-                tokio::time::sleep(every).await;
-            }
-        }))
+        Ok(kept)
     }
 
     /// The workers registered now.

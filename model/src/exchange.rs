@@ -105,6 +105,9 @@ pub trait Exchange: Send {
     fn recv(&mut self, round: Round) -> Result<Vec<Rows>, ExchangeError>;
 }
 
+/// Rounds a mailbox keeps ahead of the one awaited (two per layer of a few steps).
+pub const MAX_PENDING_ROUNDS: usize = 1024;
+
 /// One delivered message: sender rank, round, rows.
 pub type Delivery = (usize, Round, Rows);
 
@@ -128,9 +131,17 @@ impl Mailbox {
         }
     }
 
-    /// Files a message; returns false when it came from an unknown rank.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Files a message; returns false when it came from an unknown rank, or when too
+    /// many rounds are already waiting (a peer far ahead or misbehaving).
     pub fn put(&mut self, from: usize, round: Round, rows: Rows) -> bool {
         if from >= self.world || from == self.rank {
+            return false;
+        }
+        if self.pending.len() >= MAX_PENDING_ROUNDS && !self.pending.contains_key(&round) {
             return false;
         }
         let slot = self

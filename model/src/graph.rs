@@ -600,7 +600,7 @@ impl<B: Backend> Model<B> {
         let mut replies = vec![Rows::default(); world];
         for (src, msg) in incoming.into_iter().enumerate() {
             let malformed = |reason: String| ExchangeError::Malformed { peer: src, reason };
-            if msg.data.len() != msg.n_rows() * hidden {
+            if msg.n_rows().checked_mul(hidden) != Some(msg.data.len()) {
                 return Err(malformed(format!(
                     "{} values for {} rows of {hidden}",
                     msg.data.len(),
@@ -640,7 +640,7 @@ impl<B: Backend> Model<B> {
         for (dest, msg) in results.into_iter().enumerate() {
             let expect: Vec<u32> = sent[dest].iter().map(|p| p.len() as u32).collect();
             let lens: Vec<u32> = msg.blocks.iter().map(|&(_, n)| n).collect();
-            if lens != expect || msg.data.len() != msg.n_rows() * hidden {
+            if lens != expect || msg.n_rows().checked_mul(hidden) != Some(msg.data.len()) {
                 return Err(ExchangeError::Malformed {
                     peer: dest,
                     reason: "the results do not match the rows sent".into(),

@@ -191,8 +191,13 @@ impl<B: Backend> Executor<B> {
         if ep.epoch == epoch {
             return Ok(());
         }
-        let staged = ep.staged.lock().map(|mut s| s.take()).unwrap_or(None);
-        let Some(staged) = staged.filter(|s| s.epoch == epoch) else {
+        // Only a slot for this very epoch is taken: a newer one staged early stays.
+        let staged = ep
+            .staged
+            .lock()
+            .ok()
+            .and_then(|mut s| s.take_if(|s| s.epoch == epoch));
+        let Some(staged) = staged else {
             return Err(ExecutorError::Epoch {
                 want: epoch,
                 have: ep.epoch,
@@ -247,7 +252,9 @@ impl<B: Backend> Executor<B> {
                     cfg.vocab_size
                 )));
             }
-            let ctx = s.first_pos + s.tokens.len();
+            let Some(ctx) = s.first_pos.checked_add(s.tokens.len()) else {
+                return Err(bad(format!("position {} is out of range", s.first_pos)));
+            };
             if ctx.div_ceil(self.spec.block_size) > s.blocks.len() {
                 return Err(bad(format!(
                     "{} blocks cannot hold {ctx} tokens",
@@ -538,6 +545,47 @@ mod tests {
                 .to_string();
             assert!(err.contains(what), "{err}");
         }
+    }
+
+    /// A step switches to a staged placement only when it is for that epoch; a slot
+    /// staged for a later epoch waits for its step instead of being thrown away.
+    #[test]
+    fn epochs_switch_only_to_the_placement_staged_for_them() {
+        let mut e = executor(Arch::HunyuanLarge, Precision::Bf16);
+        let cfg = e.config().clone();
+        let all: Holders = cfg
+            .layers
+            .iter()
+            .map(|l| vec![vec![0u32]; l.n_experts])
+            .collect();
+        let ex = hyserve_model::InProcess::group(1, std::time::Duration::from_secs(1)).remove(0);
+        let (slot, held) = e.expert_parallel(Box::new(ex), 1, all.clone());
+        let n_experts = held.lock().unwrap().len();
+        let step = |epoch: u64, id: u64| Step {
+            seqs: vec![seq(1, &[5, 6], 0, &[0])],
+            step_id: id,
+            epoch,
+        };
+        assert!(e.step(&step(1, 1)).is_ok());
+        // Epoch 3 is staged early; a step of epoch 2 (nothing staged for it) fails and
+        // leaves epoch 3's experts where they are.
+        *slot.lock().unwrap() = Some(Staged {
+            epoch: 3,
+            holders: all.clone(),
+            experts: Vec::new(),
+        });
+        let err = e.step(&step(2, 2)).unwrap_err();
+        assert!(
+            matches!(err, ExecutorError::Epoch { want: 2, have: 1 }),
+            "{err}"
+        );
+        assert_eq!(slot.lock().unwrap().as_ref().map(|s| s.epoch), Some(3));
+        // Epoch 3's step switches; every expert is still held (rank 0 holds all).
+        let out = e.step(&step(3, 3)).unwrap();
+        let picks: usize = cfg.layers.iter().map(|l| l.top_k).sum();
+        assert_eq!(out.expert_load.iter().sum::<u64>(), 2 * picks as u64);
+        assert!(slot.lock().unwrap().is_none());
+        assert_eq!(held.lock().unwrap().len(), n_experts);
     }
 
     #[test]

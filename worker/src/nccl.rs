@@ -6,6 +6,15 @@
 use hyserve_kernels::cuda::NcclComm;
 use hyserve_model::{Exchange, ExchangeError, Round, Rows};
 
+/// A round's 16 header bytes: step, layer, phase.
+fn round_header(r: Round) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[..8].copy_from_slice(&r.step.to_le_bytes());
+    h[8..12].copy_from_slice(&r.layer.to_le_bytes());
+    h[12..].copy_from_slice(&u32::from(r.phase).to_le_bytes());
+    h
+}
+
 /// An [`Exchange`] over one rank's NCCL communicator.
 pub struct NcclExchange {
     comm: NcclComm,
@@ -31,10 +40,21 @@ impl Exchange for NcclExchange {
     /// NCCL is collective: the round's all-to-all runs here, with every rank's send.
     fn send(&mut self, round: Round, rows: Vec<Rows>) -> Result<(), ExchangeError> {
         let rank = self.rank();
+        // Collectives pair by call order, not by round: every message carries its round,
+        // so ranks that fell out of step get an error, never each other's rows.
+        let header = round_header(round);
         let bytes: Vec<Vec<u8>> = rows
             .iter()
             .enumerate()
-            .map(|(p, r)| if p == rank { Vec::new() } else { r.to_bytes() })
+            .map(|(p, r)| {
+                if p == rank {
+                    Vec::new()
+                } else {
+                    let mut b = header.to_vec();
+                    b.extend(r.to_bytes());
+                    b
+                }
+            })
             .collect();
         let got = self
             .comm
@@ -47,10 +67,21 @@ impl Exchange for NcclExchange {
             .iter()
             .enumerate()
             .map(|(p, b)| {
-                Rows::from_bytes(b).ok_or_else(|| ExchangeError::Malformed {
-                    peer: p,
-                    reason: format!("{} bytes are not rows", b.len()),
-                })
+                if p == rank {
+                    return Ok(Rows::default());
+                }
+                let malformed = |reason: String| ExchangeError::Malformed { peer: p, reason };
+                let (head, body) = b.split_at_checked(header.len()).ok_or_else(|| {
+                    malformed(format!("{} bytes carry no round", b.len()))
+                })?;
+                if head != header {
+                    return Err(malformed(format!(
+                        "out of step: its message is for another round than step {} layer {} phase {}",
+                        round.step, round.layer, round.phase
+                    )));
+                }
+                Rows::from_bytes(body)
+                    .ok_or_else(|| malformed(format!("{} bytes are not rows", body.len())))
             })
             .collect::<Result<Vec<_>, _>>()?;
         self.got = Some((round, rows));

@@ -318,11 +318,16 @@ impl Exchange for GrpcExchange {
                 data: f32_bytes(&r.data),
             };
             let tx = self.stream(peer)?;
-            if tx.blocking_send(frame).is_err() {
+            let timeout = self.mailbox.timeout();
+            // A stalled peer fills its stream's window: give up after the exchange timeout.
+            let sent = self
+                .rt
+                .block_on(async { tx.send_timeout(frame, timeout).await });
+            if let Err(e) = sent {
                 self.streams[peer] = None;
                 return Err(ExchangeError::PeerLost {
                     peer,
-                    reason: "its activation stream closed".into(),
+                    reason: format!("its activation stream: {e}"),
                 });
             }
         }
@@ -507,7 +512,9 @@ impl Worker for WorkerService {
             1,
             req.block_size.max(1) as usize,
         );
-        let kv_bytes = spec.bytes_per_token() as u64 * req.block_size as u64 * req.n_blocks as u64;
+        let kv_bytes = (spec.bytes_per_token() as u64)
+            .saturating_mul(u64::from(req.block_size))
+            .saturating_mul(u64::from(req.n_blocks));
         if req.block_size == 0 || req.n_blocks < 2 || kv_bytes > self.node.memory_bytes {
             return Err(Status::invalid_argument(format!(
                 "a KV cache of {} blocks of {} tokens ({kv_bytes} bytes) is outside 2 blocks..{} bytes",
@@ -639,10 +646,18 @@ impl Worker for WorkerService {
         let holders =
             placement_from_pb(&placement, &self.cfg, a.world).map_err(Status::invalid_argument)?;
         let epoch = placement.epoch;
-        if epoch <= a.epoch.load(Ordering::Acquire) {
+        // The newest epoch this worker knows; a retry of the same epoch (a stage that
+        // failed elsewhere) replaces what was staged.
+        let known = a.epoch.load(Ordering::Acquire);
+        let pending = slot.lock().ok().and_then(|s| s.as_ref().map(|s| s.epoch));
+        if epoch < known || (epoch == known && pending != Some(epoch)) {
             return Err(Status::failed_precondition(format!(
-                "epoch {epoch} is not newer than {}",
-                a.epoch.load(Ordering::Acquire)
+                "epoch {epoch} is not newer than {known}"
+            )));
+        }
+        if let Some(p) = pending.filter(|&p| p < epoch) {
+            return Err(Status::failed_precondition(format!(
+                "epoch {p} is staged and not switched to yet; stage {epoch} after it"
             )));
         }
         let node = self.clone();
@@ -719,6 +734,19 @@ impl Worker for WorkerService {
             .map_err(|e| Status::internal(format!("step: {e}")))?;
         let out = match out {
             Ok(o) => o,
+            Err(e @ ExecutorError::Exchange(_)) if a.staged.is_none() => {
+                // A GPU rank whose NCCL exchange failed may be out of step with its
+                // peers for good: forget the assignment, so the coordinator rebuilds the
+                // whole communicator.
+                let mut st = self.state.lock().await;
+                if st.as_ref().is_some_and(|s| Arc::ptr_eq(s, &a)) {
+                    st.take();
+                }
+                tracing::error!(error = %e, "the NCCL exchange failed; waiting to be assigned again");
+                return Err(Status::failed_precondition(format!(
+                    "this worker has no assignment yet ({e})"
+                )));
+            }
             Err(ExecutorError::Stopped) => {
                 // The executor died: forget the assignment, so the coordinator's next
                 // step finds this worker unassigned and assigns it afresh.
