@@ -198,29 +198,65 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-#[test]
-fn etcd_cluster_of_three_workers_matches_one_process_while_rebalancing() {
+/// A tiny model, the single-process server's greedy answers to [`prompts`], a real etcd,
+/// and three workers registered in it under `cluster`.
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    m: std::path::PathBuf,
+    prompts: Vec<Vec<u32>>,
+    rt: tokio::runtime::Runtime,
+    want: Vec<Vec<u32>>,
+    _etcd: Proc,
+    url: String,
+    etcd_args: Vec<String>,
+    workers: Vec<Proc>,
+}
+
+fn fixture(seed: u64, max_tokens: u32, cluster: &str) -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let m = tmp.path().join("m");
-    init_model(&m, "hunyuan-large", "tiny", "bf16", 21, &[]);
+    init_model(&m, "hunyuan-large", "tiny", "bf16", seed, &[]);
     let prompts = prompts();
     let rt = runtime();
-    // The single-process server's answers.
     let want = {
         let (_serve, addr) = front(&m, "serve", &["--workers", "1"]);
-        rt.block_on(complete(&addr, &prompts, 12))
+        rt.block_on(complete(&addr, &prompts, max_tokens))
     };
-    let (_etcd, url) = etcd(tmp.path());
-    let etcd_args = ["--etcd", url.as_str(), "--cluster", "e2e"];
-    let _workers: Vec<_> = (0..3)
-        .map(|i| worker(&m, &etcd_args, &format!("w{i}")).0)
+    let (etcd, url) = etcd(tmp.path());
+    let etcd_args: Vec<String> = vec![
+        "--etcd".into(),
+        url.clone(),
+        "--cluster".into(),
+        cluster.into(),
+    ];
+    let args: Vec<&str> = etcd_args.iter().map(String::as_str).collect();
+    let workers = (0..3)
+        .map(|i| worker(&m, &args, &format!("w{i}")).0)
         .collect();
+    Fixture {
+        _tmp: tmp,
+        m,
+        prompts,
+        rt,
+        want,
+        _etcd: etcd,
+        url,
+        etcd_args,
+        workers,
+    }
+}
+
+#[test]
+fn etcd_cluster_of_three_workers_matches_one_process_while_rebalancing() {
+    let f = fixture(21, 12, "e2e");
+    let (m, prompts, rt, want, url) = (&f.m, &f.prompts, &f.rt, &f.want, &f.url);
+    assert_eq!(f.workers.len(), 3);
     let (_coord, addr) = front(
-        &m,
+        m,
         "coordinator",
         &[
             "--etcd",
-            &url,
+            url,
             "--cluster",
             "e2e",
             "--expect-workers",
@@ -231,7 +267,7 @@ fn etcd_cluster_of_three_workers_matches_one_process_while_rebalancing() {
             "16",
         ],
     );
-    let membership = EtcdMembership::new(&url, "e2e");
+    let membership = EtcdMembership::new(url, "e2e");
     let (registered, first) = rt.block_on(async {
         let w = membership.list().await.unwrap();
         let p = membership
@@ -269,8 +305,8 @@ fn etcd_cluster_of_three_workers_matches_one_process_while_rebalancing() {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut rounds = 0;
     let last = loop {
-        let got = rt.block_on(complete(&addr, &prompts, 12));
-        assert_eq!(got, want, "round {rounds}: the cluster's output differs");
+        let got = rt.block_on(complete(&addr, prompts, 12));
+        assert_eq!(&got, want, "round {rounds}: the cluster's output differs");
         rounds += 1;
         let p: PlacementRecord = rt.block_on(async {
             serde_json::from_str(&membership.load_placement().await.unwrap().unwrap()).unwrap()
@@ -287,7 +323,7 @@ fn etcd_cluster_of_three_workers_matches_one_process_while_rebalancing() {
     // The load was skewed enough to replicate hot experts, and the answers after the
     // last switch are still the same.
     assert!(last.replicas > 0, "{last:?}");
-    assert_eq!(rt.block_on(complete(&addr, &prompts, 12)), want);
+    assert_eq!(&rt.block_on(complete(&addr, prompts, 12)), want);
 }
 
 #[test]
@@ -396,26 +432,13 @@ fn refused(model: &Path, tls: &[String], peers: &str) -> String {
 
 #[test]
 fn a_killed_worker_restarted_elsewhere_loses_no_request() {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = tmp.path().join("m");
-    init_model(&m, "hunyuan-large", "tiny", "bf16", 23, &[]);
-    let prompts = prompts();
-    let rt = runtime();
-    let want = {
-        let (_serve, addr) = front(&m, "serve", &["--workers", "1"]);
-        rt.block_on(complete(&addr, &prompts, 48))
-    };
-    let (_etcd, url) = etcd(tmp.path());
-    let etcd_args = ["--etcd", url.as_str(), "--cluster", "fault"];
-    let mut workers: Vec<_> = (0..3)
-        .map(|i| worker(&m, &etcd_args, &format!("w{i}")).0)
-        .collect();
+    let mut f = fixture(23, 48, "fault");
     let (_coord, addr) = front(
-        &m,
+        &f.m,
         "coordinator",
         &[
             "--etcd",
-            &url,
+            &f.url,
             "--cluster",
             "fault",
             "--expect-workers",
@@ -426,8 +449,8 @@ fn a_killed_worker_restarted_elsewhere_loses_no_request() {
             "1500",
         ],
     );
-    let (a, p) = (addr.clone(), prompts.clone());
-    let requests = rt.spawn(async move { complete(&a, &p, 48).await });
+    let (a, p) = (addr.clone(), f.prompts.clone());
+    let requests = f.rt.spawn(async move { complete(&a, &p, 48).await });
     std::thread::sleep(Duration::from_millis(400));
     assert!(
         !requests.is_finished(),
@@ -435,14 +458,15 @@ fn a_killed_worker_restarted_elsewhere_loses_no_request() {
     );
     // SIGKILL rank 1 mid-generation, then start a new process under its name (on
     // another port): the coordinator reassigns every rank and recomputes what was lost.
-    drop(workers.remove(1));
-    let (replacement, _) = worker(&m, &etcd_args, "w1");
-    workers.push(replacement);
-    let got = rt.block_on(async {
+    drop(f.workers.remove(1));
+    let args: Vec<&str> = f.etcd_args.iter().map(String::as_str).collect();
+    let (replacement, _) = worker(&f.m, &args, "w1");
+    f.workers.push(replacement);
+    let got = f.rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(120), requests)
             .await
             .expect("the requests finish after the worker is replaced")
             .unwrap()
     });
-    assert_eq!(got, want, "a request changed or was lost");
+    assert_eq!(got, f.want, "a request changed or was lost");
 }
