@@ -430,9 +430,52 @@ fn refused(model: &Path, tls: &[String], peers: &str) -> String {
     stderr
 }
 
+/// Streams greedy completions of every prompt concurrently; `started` is notified once
+/// some stream has produced 4 tokens (generation is then surely under way).
+async fn stream(
+    addr: &str,
+    prompts: &[Vec<u32>],
+    max_tokens: u32,
+    started: std::sync::Arc<tokio::sync::Notify>,
+) -> Vec<Vec<u32>> {
+    let client = InferenceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connects");
+    let mut tasks = Vec::new();
+    for p in prompts {
+        let (mut c, started) = (client.clone(), started.clone());
+        let req = v1::GenerateRequest {
+            input: Some(v1::generate_request::Input::TokenIds(v1::TokenIds {
+                ids: p.clone(),
+            })),
+            max_tokens: Some(max_tokens),
+            temperature: Some(0.0),
+            ignore_eos: true,
+            ..Default::default()
+        };
+        tasks.push(tokio::spawn(async move {
+            let mut s = c.generate_stream(req).await.expect("streams").into_inner();
+            let mut ids = Vec::new();
+            while let Some(m) = s.message().await.expect("the stream survives") {
+                ids.extend(m.tokens.iter().map(|t| t.id));
+                if ids.len() >= 4 {
+                    started.notify_one();
+                }
+            }
+            ids
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
 #[test]
 fn a_killed_worker_restarted_elsewhere_loses_no_request() {
-    let mut f = fixture(23, 48, "fault");
+    const TOKENS: u32 = 200;
+    let mut f = fixture(23, TOKENS, "fault");
     let (_coord, addr) = front(
         &f.m,
         "coordinator",
@@ -449,21 +492,27 @@ fn a_killed_worker_restarted_elsewhere_loses_no_request() {
             "1500",
         ],
     );
-    let (a, p) = (addr.clone(), f.prompts.clone());
-    let requests = f.rt.spawn(async move { complete(&a, &p, 48).await });
-    std::thread::sleep(Duration::from_millis(400));
+    let started = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (a, p, s) = (addr.clone(), f.prompts.clone(), started.clone());
+    let requests = f.rt.spawn(async move { stream(&a, &p, TOKENS, s).await });
+    // SIGKILL rank 1 once tokens are flowing, then start a new process under its name
+    // (on another port): the coordinator reassigns every rank and recomputes what was
+    // lost. A stream that has 4 of its 200 tokens is surely still running.
+    f.rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(60), started.notified())
+            .await
+            .expect("tokens flow before the kill")
+    });
+    drop(f.workers.remove(1));
     assert!(
         !requests.is_finished(),
-        "the requests ended before the kill: the test proves nothing"
+        "the requests ended before the kill"
     );
-    // SIGKILL rank 1 mid-generation, then start a new process under its name (on
-    // another port): the coordinator reassigns every rank and recomputes what was lost.
-    drop(f.workers.remove(1));
     let args: Vec<&str> = f.etcd_args.iter().map(String::as_str).collect();
     let (replacement, _) = worker(&f.m, &args, "w1");
     f.workers.push(replacement);
     let got = f.rt.block_on(async {
-        tokio::time::timeout(Duration::from_secs(120), requests)
+        tokio::time::timeout(Duration::from_secs(180), requests)
             .await
             .expect("the requests finish after the worker is replaced")
             .unwrap()
