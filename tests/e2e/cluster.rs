@@ -161,6 +161,19 @@ fn prompts() -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// A greedy request for `max_tokens` tokens after `prompt`.
+fn greedy(prompt: &[u32], max_tokens: u32) -> v1::GenerateRequest {
+    v1::GenerateRequest {
+        input: Some(v1::generate_request::Input::TokenIds(v1::TokenIds {
+            ids: prompt.to_vec(),
+        })),
+        max_tokens: Some(max_tokens),
+        temperature: Some(0.0),
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
 /// Greedy completions of every prompt, sent concurrently.
 async fn complete(addr: &str, prompts: &[Vec<u32>], max_tokens: u32) -> Vec<Vec<u32>> {
     let client = InferenceClient::connect(format!("http://{addr}"))
@@ -169,15 +182,7 @@ async fn complete(addr: &str, prompts: &[Vec<u32>], max_tokens: u32) -> Vec<Vec<
     let mut tasks = Vec::new();
     for p in prompts {
         let mut c = client.clone();
-        let req = v1::GenerateRequest {
-            input: Some(v1::generate_request::Input::TokenIds(v1::TokenIds {
-                ids: p.clone(),
-            })),
-            max_tokens: Some(max_tokens),
-            temperature: Some(0.0),
-            ignore_eos: true,
-            ..Default::default()
-        };
+        let req = greedy(p, max_tokens);
         tasks.push(tokio::spawn(async move {
             let r = c.generate(req).await.expect("generates").into_inner();
             r.tokens.iter().map(|t| t.id).collect::<Vec<u32>>()
@@ -444,15 +449,7 @@ async fn stream(
     let mut tasks = Vec::new();
     for p in prompts {
         let (mut c, started) = (client.clone(), started.clone());
-        let req = v1::GenerateRequest {
-            input: Some(v1::generate_request::Input::TokenIds(v1::TokenIds {
-                ids: p.clone(),
-            })),
-            max_tokens: Some(max_tokens),
-            temperature: Some(0.0),
-            ignore_eos: true,
-            ..Default::default()
-        };
+        let req = greedy(p, max_tokens);
         tasks.push(tokio::spawn(async move {
             let mut s = c.generate_stream(req).await.expect("streams").into_inner();
             let mut ids = Vec::new();
