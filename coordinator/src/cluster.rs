@@ -50,6 +50,8 @@ pub struct ClusterOptions {
     pub exchange_timeout: Duration,
     /// Rows routed since the last rebalance below which no rebalance is tried.
     pub rebalance_min_rows: u64,
+    /// Tensor-parallel group size to use (`None`: the planner's choice by memory).
+    pub tensor_parallel: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +78,13 @@ pub struct PlacementRecord {
     pub holders: Holders,
     pub replicas: usize,
     pub notes: Vec<String>,
+    /// Ranks per tensor-parallel group (1: attention data-parallel on every worker).
+    #[serde(default = "one")]
+    pub tensor_parallel: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 struct State {
@@ -100,6 +109,8 @@ pub struct Cluster {
     recovering: tokio::sync::Mutex<()>,
     /// GPU workers: activations over NCCL, one communicator for all ranks.
     gpu: bool,
+    /// Ranks per tensor-parallel group; the engine sees one worker per group.
+    tp: usize,
 }
 
 fn client_for(addr: &str, tls: Option<&ClusterTls>) -> Result<WorkerClient<Channel>, String> {
@@ -159,16 +170,6 @@ impl Cluster {
                 out
             }
         };
-        let clients = workers
-            .iter()
-            .map(|w| {
-                client_for(&w.addr, tls).map_err(|message| ClusterError::Worker {
-                    worker: w.name.clone(),
-                    addr: w.addr.clone(),
-                    message,
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         let n_gpu = workers
             .iter()
             .filter(|w| w.device.starts_with("cuda"))
@@ -180,23 +181,54 @@ impl Cluster {
             )));
         }
         let gpu = n_gpu > 0;
-        // Each worker process is its own node: the dense part is replicated.
-        let specs: Vec<WorkerSpec> = workers
+        // Workers on one host are a node (tensor-parallel groups stay inside one);
+        // ranks run host by host, so a group is consecutive ranks.
+        let mut hosts: Vec<String> = Vec::new();
+        let node_of = |addr: &str, hosts: &mut Vec<String>| {
+            let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).to_string();
+            match hosts.iter().position(|h| *h == host) {
+                Some(i) => i,
+                None => {
+                    hosts.push(host);
+                    hosts.len() - 1
+                }
+            }
+        };
+        let mut ranked: Vec<(usize, WorkerInfo)> = workers
+            .into_iter()
+            .map(|w| (node_of(&w.addr, &mut hosts), w))
+            .collect();
+        ranked.sort_by_key(|(node, _)| *node);
+        let specs: Vec<WorkerSpec> = ranked
             .iter()
-            .enumerate()
-            .map(|(i, w)| WorkerSpec {
+            .map(|(node, w)| WorkerSpec {
                 kind: w.device.clone(),
                 mem_bytes: w.memory_bytes,
-                node: i,
+                node: *node,
             })
             .collect();
-        let plan = placement::plan(&cfg, &specs, &plan_options(&opts), None)
-            .map_err(|e| ClusterError::Plan(e.to_string()))?;
-        if plan.dense != DenseLayout::Replicated {
-            return Err(ClusterError::Plan(
-                "the plan needs tensor-parallel attention, which worker processes do not run yet; give the workers more memory".into(),
-            ));
-        }
+        let workers: Vec<WorkerInfo> = ranked.into_iter().map(|(_, w)| w).collect();
+        let clients = workers
+            .iter()
+            .map(|w| {
+                client_for(&w.addr, tls).map_err(|message| ClusterError::Worker {
+                    worker: w.name.clone(),
+                    addr: w.addr.clone(),
+                    message,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let plan = placement::plan(
+            &cfg,
+            &specs,
+            &plan_options(&opts, opts.tensor_parallel),
+            None,
+        )
+        .map_err(|e| ClusterError::Plan(e.to_string()))?;
+        let tp = match plan.dense {
+            DenseLayout::Replicated => 1,
+            DenseLayout::TensorParallel { group } => group,
+        };
         // Epochs only grow, across coordinator restarts too.
         let last_epoch = match &opts.discovery {
             Discovery::Etcd { membership, .. } => membership
@@ -212,6 +244,7 @@ impl Cluster {
             holders: holders_u32(&plan.holders),
             replicas: plan.replicas(),
             notes: plan.notes.clone(),
+            tensor_parallel: tp,
         };
         for note in &plan.notes {
             tracing::info!(epoch = record.epoch, "placement: {note}");
@@ -232,6 +265,7 @@ impl Cluster {
                 model_fingerprint: opts.model_fingerprint.clone(),
                 exchange_timeout_ms: opts.exchange_timeout.as_millis() as u32,
                 nccl_id: nccl_id.clone(),
+                tp_size: tp as u32,
             })
             .collect();
         let n_cells = cfg.layers.iter().map(|l| l.n_experts).sum();
@@ -244,6 +278,7 @@ impl Cluster {
             engine: std::sync::OnceLock::new(),
             recovering: tokio::sync::Mutex::new(()),
             gpu,
+            tp,
             state: Mutex::new(State {
                 record: record.clone(),
                 assign: assign.clone(),
@@ -332,7 +367,10 @@ impl Cluster {
         let results =
             futures::future::join_all(reqs.into_iter().map(|(r, req)| self.assign(r, req))).await;
         if let Some(e) = self.engine.get() {
-            e.resume(ranks);
+            // The engine's workers are the tensor-parallel groups.
+            let mut groups: Vec<usize> = ranks.iter().map(|r| r / self.tp).collect();
+            groups.dedup();
+            e.resume(groups);
         }
         results.into_iter().collect()
     }
@@ -358,12 +396,19 @@ impl Cluster {
         self.state.lock().ok().map(|s| s.record.clone())
     }
 
-    /// The engine's links to the worker processes, by rank.
+    /// How many workers the engine schedules: one per tensor-parallel group.
+    pub fn engine_workers(&self) -> usize {
+        self.workers().len() / self.tp
+    }
+
+    /// The engine's links to the worker processes: engine worker `i` is the
+    /// tensor-parallel group of ranks `i * tp..(i + 1) * tp` (one rank without
+    /// tensor parallelism).
     pub fn factory(self: &Arc<Self>) -> ExecutorFactory {
         let me = self.clone();
-        Arc::new(move |rank| {
-            Ok(Box::new(RemoteWorker {
-                rank,
+        Arc::new(move |i| {
+            Ok(Box::new(RemoteGroup {
+                ranks: (i * me.tp..(i + 1) * me.tp).collect(),
                 cluster: me.clone(),
             }) as Box<dyn WorkerLink>)
         })
@@ -398,10 +443,11 @@ impl Cluster {
             load2d.push(load[at..at + l.n_experts].to_vec());
             at += l.n_experts;
         }
+        // The dense layout stays; only the experts move.
         let plan = placement::plan(
             &self.cfg,
             &self.specs,
-            &plan_options(&self.opts),
+            &plan_options(&self.opts, Some(self.tp)),
             Some(&load2d),
         )
         .map_err(|e| ClusterError::Plan(e.to_string()))?;
@@ -415,6 +461,7 @@ impl Cluster {
             holders,
             replicas: plan.replicas(),
             notes: plan.notes.clone(),
+            tensor_parallel: self.tp,
         };
         let pb = placement_to_pb(record.epoch, &record.holders);
         let t0 = std::time::Instant::now();
@@ -560,71 +607,44 @@ async fn fresh_nccl_id(c: &WorkerClient<Channel>, w: &WorkerInfo) -> Result<Vec<
         })
 }
 
-fn plan_options(opts: &ClusterOptions) -> PlanOptions {
+fn plan_options(opts: &ClusterOptions, tensor_parallel: Option<usize>) -> PlanOptions {
     PlanOptions {
         dtype: opts.dtype,
         overhead_bytes: 64 << 20,
         min_kv_bytes: opts.kv_bytes,
         max_replicas: 3,
+        tensor_parallel,
     }
 }
 
-/// The engine's link to one worker process.
-struct RemoteWorker {
-    rank: usize,
+/// The engine's link to one tensor-parallel group of worker processes (one process
+/// without tensor parallelism): every rank runs the same step; the first answers
+/// with logits, all with the rows they routed.
+struct RemoteGroup {
+    ranks: Vec<usize>,
     cluster: Arc<Cluster>,
 }
 
-impl WorkerLink for RemoteWorker {
+impl WorkerLink for RemoteGroup {
     fn submit(&self, step: Step, reply: Reply) -> Result<(), String> {
-        let (cluster, rank) = (self.cluster.clone(), self.rank);
-        let mut client = cluster.client(rank);
-        let req = step_to_pb(&step);
+        let (cluster, ranks) = (self.cluster.clone(), self.ranks.clone());
         tokio::spawn(async move {
-            let result = match client.run_step(req).await {
-                Ok(resp) => {
-                    let r = resp.into_inner();
-                    let vocab = r.vocab_size as usize;
-                    let logits: Option<Vec<Vec<f32>>> = r
-                        .logits
-                        .iter()
-                        .map(|b| f32_from_bytes(b).filter(|v| vocab > 0 && v.len() % vocab == 0))
-                        .collect();
-                    match logits {
-                        Some(logits) if logits.len() == step.seqs.len() => Ok(StepOutput {
-                            logits,
-                            vocab_size: vocab,
-                            expert_load: r.expert_load,
-                        }),
-                        _ => Err(format!("worker {rank} sent malformed logits")),
+            let runs = ranks
+                .iter()
+                .map(|&rank| run_on_rank(cluster.clone(), rank, &step, rank == ranks[0]));
+            let mut outs = futures::future::join_all(runs).await.into_iter();
+            let result = outs
+                .next()
+                .expect("a group has a rank")
+                .and_then(|mut first| {
+                    for o in outs {
+                        let o = o?;
+                        for (a, b) in first.expert_load.iter_mut().zip(o.expert_load) {
+                            *a += b;
+                        }
                     }
-                }
-                Err(status) => {
-                    // Unassigned (it restarted), or it missed a placement epoch: assign
-                    // it again with the placement in force.
-                    if status.code() == tonic::Code::FailedPrecondition
-                        && (status.message().contains("no assignment")
-                            || status.message().contains("placement epoch"))
-                    {
-                        tracing::warn!(
-                            rank,
-                            "worker lost its assignment (restarted); assigning again"
-                        );
-                        // After this step's failure is delivered: the recovery pauses
-                        // the engine, which waits for this very step.
-                        let c = cluster.clone();
-                        tokio::spawn(async move {
-                            if let Err(e) = c.recover(vec![rank]).await {
-                                tracing::error!(rank, error = %e, "reassigning failed");
-                            }
-                        });
-                    } else {
-                        // Do not spin on a worker that is down: the step is retried.
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                    }
-                    Err(format!("worker {rank}: {}", status.message()))
-                }
-            };
+                    Ok(first)
+                });
             reply(result);
         });
         Ok(())
@@ -632,5 +652,63 @@ impl WorkerLink for RemoteWorker {
 
     fn is_alive(&self) -> bool {
         true
+    }
+}
+
+/// Runs `step` on rank `rank`; `logits`: whether this rank answers with them (a
+/// group's first), the others' are empty.
+async fn run_on_rank(
+    cluster: Arc<Cluster>,
+    rank: usize,
+    step: &Step,
+    logits: bool,
+) -> Result<StepOutput, String> {
+    let mut client = cluster.client(rank);
+    match client.run_step(step_to_pb(step)).await {
+        Ok(resp) => {
+            let r = resp.into_inner();
+            let vocab = r.vocab_size as usize;
+            let parsed: Option<Vec<Vec<f32>>> = r
+                .logits
+                .iter()
+                .map(|b| {
+                    f32_from_bytes(b)
+                        .filter(|v| vocab > 0 && v.len() % vocab == 0 && v.is_empty() != logits)
+                })
+                .collect();
+            match parsed {
+                Some(logits) if logits.len() == step.seqs.len() => Ok(StepOutput {
+                    logits,
+                    vocab_size: vocab,
+                    expert_load: r.expert_load,
+                }),
+                _ => Err(format!("worker {rank} sent malformed logits")),
+            }
+        }
+        Err(status) => {
+            // Unassigned (it restarted), or it missed a placement epoch: assign it
+            // again with the placement in force.
+            if status.code() == tonic::Code::FailedPrecondition
+                && (status.message().contains("no assignment")
+                    || status.message().contains("placement epoch"))
+            {
+                tracing::warn!(
+                    rank,
+                    "worker lost its assignment (restarted); assigning again"
+                );
+                // After this step's failure is delivered: the recovery pauses the
+                // engine, which waits for this very step.
+                let c = cluster.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = c.recover(vec![rank]).await {
+                        tracing::error!(rank, error = %e, "reassigning failed");
+                    }
+                });
+            } else {
+                // Do not spin on a worker that is down: the step is retried.
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(format!("worker {rank}: {}", status.message()))
+        }
     }
 }

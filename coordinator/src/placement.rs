@@ -105,6 +105,9 @@ pub fn parse_inventory(spec: &str, gpus_per_node: usize) -> Result<Vec<WorkerSpe
 pub struct ModelSizes {
     /// Attention (q, k, v, o, norms) and router, all layers.
     pub attention: u64,
+    /// The part of `attention` that stays whole under tensor parallelism (routers and
+    /// norms); the q, k, v, o projections are sharded.
+    pub attention_whole: u64,
     /// The shared expert, all layers.
     pub shared: u64,
     /// Embeddings and output head (kept in bf16).
@@ -124,6 +127,7 @@ impl ModelSizes {
         let (nh, nkv) = (cfg.n_heads as u64, cfg.n_kv_heads as u64);
         let mut s = ModelSizes {
             attention: 0,
+            attention_whole: 0,
             shared: 0,
             embeddings: 2 * cfg.vocab_size as u64 * h * if cfg.tie_word_embeddings { 1 } else { 2 },
             expert: Vec::with_capacity(cfg.n_layers),
@@ -137,6 +141,7 @@ impl ModelSizes {
                 a += 2 * nkv * d * h;
             }
             s.attention += a * b + 4 * (2 * h + 2 * d);
+            s.attention_whole += l.n_experts as u64 * h * b + 4 * (2 * h + 2 * d);
             s.shared += 3 * h * l.shared_width as u64 * b;
             s.expert.push(3 * h * l.expert_width as u64 * b);
             s.n_experts.push(l.n_experts);
@@ -148,6 +153,14 @@ impl ModelSizes {
     /// tensor-parallel, never expert-parallel.
     pub fn dense(&self) -> u64 {
         self.attention + self.shared + self.embeddings
+    }
+
+    /// The dense bytes each worker of a tensor-parallel group of `group` holds: the
+    /// projections of attention and the shared expert in `group` slices, embeddings,
+    /// output head, routers and norms whole.
+    pub fn dense_per_worker(&self, group: usize) -> u64 {
+        let sharded = self.attention - self.attention_whole + self.shared;
+        sharded.div_ceil(group as u64) + self.attention_whole + self.embeddings
     }
 
     pub fn experts_total(&self) -> u64 {
@@ -169,6 +182,9 @@ pub struct PlanOptions {
     pub min_kv_bytes: u64,
     /// Most replicas (besides the primary) one hot expert gets.
     pub max_replicas: usize,
+    /// Tensor-parallel group size the plan must use (the operator's choice), instead
+    /// of the smallest that fits.
+    pub tensor_parallel: Option<usize>,
 }
 
 impl Default for PlanOptions {
@@ -178,6 +194,7 @@ impl Default for PlanOptions {
             overhead_bytes: 4_000_000_000,
             min_kv_bytes: 8_000_000_000,
             max_replicas: 3,
+            tensor_parallel: None,
         }
     }
 }
@@ -255,11 +272,32 @@ pub fn plan(
         )));
     }
     let n = workers.len();
-    let min_node = node_sizes(workers).into_iter().min().unwrap_or(1);
-    let groups: Vec<usize> = [1usize, 2, 4, 8, 16]
-        .into_iter()
-        .filter(|&g| g <= min_node && n.is_multiple_of(g) && sizes.n_kv_heads.is_multiple_of(g))
-        .collect();
+    let nodes = node_sizes(workers);
+    // A group is consecutive workers of one node, the model's heads, widths and KV
+    // heads split evenly.
+    let usable = |g: usize| {
+        nodes.iter().all(|n| n.is_multiple_of(g))
+            && hyserve_model::graph::TpShard::check(cfg, g).is_ok()
+    };
+    let groups: Vec<usize> = match opts.tensor_parallel {
+        Some(g) => {
+            if !usable(g) {
+                let why = hyserve_model::graph::TpShard::check(cfg, g)
+                    .err()
+                    .unwrap_or_else(|| {
+                        format!("every node's worker count ({nodes:?}) must divide by {g}")
+                    });
+                return Err(PlanError::DoesNotFit(format!(
+                    "tensor-parallel groups of {g} are impossible here: {why}"
+                )));
+            }
+            vec![g]
+        }
+        None => [1usize, 2, 4, 8, 16]
+            .into_iter()
+            .filter(|&g| usable(g))
+            .collect(),
+    };
     let mut notes = Vec::new();
     let dense_gb = sizes.dense() as f64 / GB;
     let experts_gb = sizes.experts_total() as f64 / GB;
@@ -275,7 +313,7 @@ pub fn plan(
     ));
     let mut best_short: Option<(usize, f64)> = None;
     for &g in &groups {
-        let dense_each = sizes.dense().div_ceil(g as u64);
+        let dense_each = sizes.dense_per_worker(g);
         let caps: Vec<i64> = workers
             .iter()
             .map(|w| {
@@ -286,12 +324,19 @@ pub fn plan(
             Ok(holders) => {
                 let dense = if g == 1 {
                     notes.push(format!(
-                        "dense part replicated on every worker ({dense_gb:.1} GB each): attention is data-parallel, no all-reduce"
+                        "dense part replicated on every worker ({dense_gb:.1} GB each): attention is data-parallel, no gathers"
                     ));
                     DenseLayout::Replicated
                 } else {
+                    let why = if opts.tensor_parallel.is_some() {
+                        "as asked".to_string()
+                    } else {
+                        format!(
+                            "({dense_gb:.1} GB) does not fit beside the experts when replicated;"
+                        )
+                    };
                     notes.push(format!(
-                        "dense part ({dense_gb:.1} GB) does not fit beside the experts when replicated; sharded tensor-parallel over groups of {g} workers of one node ({:.1} GB each)",
+                        "dense part {why} sharded tensor-parallel over groups of {g} workers of one node ({:.1} GB each: attention heads and shared expert in slices, embeddings and routers whole)",
                         dense_each as f64 / GB
                     ));
                     DenseLayout::TensorParallel { group: g }

@@ -11,6 +11,7 @@ use hyserve_coordinator::scheduler::SchedulerConfig;
 use hyserve_kernels::cpu::CpuBackend;
 use hyserve_kernels::sampling::SamplingParams;
 use hyserve_kernels::{DType, Precision};
+use hyserve_model::graph::TpShard;
 use hyserve_model::init::{InitOptions, WeightFormat, init_model};
 use hyserve_model::{Arch, Checkpoint, InProcess, Model};
 use hyserve_worker::{Executor, ExecutorHandle, GenerateOptions, generate};
@@ -244,7 +245,14 @@ async fn expert_parallel_workers_match_lone_generation() {
     let factory: ExecutorFactory = Arc::new(move |i| {
         let backend = CpuBackend::new(Precision::Bf16);
         let holds = |l: usize, e: usize| holders[l][e].contains(&(i as u32));
-        let model = Model::load_shard(&backend, cfg.clone(), &ck, &holds, &mut |_| {});
+        let model = Model::load_shard(
+            &backend,
+            cfg.clone(),
+            &ck,
+            &holds,
+            TpShard::WHOLE,
+            &mut |_| {},
+        );
         let mut exec = Executor::with_threads(backend, model, 32, 16, 1);
         let ex = group.lock().unwrap()[i].take().expect("one end per worker");
         exec.expert_parallel(Box::new(ex), 0, holders.clone());

@@ -156,6 +156,9 @@ pub trait Backend: Send + Sync + 'static {
             &values,
         ))
     }
+    /// Rows `rows` of a loaded weight as a weight of their own (a tensor-parallel
+    /// shard of a weight made whole, as random weights are).
+    fn slice_rows(&self, w: &Self::Weight, rows: std::ops::Range<usize>) -> Self::Weight;
     /// Bytes a loaded weight occupies on the device.
     fn weight_bytes(&self, w: &Self::Weight) -> usize;
 

@@ -121,6 +121,23 @@ impl HostMatrix {
         Self::from_f32(dtype, self.rows, self.cols, &self.to_f32())
     }
 
+    /// Rows `rows` as a matrix of their own, sharing the bytes (a tensor-parallel
+    /// shard); `None` when the range is outside the matrix.
+    pub fn row_range(&self, rows: Range<usize>) -> Option<Self> {
+        if rows.start > rows.end || rows.end > self.rows {
+            return None;
+        }
+        let row_bytes = self.cols * self.dtype.size_bytes();
+        Some(Self {
+            dtype: self.dtype,
+            rows: rows.len(),
+            cols: self.cols,
+            bytes: self
+                .bytes
+                .sub(rows.start * row_bytes..rows.end * row_bytes)?,
+        })
+    }
+
     /// Size of the stored weights in bytes.
     pub fn size_bytes(&self) -> usize {
         self.bytes.len()

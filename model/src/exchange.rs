@@ -1,12 +1,13 @@
 //! The token exchange of expert parallelism: the seam between the layer graph and the
 //! transports that move activation rows between workers.
 //!
-//! Every worker of an expert-parallel group takes part in every layer's two rounds, in
-//! lockstep: round 0 dispatches each routed (token, expert) row to a worker holding that
-//! expert, round 1 returns the expert outputs in the order they came. A worker sends one
-//! message (possibly empty) to every peer in every round, so a peer with no tokens of
-//! its own still serves the others, and a missing message means a lost peer rather than
-//! "nothing to say". The graph does not know which transport it has: [`InProcess`]
+//! Every worker of an expert-parallel group takes part in every layer's two all-rank
+//! rounds, in lockstep: the dispatch sends each routed (token, expert) row to a worker
+//! holding that expert, the combine returns the expert outputs in the order they came.
+//! A worker sends one message (possibly empty) to every peer in every round, so a peer
+//! with no tokens of its own still serves the others, and a missing message means a lost
+//! peer rather than "nothing to say". Under tensor parallelism a group of ranks also
+//! runs gather rounds among themselves only. The graph does not know which transport it has: [`InProcess`]
 //! (threads of one process, here), gRPC streams between processes and NCCL between GPUs
 //! implement the same trait.
 
@@ -20,9 +21,13 @@ pub struct Round {
     /// Cluster-wide step number, increasing.
     pub step: u64,
     pub layer: u32,
-    /// 0: dispatch, 1: combine.
+    /// Which round of the layer, below [`PHASES`]: 0–3 and 6 are a tensor-parallel
+    /// group's gathers, 4 the dispatch, 5 the combine (see the graph).
     pub phase: u8,
 }
+
+/// Rounds per layer.
+pub const PHASES: u8 = 7;
 
 /// Activation rows for one peer: `blocks` of `(expert, rows)` laid out back to back in
 /// `data` (f32, `hidden` columns each).
@@ -94,15 +99,41 @@ pub enum ExchangeError {
 }
 
 /// A transport between the `world` workers of an expert-parallel group.
+///
+/// `send_to`/`recv_from` are a round among some of the ranks (a tensor-parallel
+/// group's gathers); `send`/`recv` are a round among all of them. Every rank of a
+/// round takes part in it, and a rank awaits its rounds in increasing order (a
+/// mailbox drops what is older than the round awaited).
 pub trait Exchange: Send {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
-    /// Starts sending `rows[d]` to every rank `d` other than this one (this rank's own
-    /// entry is ignored); returns without waiting for delivery, so compute overlaps it.
-    fn send(&mut self, round: Round, rows: Vec<Rows>) -> Result<(), ExchangeError>;
-    /// Waits for every other rank's message of `round`; returns them by rank (this
-    /// rank's own entry empty). Messages of earlier rounds are discarded.
-    fn recv(&mut self, round: Round) -> Result<Vec<Rows>, ExchangeError>;
+    /// Starts sending `rows[d]` to every rank `d` of `peers` (indexed by rank; this
+    /// rank's own entry and those of ranks outside `peers` are ignored); returns
+    /// without waiting for delivery, so compute overlaps it.
+    fn send_to(
+        &mut self,
+        round: Round,
+        peers: &[usize],
+        rows: Vec<Rows>,
+    ) -> Result<(), ExchangeError>;
+    /// Waits for the message of `round` from every rank of `peers`; returns them by
+    /// rank (the others empty). Messages of earlier rounds are discarded.
+    fn recv_from(&mut self, round: Round, peers: &[usize]) -> Result<Vec<Rows>, ExchangeError>;
+    /// [`Exchange::send_to`] every other rank.
+    fn send(&mut self, round: Round, rows: Vec<Rows>) -> Result<(), ExchangeError> {
+        let all = others(self.rank(), self.world());
+        self.send_to(round, &all, rows)
+    }
+    /// [`Exchange::recv_from`] every other rank.
+    fn recv(&mut self, round: Round) -> Result<Vec<Rows>, ExchangeError> {
+        let all = others(self.rank(), self.world());
+        self.recv_from(round, &all)
+    }
+}
+
+/// Every rank of `0..world` but `rank`.
+pub fn others(rank: usize, world: usize) -> Vec<usize> {
+    (0..world).filter(|&r| r != rank).collect()
 }
 
 /// Rounds a mailbox keeps ahead of the one awaited (two per layer of a few steps).
@@ -152,11 +183,13 @@ impl Mailbox {
         true
     }
 
-    /// Waits for `round` to complete, pulling messages with `next` (which waits at most
-    /// the given time and returns `Ok(None)` when it timed out).
+    /// Waits for the messages of `round` from every rank of `from`, pulling messages
+    /// with `next` (which waits at most the given time and returns `Ok(None)` when it
+    /// timed out).
     pub fn wait(
         &mut self,
         round: Round,
+        from: &[usize],
         next: &mut dyn FnMut(Duration) -> Result<Option<Delivery>, ExchangeError>,
     ) -> Result<Vec<Rows>, ExchangeError> {
         let deadline = Instant::now() + self.timeout;
@@ -164,8 +197,10 @@ impl Mailbox {
         self.pending = self.pending.split_off(&round);
         loop {
             let have = self.pending.get(&round);
-            let missing =
-                (0..self.world).find(|&r| r != self.rank && have.is_none_or(|h| h[r].is_none()));
+            let missing = from
+                .iter()
+                .copied()
+                .find(|&r| r != self.rank && r < self.world && have.is_none_or(|h| h[r].is_none()));
             let Some(missing) = missing else {
                 let got = self.pending.remove(&round).unwrap_or_default();
                 return Ok(got.into_iter().map(Option::unwrap_or_default).collect());
@@ -222,9 +257,14 @@ impl Exchange for InProcess {
         self.peers.len()
     }
 
-    fn send(&mut self, round: Round, rows: Vec<Rows>) -> Result<(), ExchangeError> {
+    fn send_to(
+        &mut self,
+        round: Round,
+        peers: &[usize],
+        rows: Vec<Rows>,
+    ) -> Result<(), ExchangeError> {
         for (peer, r) in rows.into_iter().enumerate() {
-            if peer == self.rank {
+            if peer == self.rank || !peers.contains(&peer) {
                 continue;
             }
             self.peers[peer]
@@ -237,10 +277,10 @@ impl Exchange for InProcess {
         Ok(())
     }
 
-    fn recv(&mut self, round: Round) -> Result<Vec<Rows>, ExchangeError> {
+    fn recv_from(&mut self, round: Round, peers: &[usize]) -> Result<Vec<Rows>, ExchangeError> {
         let inbox = &self.inbox;
         self.mailbox
-            .wait(round, &mut |d| match inbox.recv_timeout(d) {
+            .wait(round, peers, &mut |d| match inbox.recv_timeout(d) {
                 Ok(m) => Ok(Some(m)),
                 Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
                 Err(mpsc::RecvTimeoutError::Disconnected) => Err(ExchangeError::PeerLost {

@@ -56,7 +56,75 @@ pub struct Model<B: Backend> {
     pub lm_head: Option<B::Weight>,
     pub norm: B::Vector,
     pub layers: Vec<Layer<B>>,
+    /// This model's share of the tensor-parallel dense layers (whole when size 1).
+    pub tp: TpShard,
     inv_freq: Vec<f32>,
+}
+
+/// A shard of the dense layers under tensor parallelism: of `size` workers, this one
+/// holds the `index`-th slice of the attention heads (q, k, v rows), of the output
+/// projection's rows, and of the shared expert's intermediate (gate, up rows) and
+/// output (down rows). Embeddings, norms, routers and the output head stay whole.
+///
+/// Partial results are joined by gathering columns, never by summing partial
+/// products: every value is computed exactly as one whole model computes it, so a
+/// tensor-parallel group's logits are bitwise those of one worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TpShard {
+    pub index: usize,
+    pub size: usize,
+}
+
+impl TpShard {
+    /// No tensor parallelism.
+    pub const WHOLE: TpShard = TpShard { index: 0, size: 1 };
+
+    /// Whether `cfg` splits into `size` shards: heads, KV heads, hidden and every
+    /// shared-expert width divide evenly.
+    pub fn check(cfg: &ModelConfig, size: usize) -> Result<(), String> {
+        if size == 0 {
+            return Err("a tensor-parallel group has at least one worker".into());
+        }
+        let mut dims = vec![
+            ("attention heads", cfg.n_heads),
+            ("KV heads", cfg.n_kv_heads),
+            ("hidden size", cfg.hidden_size),
+        ];
+        dims.extend(
+            cfg.layers
+                .iter()
+                .filter(|l| l.shared_width > 0)
+                .map(|l| ("shared-expert width", l.shared_width)),
+        );
+        match dims.into_iter().find(|&(_, n)| !n.is_multiple_of(size)) {
+            Some((what, n)) => Err(format!(
+                "tensor parallelism over {size} workers needs the {what} ({n}) to divide by {size}"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// This shard's part of `n` rows.
+    pub fn rows(self, n: usize) -> std::ops::Range<usize> {
+        n / self.size * self.index..n / self.size * (self.index + 1)
+    }
+
+    /// This shard's part of `n` tokens when they are split unevenly (routing: each
+    /// shard routes a slice of the group's tokens).
+    pub fn tokens(self, n: usize) -> std::ops::Range<usize> {
+        n * self.index / self.size..n * (self.index + 1) / self.size
+    }
+
+    /// Whether a checkpoint tensor is sliced by rows under tensor parallelism.
+    pub fn slices(name: &str) -> bool {
+        let attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
+            .iter()
+            .any(|p| name.ends_with(&format!("self_attn.{p}.weight")));
+        let shared = ["gate_proj", "up_proj", "down_proj"]
+            .iter()
+            .any(|p| name.ends_with(&format!("mlp.shared_mlp.{p}.weight")));
+        attn || shared
+    }
 }
 
 /// Weight-loading progress: tensors and bytes moved to the backend so far.
@@ -88,16 +156,18 @@ impl<B: Backend> Model<B> {
         ck: &Checkpoint,
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Self {
-        Self::load_shard(backend, cfg, ck, &|_, _| true, progress)
+        Self::load_shard(backend, cfg, ck, &|_, _| true, TpShard::WHOLE, progress)
     }
 
     /// Like [`Model::load`], but of the routed experts only those `(layer, expert)` for
-    /// which `holds` is true: one worker's shard under expert parallelism.
+    /// which `holds` is true (one worker's shard under expert parallelism), and of the
+    /// dense layers the slices of `tp`. `tp` must pass [`TpShard::check`].
     pub fn load_shard(
         backend: &B,
         cfg: ModelConfig,
         ck: &Checkpoint,
         holds: &dyn Fn(usize, usize) -> bool,
+        tp: TpShard,
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Self {
         let expected: Vec<_> = crate::names::expected(&cfg)
@@ -117,8 +187,15 @@ impl<B: Backend> Model<B> {
         Self::assemble(
             cfg,
             holds,
+            tp,
             &mut |name| {
-                let w = backend.load_matrix(&ck.matrix(name));
+                let m = ck.matrix(name);
+                let m = if tp.size > 1 && TpShard::slices(name) {
+                    m.row_range(tp.rows(m.rows)).expect("checked shard")
+                } else {
+                    m
+                };
+                let w = backend.load_matrix(&m);
                 p.tensors_done += 1;
                 p.bytes_done += ck.get(name).map_or(0, |t| t.bytes.len() as u64);
                 progress(p);
@@ -137,16 +214,18 @@ impl<B: Backend> Model<B> {
         seed: u64,
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Self {
-        Self::random_shard(backend, cfg, seed, &|_, _| true, progress)
+        Self::random_shard(backend, cfg, seed, &|_, _| true, TpShard::WHOLE, progress)
     }
 
-    /// [`Model::random`] holding only the routed experts `holds` selects; every tensor's
-    /// values depend on its name only, so shards of one seed make one model.
+    /// [`Model::random`] holding only the routed experts `holds` selects and the
+    /// slices of `tp`; every tensor's values depend on its name only, so shards of one
+    /// seed make one model.
     pub fn random_shard(
         backend: &B,
         cfg: ModelConfig,
         seed: u64,
         holds: &dyn Fn(usize, usize) -> bool,
+        tp: TpShard,
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Self {
         let all = crate::names::expected(&cfg);
@@ -176,6 +255,7 @@ impl<B: Backend> Model<B> {
         Self::assemble(
             cfg.clone(),
             holds,
+            tp,
             &mut |name| {
                 let shape = shapes[name];
                 let (rows, cols) = (shape[0], shape[1]);
@@ -193,6 +273,12 @@ impl<B: Backend> Model<B> {
                     seed.wrapping_mul(1000).wrapping_add(n),
                     scale,
                 );
+                // Made whole, then cut: a shard's values are the whole model's.
+                let w = if tp.size > 1 && TpShard::slices(name) {
+                    backend.slice_rows(&w, tp.rows(rows))
+                } else {
+                    w
+                };
                 p.tensors_done += 1;
                 p.bytes_done += 2 * (rows * cols) as u64;
                 progress(p);
@@ -205,6 +291,7 @@ impl<B: Backend> Model<B> {
     fn assemble(
         cfg: ModelConfig,
         holds: &dyn Fn(usize, usize) -> bool,
+        tp: TpShard,
         mat: &mut dyn FnMut(&str) -> B::Weight,
         vec: &mut dyn FnMut(&str) -> B::Vector,
     ) -> Self {
@@ -252,8 +339,17 @@ impl<B: Backend> Model<B> {
             embed,
             lm_head,
             layers,
+            tp,
             cfg,
         }
+    }
+
+    /// Query and KV heads this model computes (its shard's under tensor parallelism).
+    pub fn local_heads(&self) -> (usize, usize) {
+        (
+            self.cfg.n_heads / self.tp.size,
+            self.cfg.n_kv_heads / self.tp.size,
+        )
     }
 
     /// Loads the routed experts `which` from `ck`, off to the side: the staging half of
@@ -327,8 +423,15 @@ impl<B: Backend> Model<B> {
     /// Runs a batch of sequence chunks; returns, per chunk, its logits rows
     /// (`[rows, vocab]`, every new token's or only the last one's).
     pub fn forward(&self, b: &B, kv: &mut B::Kv, chunks: &[SeqChunk]) -> Vec<Vec<f32>> {
+        assert_eq!(
+            self.tp.size, 1,
+            "a tensor-parallel shard runs with its group: use forward_ep"
+        );
         let (tokens, seqs, logit_rows) = flatten(chunks);
-        let mut moe = |l: usize, h: &B::Act| Ok::<_, Infallible>(self.moe(b, l, h));
+        let mut hook = |l: usize, h: Hook<'_, B::Act>| match h {
+            Hook::Moe(h) => Ok::<_, Infallible>(self.moe(b, l, h)),
+            Hook::Gather(..) => unreachable!("no tensor parallelism"),
+        };
         // A decode step (one token per sequence, last logits only) has shapes that
         // depend only on the batch size: a backend may record and replay it.
         let decode = chunks.iter().all(|c| c.tokens.len() == 1 && !c.all_logits);
@@ -342,13 +445,13 @@ impl<B: Backend> Model<B> {
                 buffers: b.record_id(kv, &self.embed),
             };
             b.forward_recorded(key, seqs, &tokens, &mut |batch| {
-                let Ok(x) = self.device_forward(b, kv, batch, None, &mut moe);
-                x
+                let Ok(x) = self.device_forward(b, kv, batch, None, &mut hook);
+                x.expect("logits wanted")
             })
         } else {
             let batch = b.batch(seqs, &tokens);
-            let Ok(x) = self.device_forward(b, kv, &batch, Some(&logit_rows), &mut moe);
-            x
+            let Ok(x) = self.device_forward(b, kv, &batch, Some(&logit_rows), &mut hook);
+            x.expect("logits wanted")
         };
         self.split_logits(&b.download(&logits), chunks)
     }
@@ -357,6 +460,12 @@ impl<B: Backend> Model<B> {
     /// worker's tokens go to the workers holding their experts and come back combined,
     /// bitwise as if every expert were local. Every worker of the group must call it
     /// for every step, with no chunks when it has no sequences of its own.
+    ///
+    /// Under tensor parallelism (`self.tp.size > 1`) the ranks `rank - tp.index ..`
+    /// form a group that runs the same chunks: each computes its heads and shared
+    /// expert slice and routes its slice of the tokens, and the group gathers the
+    /// pieces after each. Only the group's first rank computes logits; the others
+    /// return an empty row set per chunk.
     pub fn forward_ep(
         &self,
         b: &B,
@@ -364,6 +473,19 @@ impl<B: Backend> Model<B> {
         chunks: &[SeqChunk],
         ep: &mut ExpertParallel<'_>,
     ) -> Result<Vec<Vec<f32>>, ExchangeError> {
+        let rank = ep.exchange.rank();
+        let base = rank.checked_sub(self.tp.index);
+        if self.tp.size > 1 && (base.is_none_or(|b| b + self.tp.size > ep.exchange.world())) {
+            return Err(ExchangeError::Malformed {
+                peer: rank,
+                reason: format!(
+                    "tensor-parallel shard {} of {} does not fit rank {rank} of {}",
+                    self.tp.index,
+                    self.tp.size,
+                    ep.exchange.world()
+                ),
+            });
+        }
         if chunks.is_empty() {
             for l in 0..self.layers.len() {
                 self.moe_ep(b, l, None, ep)?;
@@ -372,10 +494,16 @@ impl<B: Backend> Model<B> {
         }
         let (tokens, seqs, logit_rows) = flatten(chunks);
         let batch = b.batch(seqs, &tokens);
-        let logits = self.device_forward(b, kv, &batch, Some(&logit_rows), &mut |l, h| {
-            Ok(self.moe_ep(b, l, Some(h), ep)?.expect("rows given"))
+        // Only a group's first shard computes logits (`Some(&[])`: none).
+        let rows: &[usize] = if self.tp.index == 0 { &logit_rows } else { &[] };
+        let logits = self.device_forward(b, kv, &batch, Some(rows), &mut |l, h| match h {
+            Hook::Moe(h) => Ok(self.moe_ep(b, l, Some(h), ep)?.expect("rows given")),
+            Hook::Gather(phase, a) => self.gather_cols(b, l, phase, a, ep),
         })?;
-        Ok(self.split_logits(&b.download(&logits), chunks))
+        Ok(match logits {
+            Some(x) => self.split_logits(&b.download(&x), chunks),
+            None => vec![Vec::new(); chunks.len()],
+        })
     }
 
     fn split_logits(&self, flat: &[f32], chunks: &[SeqChunk]) -> Vec<Vec<f32>> {
@@ -391,21 +519,24 @@ impl<B: Backend> Model<B> {
     }
 
     /// The device part of a forward pass: embeddings to logits of `logit_rows` (all
-    /// rows when `None`), with the MoE block of layer `l` computed by `moe(l, h)`.
+    /// rows when `None`; `Some(&[])` asks for none and returns `None`), with the MoE
+    /// block of layer `l` and the tensor-parallel gathers computed by `hook`.
     fn device_forward<E>(
         &self,
         b: &B,
         kv: &mut B::Kv,
         batch: &B::Batch,
         logit_rows: Option<&[usize]>,
-        moe: &mut MoeFn<'_, B, E>,
-    ) -> Result<B::Act, E> {
+        hook: &mut HookFn<'_, B, E>,
+    ) -> Result<Option<B::Act>, E> {
         let cfg = &self.cfg;
         let eps = cfg.rms_norm_eps;
         let scale = match cfg.arch {
             Arch::HunyuanLarge => ScoreScale::DivSqrt,
             Arch::HunyuanV1Moe => ScoreScale::MulInvSqrt,
         };
+        let tp = self.tp.size > 1;
+        let (n_heads, _) = self.local_heads();
         let mut x = b.embed_batch(&self.embed, batch);
         // The MoE output of the previous layer, added to `x` fused with the next norm.
         let mut pending: Option<B::Act> = None;
@@ -433,29 +564,109 @@ impl<B: Backend> Model<B> {
                 batch,
             );
             let key_norm = layer.k_norm.as_ref().map(|w| (w, eps));
-            let attn = b.attention(
-                &q,
-                kv,
-                spec.cache_layer,
-                cfg.n_heads,
-                key_norm,
-                scale,
-                batch,
-            );
-            let o = b.matmul(&attn, &layer.o);
+            let mut attn = b.attention(&q, kv, spec.cache_layer, n_heads, key_norm, scale, batch);
+            if tp {
+                attn = hook(l, Hook::Gather(PHASE_HEADS, &attn))?;
+            }
+            let mut o = b.matmul(&attn, &layer.o);
+            if tp {
+                o = hook(l, Hook::Gather(PHASE_ATTN_OUT, &o))?;
+            }
             // MoE.
             let h = b.add_rms_norm(&mut x, &o, &layer.post_norm, eps);
-            pending = Some(moe(l, &h)?);
+            pending = Some(hook(l, Hook::Moe(&h))?);
         }
         if let Some(y) = pending {
             b.add_assign(&mut x, &y);
         }
         let last = match logit_rows {
+            Some([]) => return Ok(None),
             Some(rows) => b.gather_rows(&x, rows),
             None => x,
         };
         let last = b.rms_norm(&last, &self.norm, eps);
-        Ok(b.matmul(&last, self.lm_head.as_ref().unwrap_or(&self.embed)))
+        Ok(Some(b.matmul(
+            &last,
+            self.lm_head.as_ref().unwrap_or(&self.embed),
+        )))
+    }
+
+    /// The tensor-parallel group's ranks, in shard order.
+    fn tp_group(&self, rank: usize) -> Vec<usize> {
+        let base = rank - self.tp.index;
+        (base..base + self.tp.size).collect()
+    }
+
+    /// Gathers this shard's columns `a` (`[n, c]`) with the group's into `[n, c * size]`,
+    /// shard by shard.
+    fn gather_cols(
+        &self,
+        b: &B,
+        l: usize,
+        phase: u8,
+        a: &B::Act,
+        ep: &mut ExpertParallel<'_>,
+    ) -> Result<B::Act, ExchangeError> {
+        let (n, c) = b.shape(a);
+        let mine = b.download(a);
+        let parts = self.tp_exchange(l, phase, n, mine, ep)?;
+        let size = self.tp.size;
+        for (j, p) in parts.iter().enumerate() {
+            if p.len() != n * c {
+                return Err(ExchangeError::Malformed {
+                    peer: self.tp_group(ep.exchange.rank())[j],
+                    reason: format!("{} values for {n} rows of {c} columns", p.len()),
+                });
+            }
+        }
+        let mut out = Vec::with_capacity(n * c * size);
+        for t in 0..n {
+            for p in &parts {
+                out.extend_from_slice(&p[t * c..(t + 1) * c]);
+            }
+        }
+        Ok(b.upload(n, c * size, &out))
+    }
+
+    /// One gather round of the tensor-parallel group: sends `mine` (`rows` rows) to
+    /// the group and returns every shard's values in shard order (this one's included).
+    fn tp_exchange(
+        &self,
+        l: usize,
+        phase: u8,
+        rows: usize,
+        mine: Vec<f32>,
+        ep: &mut ExpertParallel<'_>,
+    ) -> Result<Vec<Vec<f32>>, ExchangeError> {
+        let mut t0 = std::time::Instant::now();
+        let rank = ep.exchange.rank();
+        let group = self.tp_group(rank);
+        let round = Round {
+            step: ep.step,
+            layer: l as u32,
+            phase,
+        };
+        let msg = Rows {
+            blocks: vec![(0, rows as u32)],
+            data: mine,
+        };
+        let mut out = vec![Rows::default(); ep.exchange.world()];
+        for &r in &group {
+            if r != rank {
+                out[r] = msg.clone();
+            }
+        }
+        if let Some(t) = ep.timing.as_deref_mut() {
+            t.bytes_sent += 4 * (msg.data.len() * (group.len() - 1)) as u64;
+        }
+        ep.exchange.send_to(round, &group, out)?;
+        let mut got = ep.exchange.recv_from(round, &group)?;
+        got[rank] = msg;
+        lap(ep, &mut t0, |t| &mut t.gather_s);
+        Ok(group
+            .iter()
+            .map(|&r| std::mem::take(&mut got[r].data))
+            .collect())
     }
 
     fn routing(&self, l: usize) -> Routing {
@@ -495,6 +706,11 @@ impl<B: Backend> Model<B> {
     /// [`Backend::moe`]'s default does: the same routing, each expert's rows through
     /// the same MLP (a row's result does not depend on the rows beside it), the same
     /// combine; only where the expert rows are computed differs.
+    ///
+    /// Under tensor parallelism `h` is the group's rows, the same on every shard: the
+    /// shared expert is computed in slices and gathered, each shard routes and
+    /// combines its slice of the tokens ([`TpShard::tokens`]), and the group gathers
+    /// the combined rows.
     fn moe_ep(
         &self,
         b: &B,
@@ -514,6 +730,19 @@ impl<B: Backend> Model<B> {
             layer: l as u32,
             phase,
         };
+        let tp = self.tp.size > 1;
+        // The rows this worker routes: all of `h`, or its shard's slice of them.
+        let n_all = h.map_or(0, |h| b.shape(h).0);
+        let mine = if tp { self.tp.tokens(n_all) } else { 0..n_all };
+        let sliced;
+        let hr = match h {
+            Some(h) if tp && !mine.is_empty() => {
+                sliced = b.gather_rows(h, &mine.clone().collect::<Vec<_>>());
+                Some(&sliced)
+            }
+            Some(_) if tp => None,
+            h => h,
+        };
         // Route this worker's tokens; decide where each expert's rows are computed.
         let mut t0 = std::time::Instant::now();
         let mut outgoing = vec![Rows::default(); world];
@@ -521,7 +750,7 @@ impl<B: Backend> Model<B> {
         let mut sent: Vec<Vec<Vec<usize>>> = vec![Vec::new(); world];
         let mut local: Vec<(usize, Vec<usize>)> = Vec::new();
         let mut weights = Vec::new();
-        if let Some(h) = h {
+        if let Some(h) = hr {
             let logits = if routing.fp32_logits {
                 b.matmul_fp32(h, &layer.router)
             } else {
@@ -569,14 +798,31 @@ impl<B: Backend> Model<B> {
                 .map(|r| 4 * r.data.len() as u64)
                 .sum::<u64>();
         }
-        ep.exchange.send(round(0), outgoing)?;
+        ep.exchange.send(round(PHASE_DISPATCH), outgoing)?;
         lap(ep, &mut t0, |t| &mut t.dispatch_s);
         // While the rows travel: the shared expert and the local experts.
+        let shared = match (h, &layer.shared) {
+            (Some(h), Some(m)) if tp => {
+                // The gathers time themselves (`gather_s`); the matmuls are expert time.
+                let a = b.swiglu(&b.matmul(h, &m.gate), &b.matmul(h, &m.up));
+                lap(ep, &mut t0, |t| &mut t.expert_s);
+                let a = self.gather_cols(b, l, PHASE_SHARED_ACT, &a, ep)?;
+                t0 = std::time::Instant::now();
+                let y = b.matmul(&a, &m.down);
+                lap(ep, &mut t0, |t| &mut t.expert_s);
+                let y = self.gather_cols(b, l, PHASE_SHARED_OUT, &y, ep)?;
+                t0 = std::time::Instant::now();
+                Some(y)
+            }
+            (Some(h), Some(m)) => Some(b.mlp(h, m.as_ref())),
+            _ => None,
+        };
         let mut done = None;
-        if let Some(h) = h {
+        if let Some(h) = hr {
             let (n, _) = b.shape(h);
-            let out = match &layer.shared {
-                Some(m) => b.mlp(h, m.as_ref()),
+            let out = match shared {
+                Some(y) if tp => b.gather_rows(&y, &mine.clone().collect::<Vec<_>>()),
+                Some(y) => y,
                 None => b.zeros(n, hidden),
             };
             let mut routed = b.zeros(n * k, hidden);
@@ -595,7 +841,7 @@ impl<B: Backend> Model<B> {
         }
         lap(ep, &mut t0, |t| &mut t.expert_s);
         // Serve the peers' rows.
-        let incoming = ep.exchange.recv(round(0))?;
+        let incoming = ep.exchange.recv(round(PHASE_DISPATCH))?;
         lap(ep, &mut t0, |t| &mut t.dispatch_s);
         let mut replies = vec![Rows::default(); world];
         for (src, msg) in incoming.into_iter().enumerate() {
@@ -630,39 +876,86 @@ impl<B: Backend> Model<B> {
         if let Some(t) = ep.timing.as_deref_mut() {
             t.bytes_sent += replies.iter().map(|r| 4 * r.data.len() as u64).sum::<u64>();
         }
-        ep.exchange.send(round(1), replies)?;
+        ep.exchange.send(round(PHASE_COMBINE), replies)?;
         // Combine the results in the tokens' order.
-        let results = ep.exchange.recv(round(1))?;
-        let Some((mut out, mut routed)) = done else {
-            lap(ep, &mut t0, |t| &mut t.combine_s);
-            return Ok(None);
+        let results = ep.exchange.recv(round(PHASE_COMBINE))?;
+        let combined = match done {
+            None => None,
+            Some((mut out, mut routed)) => {
+                for (dest, msg) in results.into_iter().enumerate() {
+                    let expect: Vec<u32> = sent[dest].iter().map(|p| p.len() as u32).collect();
+                    let lens: Vec<u32> = msg.blocks.iter().map(|&(_, n)| n).collect();
+                    if lens != expect || msg.n_rows().checked_mul(hidden) != Some(msg.data.len()) {
+                        return Err(ExchangeError::Malformed {
+                            peer: dest,
+                            reason: "the results do not match the rows sent".into(),
+                        });
+                    }
+                    let mut at = 0;
+                    for pairs in &sent[dest] {
+                        let n = pairs.len();
+                        let y = b.upload(n, hidden, &msg.data[at..at + n * hidden]);
+                        at += n * hidden;
+                        b.scatter_rows(&mut routed, &y, pairs);
+                    }
+                }
+                b.combine(&mut out, &routed, &weights, k);
+                Some(out)
+            }
         };
-        for (dest, msg) in results.into_iter().enumerate() {
-            let expect: Vec<u32> = sent[dest].iter().map(|p| p.len() as u32).collect();
-            let lens: Vec<u32> = msg.blocks.iter().map(|&(_, n)| n).collect();
-            if lens != expect || msg.n_rows().checked_mul(hidden) != Some(msg.data.len()) {
+        lap(ep, &mut t0, |t| &mut t.combine_s);
+        if !tp || h.is_none() {
+            return Ok(combined);
+        }
+        // The group's slices, back into every shard's copy of all rows.
+        let parts = self.tp_exchange(
+            l,
+            PHASE_ROWS,
+            mine.len(),
+            combined.map(|c| b.download(&c)).unwrap_or_default(),
+            ep,
+        )?;
+        let mut all = Vec::with_capacity(n_all * hidden);
+        for (j, p) in parts.into_iter().enumerate() {
+            let want = TpShard {
+                index: j,
+                size: self.tp.size,
+            }
+            .tokens(n_all)
+            .len();
+            if p.len() != want * hidden {
                 return Err(ExchangeError::Malformed {
-                    peer: dest,
-                    reason: "the results do not match the rows sent".into(),
+                    peer: self.tp_group(rank)[j],
+                    reason: format!("{} values for {want} rows of {hidden}", p.len()),
                 });
             }
-            let mut at = 0;
-            for pairs in &sent[dest] {
-                let n = pairs.len();
-                let y = b.upload(n, hidden, &msg.data[at..at + n * hidden]);
-                at += n * hidden;
-                b.scatter_rows(&mut routed, &y, pairs);
-            }
+            all.extend(p);
         }
-        b.combine(&mut out, &routed, &weights, k);
-        lap(ep, &mut t0, |t| &mut t.combine_s);
-        Ok(Some(out))
+        Ok(Some(b.upload(n_all, hidden, &all)))
     }
 }
 
-/// Computes layer `l`'s MoE block of `h`.
-type MoeFn<'a, B, E> =
-    dyn FnMut(usize, &<B as Backend>::Act) -> Result<<B as Backend>::Act, E> + 'a;
+/// The exchange rounds of a layer, in the order a rank awaits them.
+const PHASE_HEADS: u8 = 0;
+const PHASE_ATTN_OUT: u8 = 1;
+const PHASE_SHARED_ACT: u8 = 2;
+const PHASE_SHARED_OUT: u8 = 3;
+const PHASE_DISPATCH: u8 = 4;
+const PHASE_COMBINE: u8 = 5;
+const PHASE_ROWS: u8 = 6;
+
+/// What a forward pass asks of its caller between device operations.
+enum Hook<'x, A> {
+    /// The layer's MoE block of these rows.
+    Moe(&'x A),
+    /// Tensor parallelism: this shard's columns, to be gathered with the group's
+    /// (the round's phase).
+    Gather(u8, &'x A),
+}
+
+/// Answers a forward pass's [`Hook`] for layer `l`.
+type HookFn<'a, B, E> =
+    dyn FnMut(usize, Hook<'_, <B as Backend>::Act>) -> Result<<B as Backend>::Act, E> + 'a;
 
 /// A forward pass's place in an expert-parallel group.
 pub struct ExpertParallel<'a> {
@@ -690,6 +983,8 @@ pub struct EpTiming {
     pub expert_s: f64,
     /// The combine round and the weighted sum.
     pub combine_s: f64,
+    /// Tensor-parallel gathers (heads, attention output, shared expert, rows).
+    pub gather_s: f64,
     /// Activation bytes this worker sent.
     pub bytes_sent: u64,
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use hyserve_kernels::cpu::CpuBackend;
 use hyserve_kernels::{Backend, DType, KvSpec, Precision};
+use hyserve_model::graph::TpShard;
 use hyserve_model::init::{InitOptions, WeightFormat, init_model};
 use hyserve_model::{Arch, Checkpoint, ExpertParallel, InProcess, Model, SeqChunk};
 
@@ -84,7 +85,14 @@ fn three_shards_match_one_whole_model_bitwise() {
                     let (b, cfg, ck, holders, prompts) = (&b, &cfg, &ck, &holders, &prompts);
                     s.spawn(move || {
                         let holds = |l: usize, e: usize| holders[l][e].contains(&(rank as u32));
-                        let model = Model::load_shard(b, cfg.clone(), ck, &holds, &mut |_| {});
+                        let model = Model::load_shard(
+                            b,
+                            cfg.clone(),
+                            ck,
+                            &holds,
+                            TpShard::WHOLE,
+                            &mut |_| {},
+                        );
                         let mine: Vec<usize> = (0..3).filter(|&i| owner[i] == rank).collect();
                         let mut kvs: Vec<_> = mine.iter().map(|_| b.alloc_kv(spec)).collect();
                         let mut idle_kv = b.alloc_kv(spec);
@@ -137,5 +145,157 @@ fn three_shards_match_one_whole_model_bitwise() {
             got
         });
         assert_eq!(got, want, "{arch:?}: expert parallelism changed the logits");
+    }
+}
+
+/// Tensor parallelism joins shards by gathering columns, never by summing partial
+/// products: two groups of two ranks (heads, attention output and shared expert in
+/// halves, experts spread over all four) give bitwise the logits of one whole model,
+/// including steps where one group has nothing to run and only serves experts.
+#[test]
+fn tensor_parallel_groups_match_one_whole_model_bitwise() {
+    for arch in [Arch::HunyuanLarge, Arch::HunyuanV1Moe] {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = InitOptions {
+            arch,
+            preset: "tiny".into(),
+            seed: 9,
+            dtype: DType::BF16,
+            format: WeightFormat::Safetensors,
+            max_shard_bytes: 1 << 30,
+        };
+        let cfg = init_model(dir.path(), &opts, &mut |_, _| {}).unwrap();
+        TpShard::check(&cfg, 2).unwrap();
+        assert!(TpShard::check(&cfg, 3).unwrap_err().contains("divide by 3"));
+        let ck = Checkpoint::open(dir.path(), &mut |_| {}).unwrap();
+        let b = CpuBackend::new(Precision::Bf16);
+        let spec = |kv_heads: usize| KvSpec {
+            n_cache_layers: cfg.n_cache_layers,
+            n_kv_heads: kv_heads,
+            head_dim: cfg.head_dim,
+            block_size: 16,
+            n_blocks: 8,
+            dtype: DType::BF16,
+        };
+        let holders: Vec<Vec<Vec<u32>>> = cfg
+            .layers
+            .iter()
+            .map(|l| {
+                (0..l.n_experts)
+                    .map(|e| {
+                        if e == 0 {
+                            vec![0, 3]
+                        } else {
+                            vec![(e % 4) as u32]
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let whole = Model::load(&b, cfg.clone(), &ck, &mut |_| {});
+        // Group 0 runs two sequences in one batch for 4 steps; group 1 one sequence
+        // for 2 steps, then idles.
+        let prompts: Vec<Vec<u32>> = vec![
+            (0..13).map(|i| 300 + 7 * i).collect(),
+            (0..6).map(|i| 280 + i).collect(),
+            (0..9).map(|i| 500 - 3 * i).collect(),
+        ];
+        let steps = [4usize, 4, 2];
+        let group_of = [0usize, 0, 1];
+        let next = |i: usize, s: usize| 100 + (i * 10 + s) as u32;
+        let mut want = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            let mut kv = b.alloc_kv(spec(cfg.n_kv_heads));
+            let mut out = whole.forward(&b, &mut kv, &[chunk(p, 0, true)]);
+            for s in 1..steps[i] {
+                out.extend(whole.forward(
+                    &b,
+                    &mut kv,
+                    &[chunk(&[next(i, s)], p.len() + s - 1, false)],
+                ));
+            }
+            want.push(out);
+        }
+        let group = InProcess::group(4, Duration::from_secs(30));
+        let got = std::thread::scope(|sc| {
+            let handles: Vec<_> = group
+                .into_iter()
+                .enumerate()
+                .map(|(rank, mut ex)| {
+                    let (b, cfg, ck, holders, prompts) = (&b, &cfg, &ck, &holders, &prompts);
+                    sc.spawn(move || {
+                        let holds = |l: usize, e: usize| holders[l][e].contains(&(rank as u32));
+                        let tp = TpShard {
+                            index: rank % 2,
+                            size: 2,
+                        };
+                        let model = Model::load_shard(b, cfg.clone(), ck, &holds, tp, &mut |_| {});
+                        assert_eq!(model.local_heads(), (cfg.n_heads / 2, cfg.n_kv_heads / 2));
+                        let mut kv = b.alloc_kv(spec(cfg.n_kv_heads / 2));
+                        let mine: Vec<usize> =
+                            (0..3).filter(|&i| group_of[i] == rank / 2).collect();
+                        let mut load = vec![vec![0u64; 16]; cfg.n_layers];
+                        let mut outs = vec![Vec::new(); 3];
+                        for s in 0..4 {
+                            // Each sequence owns 32 slots of the cache.
+                            let chunks: Vec<SeqChunk> = mine
+                                .iter()
+                                .filter(|&&i| s < steps[i])
+                                .map(|&i| {
+                                    let p = &prompts[i];
+                                    let mut c = if s == 0 {
+                                        chunk(p, 0, true)
+                                    } else {
+                                        chunk(&[next(i, s)], p.len() + s - 1, false)
+                                    };
+                                    c.slots = (0..c.slots.len()).map(|x| 32 * i + x).collect();
+                                    c
+                                })
+                                .collect();
+                            let live: Vec<usize> =
+                                mine.iter().copied().filter(|&i| s < steps[i]).collect();
+                            let mut ep = ExpertParallel {
+                                exchange: &mut ex,
+                                holders,
+                                step: s as u64,
+                                load: &mut load,
+                                timing: None,
+                                fence: None,
+                            };
+                            let out = model.forward_ep(b, &mut kv, &chunks, &mut ep).unwrap();
+                            assert_eq!(out.len(), chunks.len());
+                            for (i, o) in live.into_iter().zip(out) {
+                                outs[i].push(o);
+                            }
+                        }
+                        (rank, outs, load)
+                    })
+                })
+                .collect();
+            let mut got = vec![Vec::new(); 3];
+            let mut routed = 0;
+            for h in handles {
+                let (rank, outs, load) = h.join().unwrap();
+                routed += load.iter().flatten().sum::<u64>();
+                for (i, o) in outs.into_iter().enumerate() {
+                    if rank % 2 == 0 {
+                        got[i].extend(o);
+                    } else {
+                        // Only a group's first shard computes logits.
+                        assert!(o.iter().all(Vec::is_empty), "{arch:?}: rank {rank}");
+                    }
+                }
+            }
+            // Each token routed once per layer, by one shard of its group.
+            let tokens: usize = prompts
+                .iter()
+                .zip(steps)
+                .map(|(p, s)| p.len() + s - 1)
+                .sum();
+            let k: usize = cfg.layers.iter().map(|l| l.top_k).sum();
+            assert_eq!(routed as usize, tokens * k, "{arch:?}");
+            got
+        });
+        assert_eq!(got, want, "{arch:?}: tensor parallelism changed the logits");
     }
 }

@@ -5,7 +5,7 @@
 # bf16 weights from one seed, so every process makes the same model). Driven over HTTP by
 # scripts/bench/load.py at 1, 16 and 64 streams, after `hyserve serve` on one GPU with
 # the same model and load. Greedy answers of both are saved side by side.
-#   scripts/gpu/cluster.sh BIN_DIR OUT_DIR PYTHON N_GPUS
+#   [CLUSTER_TP="1 2"] scripts/gpu/cluster.sh BIN_DIR OUT_DIR PYTHON N_GPUS
 set -uo pipefail
 BIN=$1; OUT=$2; PY=$3; N=${4:-2}
 MODEL=$(mktemp -d)/large-4l
@@ -46,24 +46,33 @@ if [ -z "${CLUSTER_ONLY:-}" ]; then
     kill $S; wait $S 2>/dev/null
 fi
 
-# N worker processes, one per GPU, and a coordinator.
-WPIDS=()
-PEERS=""
-for i in $(seq 0 $((N - 1))); do
-    "$BIN/hyserve" worker --model "$MODEL" --device cuda --gpu "$i" --random-weights 1 \
-        --listen 127.0.0.1:$((18200 + i)) --name "gpu$i" > "$OUT/cluster_worker$i.log" 2>&1 &
-    WPIDS+=($!)
-    PEERS="$PEERS${PEERS:+,}127.0.0.1:$((18200 + i))"
-done
-# The port must be free again (a stale server would answer for the cluster).
-for _ in $(seq 1 30); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null 2>&1 || break; sleep 1; done
-"$BIN/hyserve" coordinator "${COMMON[@]}" --peers "$PEERS" --join-timeout-secs 120 \
-    > "$OUT/cluster_coordinator.log" 2>&1 &
-C=$!
-if wait_ready $C; then
-    greedy "${N}gpu"; load "${N}gpu"
-else
-    echo "the cluster did not start"; tail -5 "$OUT/cluster_coordinator.log" "$OUT"/cluster_worker*.log
-fi
-kill $C "${WPIDS[@]}"; wait 2>/dev/null
-echo "greedy, 1 GPU vs $N GPUs:"; paste -d'|' "$OUT/cluster_greedy_1gpu.txt" "$OUT/cluster_greedy_${N}gpu.txt" 2>/dev/null
+# N worker processes, one per GPU, and a coordinator; once per tensor-parallel group
+# size in CLUSTER_TP (default "1": experts spread, attention data-parallel; "2":
+# pairs of GPUs also shard attention and the shared expert).
+cluster() {  # TP
+    local TP=$1 LABEL="${N}gpu"
+    [ "$TP" -gt 1 ] && LABEL="${N}gpu-tp$TP"
+    WPIDS=()
+    PEERS=""
+    for i in $(seq 0 $((N - 1))); do
+        "$BIN/hyserve" worker --model "$MODEL" --device cuda --gpu "$i" --random-weights 1 \
+            --listen 127.0.0.1:$((18200 + i)) --name "gpu$i" > "$OUT/cluster_worker${i}_$LABEL.log" 2>&1 &
+        WPIDS+=($!)
+        PEERS="$PEERS${PEERS:+,}127.0.0.1:$((18200 + i))"
+    done
+    # The port must be free again (a stale server would answer for the cluster).
+    for _ in $(seq 1 30); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null 2>&1 || break; sleep 1; done
+    "$BIN/hyserve" coordinator "${COMMON[@]}" --peers "$PEERS" --join-timeout-secs 120 \
+        --tensor-parallel "$TP" > "$OUT/cluster_coordinator_$LABEL.log" 2>&1 &
+    C=$!
+    if wait_ready $C; then
+        greedy "$LABEL"; load "$LABEL"
+    else
+        echo "the cluster ($LABEL) did not start"; tail -5 "$OUT/cluster_coordinator_$LABEL.log" "$OUT"/cluster_worker*_$LABEL.log
+    fi
+    kill $C "${WPIDS[@]}"; wait 2>/dev/null
+    echo "greedy, 1 GPU vs $LABEL:"; paste -d'|' "$OUT/cluster_greedy_1gpu.txt" "$OUT/cluster_greedy_$LABEL.txt" 2>/dev/null
+    # Ports are reused by the next variant.
+    sleep 2
+}
+for TP in ${CLUSTER_TP:-1}; do cluster "$TP"; done

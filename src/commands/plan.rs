@@ -27,6 +27,10 @@ pub struct Args {
     /// hot experts get replicas.
     #[arg(long)]
     load: Option<PathBuf>,
+    /// Shard attention and the shared expert over groups of this many GPUs of a node
+    /// (default: the smallest group that fits, none when replicating fits).
+    #[arg(long)]
+    tensor_parallel: Option<usize>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -51,6 +55,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let opts = PlanOptions {
         dtype,
+        tensor_parallel: a.tensor_parallel,
         ..PlanOptions::default()
     };
     let p = plan(&cfg, &workers, &opts, load.as_ref())?;

@@ -188,6 +188,11 @@ pub struct ClusterArgs {
     /// Milliseconds a worker waits for a peer's activations before failing the step.
     #[arg(long, default_value_t = 10_000)]
     exchange_timeout_ms: u64,
+    /// Shard attention and the shared expert over groups of this many workers of one
+    /// host (tensor parallelism; they then run the same sequences). Default: the
+    /// planner's choice, replicated when it fits.
+    #[arg(long)]
+    tensor_parallel: Option<usize>,
     #[command(flatten)]
     tls: super::worker::TlsArgs,
 }
@@ -217,6 +222,10 @@ pub fn run_coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         "give --etcd (with --expect-workers) or --peers"
     );
     anyhow::ensure!(c.expect_workers >= 1, "--expect-workers must be >= 1");
+    anyhow::ensure!(
+        c.tensor_parallel.is_none_or(|g| g >= 1),
+        "--tensor-parallel must be >= 1"
+    );
     runtime()?.block_on(serve(cfg, Some(a.cluster)))
 }
 
@@ -296,9 +305,10 @@ async fn serve(mut cfg: ServeConfig, cluster: Option<ClusterArgs>) -> anyhow::Re
             kv_bytes: (n_blocks * block_size * bytes_per_token) as u64,
             exchange_timeout: Duration::from_millis(c.exchange_timeout_ms),
             rebalance_min_rows: c.rebalance_min_rows,
+            tensor_parallel: c.tensor_parallel,
         };
         let cl = Cluster::start(model_cfg.clone(), opts).await?;
-        cfg.workers = cl.workers().len();
+        cfg.workers = cl.engine_workers();
         let f = cl.factory();
         running_cluster = Some(cl);
         f

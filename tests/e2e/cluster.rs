@@ -204,7 +204,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// A tiny model, the single-process server's greedy answers to [`prompts`], a real etcd,
-/// and three workers registered in it under `cluster`.
+/// and `n_workers` workers registered in it under `cluster`.
 struct Fixture {
     _tmp: tempfile::TempDir,
     m: std::path::PathBuf,
@@ -217,7 +217,7 @@ struct Fixture {
     workers: Vec<Proc>,
 }
 
-fn fixture(seed: u64, max_tokens: u32, cluster: &str) -> Fixture {
+fn fixture(seed: u64, max_tokens: u32, cluster: &str, n_workers: usize) -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let m = tmp.path().join("m");
     init_model(&m, "hunyuan-large", "tiny", "bf16", seed, &[]);
@@ -235,7 +235,7 @@ fn fixture(seed: u64, max_tokens: u32, cluster: &str) -> Fixture {
         cluster.into(),
     ];
     let args: Vec<&str> = etcd_args.iter().map(String::as_str).collect();
-    let workers = (0..3)
+    let workers = (0..n_workers)
         .map(|i| worker(&m, &args, &format!("w{i}")).0)
         .collect();
     Fixture {
@@ -253,7 +253,7 @@ fn fixture(seed: u64, max_tokens: u32, cluster: &str) -> Fixture {
 
 #[test]
 fn etcd_cluster_of_three_workers_matches_one_process_while_rebalancing() {
-    let f = fixture(21, 12, "e2e");
+    let f = fixture(21, 12, "e2e", 3);
     let (m, prompts, rt, want, url) = (&f.m, &f.prompts, &f.rt, &f.want, &f.url);
     assert_eq!(f.workers.len(), 3);
     let (_coord, addr) = front(
@@ -328,6 +328,69 @@ fn etcd_cluster_of_three_workers_matches_one_process_while_rebalancing() {
     // The load was skewed enough to replicate hot experts, and the answers after the
     // last switch are still the same.
     assert!(last.replicas > 0, "{last:?}");
+    assert_eq!(&rt.block_on(complete(&addr, prompts, 12)), want);
+}
+
+/// Four workers in two tensor-parallel groups of two: each group shards attention
+/// and the shared expert and runs its own sequences, the experts are spread over all
+/// four, and the greedy output is the single process's, before and after a rebalance.
+#[test]
+fn tensor_parallel_groups_match_one_process_while_rebalancing() {
+    let f = fixture(25, 12, "tp", 4);
+    let (m, prompts, rt, want, url) = (&f.m, &f.prompts, &f.rt, &f.want, &f.url);
+    let (_coord, addr) = front(
+        m,
+        "coordinator",
+        &[
+            "--etcd",
+            url,
+            "--cluster",
+            "tp",
+            "--expect-workers",
+            "4",
+            "--tensor-parallel",
+            "2",
+            "--rebalance-secs",
+            "0.3",
+            "--rebalance-min-rows",
+            "16",
+        ],
+    );
+    let membership = EtcdMembership::new(url, "tp");
+    let placement = || -> PlacementRecord {
+        rt.block_on(async {
+            serde_json::from_str(&membership.load_placement().await.unwrap().unwrap()).unwrap()
+        })
+    };
+    let first = placement();
+    assert_eq!(first.tensor_parallel, 2, "{first:?}");
+    assert!(
+        first.notes.iter().any(|n| n.contains("groups of 2")),
+        "{:?}",
+        first.notes
+    );
+    for rank in 0..4u32 {
+        assert!(
+            first.holders.iter().flatten().any(|h| h.contains(&rank)),
+            "rank {rank} holds no expert"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut rounds = 0;
+    loop {
+        let got = rt.block_on(complete(&addr, prompts, 12));
+        assert_eq!(&got, want, "round {rounds}: the cluster's output differs");
+        rounds += 1;
+        let p = placement();
+        if p.epoch > first.epoch {
+            assert_eq!(p.tensor_parallel, 2);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no rebalance after {rounds} rounds"
+        );
+    }
     assert_eq!(&rt.block_on(complete(&addr, prompts, 12)), want);
 }
 
@@ -472,7 +535,7 @@ async fn stream(
 #[test]
 fn a_killed_worker_restarted_elsewhere_loses_no_request() {
     const TOKENS: u32 = 200;
-    let mut f = fixture(23, TOKENS, "fault");
+    let mut f = fixture(23, TOKENS, "fault", 3);
     let (_coord, addr) = front(
         &f.m,
         "coordinator",

@@ -133,7 +133,9 @@ impl<B: Backend> Executor<B> {
         block_size: usize,
         threads: usize,
     ) -> Self {
-        let spec = kv_spec(&model.cfg, backend.precision(), n_blocks, block_size);
+        let mut spec = kv_spec(&model.cfg, backend.precision(), n_blocks, block_size);
+        // A tensor-parallel shard caches its own KV heads only.
+        spec.n_kv_heads = model.local_heads().1;
         let kv = backend.alloc_kv(spec);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))

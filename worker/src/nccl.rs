@@ -18,13 +18,17 @@ fn round_header(r: Round) -> [u8; 16] {
 /// An [`Exchange`] over one rank's NCCL communicator.
 pub struct NcclExchange {
     comm: NcclComm,
-    /// What the last `send` received, for the matching `recv`.
-    got: Option<(Round, Vec<Rows>)>,
+    /// What each `send` received, until its `recv` (rounds overlap: a layer's dispatch
+    /// is received after its tensor-parallel gathers).
+    got: std::collections::BTreeMap<Round, Vec<Rows>>,
 }
 
 impl NcclExchange {
     pub fn new(comm: NcclComm) -> Self {
-        Self { comm, got: None }
+        Self {
+            comm,
+            got: Default::default(),
+        }
     }
 }
 
@@ -37,8 +41,14 @@ impl Exchange for NcclExchange {
         self.comm.world()
     }
 
-    /// NCCL is collective: the round's all-to-all runs here, with every rank's send.
-    fn send(&mut self, round: Round, rows: Vec<Rows>) -> Result<(), ExchangeError> {
+    /// NCCL is collective: the round's all-to-all among `peers` runs here, with every
+    /// one of their sends.
+    fn send_to(
+        &mut self,
+        round: Round,
+        peers: &[usize],
+        rows: Vec<Rows>,
+    ) -> Result<(), ExchangeError> {
         let rank = self.rank();
         // Collectives pair by call order, not by round: every message carries its round,
         // so ranks that fell out of step get an error, never each other's rows.
@@ -58,7 +68,7 @@ impl Exchange for NcclExchange {
             .collect();
         let got = self
             .comm
-            .all_to_all_bytes(&bytes)
+            .all_to_all_bytes(&bytes, peers)
             .map_err(|reason| ExchangeError::PeerLost {
                 peer: usize::MAX,
                 reason,
@@ -67,7 +77,7 @@ impl Exchange for NcclExchange {
             .iter()
             .enumerate()
             .map(|(p, b)| {
-                if p == rank {
+                if p == rank || !peers.contains(&p) {
                     return Ok(Rows::default());
                 }
                 let malformed = |reason: String| ExchangeError::Malformed { peer: p, reason };
@@ -84,14 +94,20 @@ impl Exchange for NcclExchange {
                     .ok_or_else(|| malformed(format!("{} bytes are not rows", body.len())))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        self.got = Some((round, rows));
+        // A step aborted between a send and its recv leaves its rounds here.
+        self.got = self.got.split_off(&Round {
+            step: round.step,
+            layer: 0,
+            phase: 0,
+        });
+        self.got.insert(round, rows);
         Ok(())
     }
 
-    fn recv(&mut self, round: Round) -> Result<Vec<Rows>, ExchangeError> {
-        match self.got.take() {
-            Some((r, rows)) if r == round => Ok(rows),
-            _ => Err(ExchangeError::Malformed {
+    fn recv_from(&mut self, round: Round, _peers: &[usize]) -> Result<Vec<Rows>, ExchangeError> {
+        match self.got.remove(&round) {
+            Some(rows) => Ok(rows),
+            None => Err(ExchangeError::Malformed {
                 peer: usize::MAX,
                 reason: format!(
                     "recv of step {} layer {} without its send",

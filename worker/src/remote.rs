@@ -15,7 +15,8 @@ use std::time::Duration;
 use hyserve_kernels::Precision;
 use hyserve_kernels::cpu::CpuBackend;
 use hyserve_kernels::cuda::{CudaBackend, NcclId};
-use hyserve_model::exchange::Mailbox;
+use hyserve_model::exchange::{Mailbox, PHASES};
+use hyserve_model::graph::TpShard;
 use hyserve_model::{Checkpoint, Exchange, ExchangeError, Model, ModelConfig, Round, Rows};
 use hyserve_proto::cluster::worker_client::WorkerClient;
 use hyserve_proto::cluster::worker_server::Worker;
@@ -303,9 +304,14 @@ impl Exchange for GrpcExchange {
         self.peers.len()
     }
 
-    fn send(&mut self, round: Round, rows: Vec<Rows>) -> Result<(), ExchangeError> {
+    fn send_to(
+        &mut self,
+        round: Round,
+        peers: &[usize],
+        rows: Vec<Rows>,
+    ) -> Result<(), ExchangeError> {
         for (peer, r) in rows.into_iter().enumerate() {
-            if peer == self.rank {
+            if peer == self.rank || !peers.contains(&peer) {
                 continue;
             }
             let frame = ActivationFrame {
@@ -334,10 +340,11 @@ impl Exchange for GrpcExchange {
         Ok(())
     }
 
-    fn recv(&mut self, round: Round) -> Result<Vec<Rows>, ExchangeError> {
+    fn recv_from(&mut self, round: Round, peers: &[usize]) -> Result<Vec<Rows>, ExchangeError> {
         let (inbox, rt) = (&mut self.inbox, &self.rt);
         self.mailbox.wait(
             round,
+            peers,
             // The timer is made inside the runtime: this thread has no reactor.
             &mut |d| match rt.block_on(async { tokio::time::timeout(d, inbox.recv()).await }) {
                 Ok(Some(m)) => Ok(Some(m)),
@@ -431,6 +438,7 @@ impl WorkerNode {
         &self,
         backend: &B,
         holds: &dyn Fn(usize, usize) -> bool,
+        tp: TpShard,
     ) -> Result<Model<B>, String> {
         match (&self.ck, self.node.random_weights) {
             (Some(ck), _) => Ok(Model::load_shard(
@@ -438,6 +446,7 @@ impl WorkerNode {
                 self.cfg.clone(),
                 ck,
                 holds,
+                tp,
                 &mut |_| {},
             )),
             (None, Some(seed)) => Ok(Model::random_shard(
@@ -445,6 +454,7 @@ impl WorkerNode {
                 self.cfg.clone(),
                 seed,
                 holds,
+                tp,
                 &mut |_| {},
             )),
             (None, None) => Err("no checkpoint and no random-weight seed".into()),
@@ -506,6 +516,17 @@ impl Worker for WorkerService {
             .ok_or_else(|| Status::invalid_argument("placement is missing"))?;
         let holders =
             placement_from_pb(placement, &self.cfg, world).map_err(Status::invalid_argument)?;
+        let tp_size = (req.tp_size as usize).max(1);
+        if !world.is_multiple_of(tp_size) {
+            return Err(Status::invalid_argument(format!(
+                "{world} ranks do not split into tensor-parallel groups of {tp_size}"
+            )));
+        }
+        TpShard::check(&self.cfg, tp_size).map_err(Status::invalid_argument)?;
+        let tp = TpShard {
+            index: rank % tp_size,
+            size: tp_size,
+        };
         let spec = crate::kv_spec(
             &self.cfg,
             self.node.precision,
@@ -551,7 +572,7 @@ impl Worker for WorkerService {
             let (handle, staged, held, weight_bytes) = match node.node.device {
                 NodeDevice::Cpu => {
                     let backend = CpuBackend::new(node.node.precision);
-                    let model = node.model(&backend, &holds)?;
+                    let model = node.model(&backend, &holds, tp)?;
                     let weight_bytes = model.weight_bytes(&backend) as u64;
                     let mut exec = Executor::with_threads(
                         backend,
@@ -581,7 +602,7 @@ impl Worker for WorkerService {
                         })?;
                     let (backend, _) = CudaBackend::new(ordinal, Precision::Bf16)
                         .map_err(|e| format!("GPU {ordinal}: {e}"))?;
-                    let model = node.model(&backend, &holds)?;
+                    let model = node.model(&backend, &holds, tp)?;
                     backend.synchronize();
                     let weight_bytes = model.weight_bytes(&backend) as u64;
                     // Every rank joins here, concurrently (the coordinator assigns all
@@ -781,7 +802,7 @@ impl Worker for WorkerService {
             .map_err(|_| Status::internal("inbox poisoned"))?;
         let mut stream = req.into_inner();
         while let Some(f) = stream.message().await? {
-            if f.block_experts.len() != f.block_rows.len() || f.phase > 1 {
+            if f.block_experts.len() != f.block_rows.len() || f.phase >= u32::from(PHASES) {
                 return Err(Status::invalid_argument("malformed activation frame"));
             }
             let data = f32_from_bytes(&f.data)

@@ -176,3 +176,45 @@ fn load_of_the_wrong_shape_is_an_error() {
     let err = plan(&large(), &w, &opts(WeightDtype::Fp8), Some(&load)).unwrap_err();
     assert!(matches!(err, PlanError::Load(_)), "{err}");
 }
+
+/// Under tensor parallelism the projections are sliced and the embeddings, routers
+/// and norms stay whole on every worker of a group.
+#[test]
+fn tensor_parallel_workers_hold_slices_of_the_projections_and_whole_embeddings() {
+    let s = ModelSizes::of(&large(), WeightDtype::Bf16);
+    let sliced = s.dense() - s.embeddings - s.attention_whole;
+    assert_eq!(s.dense_per_worker(1), s.dense());
+    assert_eq!(
+        s.dense_per_worker(4),
+        sliced.div_ceil(4) + s.embeddings + s.attention_whole
+    );
+    // Tied 129024 x 6400 bf16 embeddings: 1.65 GB on every worker.
+    assert_eq!(s.embeddings, 1_651_507_200);
+}
+
+#[test]
+fn an_asked_for_tensor_parallel_group_is_used_or_refused_with_the_reason() {
+    let cfg = large();
+    let w = parse_inventory("16xH100-80G", 8).unwrap();
+    let with = |g| PlanOptions {
+        tensor_parallel: Some(g),
+        ..opts(WeightDtype::Bf16)
+    };
+    let p = plan(&cfg, &w, &with(8), None).unwrap();
+    assert_eq!(p.dense, DenseLayout::TensorParallel { group: 8 });
+    assert!(
+        p.notes.iter().any(|n| n.contains("as asked")),
+        "{:?}",
+        p.notes
+    );
+    // Halves of the dense part do not leave room for the experts.
+    let err = plan(&cfg, &w, &with(2), None).unwrap_err().to_string();
+    assert!(err.contains("GB short"), "{err}");
+    // 80 heads and 8 KV heads do not split three ways.
+    let err = plan(&cfg, &w, &with(3), None).unwrap_err().to_string();
+    assert!(err.contains("divide by 3"), "{err}");
+    // Groups never cross a node: 12 GPUs in nodes of 6 cannot form groups of 4.
+    let w12 = parse_inventory("12xH100-80G", 6).unwrap();
+    let err = plan(&cfg, &w12, &with(4), None).unwrap_err().to_string();
+    assert!(err.contains("must divide by 4"), "{err}");
+}

@@ -218,6 +218,10 @@ impl Backend for CpuBackend {
         w.size_bytes()
     }
 
+    fn slice_rows(&self, w: &HostMatrix, rows: std::ops::Range<usize>) -> HostMatrix {
+        w.row_range(rows).expect("row range inside the weight")
+    }
+
     fn alloc_kv(&self, spec: KvSpec) -> CpuKv {
         let len = spec.n_cache_layers * spec.capacity_tokens() * spec.n_kv_heads * spec.head_dim;
         CpuKv {

@@ -918,6 +918,23 @@ impl Backend for CudaBackend {
         w.rows * w.cols * 2
     }
 
+    fn slice_rows(&self, w: &CudaWeight, rows: std::ops::Range<usize>) -> CudaWeight {
+        assert!(
+            rows.start < rows.end && rows.end <= w.rows,
+            "row range inside the weight"
+        );
+        let row_bytes = 2 * w.cols;
+        let buf = self
+            .stream
+            .clone_dtod(&w.buf.slice(rows.start * row_bytes..rows.end * row_bytes))
+            .expect("device to device copy");
+        CudaWeight {
+            buf,
+            rows: rows.len(),
+            cols: w.cols,
+        }
+    }
+
     fn alloc_kv(&self, spec: KvSpec) -> CudaKv {
         assert_eq!(spec.dtype, DType::BF16, "the CUDA KV cache is bf16");
         let n = spec.n_cache_layers * spec.capacity_tokens() * spec.n_kv_heads * spec.head_dim;

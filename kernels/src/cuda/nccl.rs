@@ -95,11 +95,17 @@ impl NcclComm {
         Ok(())
     }
 
-    /// Sends `send[d]` to every rank `d` and returns what every rank sent here (this
-    /// rank's own entry is passed through). Blocks until the bytes are on the host.
-    pub fn all_to_all_bytes(&self, send: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, String> {
+    /// Sends `send[d]` to every rank `d` of `peers` and returns what each of them sent
+    /// here (this rank's own entry is passed through; ranks outside `peers` take no
+    /// part and get empty entries). Blocks until the bytes are on the host.
+    pub fn all_to_all_bytes(
+        &self,
+        send: &[Vec<u8>],
+        peers: &[usize],
+    ) -> Result<Vec<Vec<u8>>, String> {
         let (rank, world) = (self.rank(), self.world());
         assert_eq!(send.len(), world, "one buffer per rank");
+        let take = |p: usize| p != rank && peers.contains(&p);
         let s = &self.stream;
         // 1. Byte counts.
         let counts: Vec<CudaSlice<u64>> = send
@@ -112,12 +118,20 @@ impl NcclComm {
             .collect::<Result<_, _>>()
             .map_err(err("alloc"))?;
         self.grouped(
-            counts.iter().map(|c| Some(c.as_view())).collect(),
-            incoming.iter_mut().map(|c| Some(c.as_view_mut())).collect(),
+            counts
+                .iter()
+                .enumerate()
+                .map(|(p, c)| take(p).then(|| c.as_view()))
+                .collect(),
+            incoming
+                .iter_mut()
+                .enumerate()
+                .map(|(p, c)| take(p).then(|| c.as_view_mut()))
+                .collect(),
         )?;
         let mut sizes = vec![0usize; world];
         for (p, c) in incoming.iter().enumerate() {
-            if p != rank {
+            if take(p) {
                 sizes[p] = s.clone_dtoh(c).map_err(err("download"))?[0] as usize;
             }
         }
@@ -126,7 +140,7 @@ impl NcclComm {
             .iter()
             .enumerate()
             .map(|(p, v)| {
-                if p == rank || v.is_empty() {
+                if !take(p) || v.is_empty() {
                     Ok(None)
                 } else {
                     s.clone_htod(v.as_slice()).map(Some)
@@ -138,7 +152,7 @@ impl NcclComm {
             .iter()
             .enumerate()
             .map(|(p, &n)| {
-                if p == rank || n == 0 {
+                if !take(p) || n == 0 {
                     Ok(None)
                 } else {
                     s.alloc_zeros::<u8>(n).map(Some)
