@@ -50,9 +50,7 @@ impl Rows {
             b.extend(e.to_le_bytes());
             b.extend(r.to_le_bytes());
         }
-        for x in &self.data {
-            b.extend(x.to_le_bytes());
-        }
+        extend_f32_le(&mut b, &self.data);
         b
     }
 
@@ -73,12 +71,36 @@ impl Rows {
         let blocks = (0..n)
             .map(|i| Some((u32_at(4 + 8 * i)?, u32_at(8 + 8 * i)?)))
             .collect::<Option<Vec<_>>>()?;
-        let data = b[head..]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let data = f32_from_le(&b[head..])?;
         Some(Rows { blocks, data })
     }
+}
+
+/// Appends `v` as little-endian bytes (one copy on little-endian machines: activation
+/// messages are megabytes in a prefill).
+pub fn extend_f32_le(out: &mut Vec<u8>, v: &[f32]) {
+    if cfg!(target_endian = "little") {
+        out.extend_from_slice(bytemuck::cast_slice(v));
+    } else {
+        for x in v {
+            out.extend(x.to_le_bytes());
+        }
+    }
+}
+
+/// f32 values of little-endian bytes; `None` when the length is not a multiple of 4.
+pub fn f32_from_le(b: &[u8]) -> Option<Vec<f32>> {
+    if !b.len().is_multiple_of(4) {
+        return None;
+    }
+    Some(if cfg!(target_endian = "little") {
+        // Copies into an f32 vector whatever the bytes' alignment.
+        bytemuck::pod_collect_to_vec(b)
+    } else {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    })
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]

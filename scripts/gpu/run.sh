@@ -68,7 +68,7 @@ if stage ep; then
     "$BIN/hyserve" init-model --arch hunyuan-large --preset large-4l --config-only --out "$EP_MODEL" > /dev/null 2>&1
     nvidia-smi topo -m > "$OUT/topo.txt" 2>&1
     "$BIN/hyserve" bench-ep --model "$EP_MODEL" --gpus "${EP_GPUS:-1,2,4}" \
-        --batches "${EP_BATCHES:-1,16,64}" --json-out "$OUT/ep.json" > /dev/null 2> "$OUT/ep.log"
+        --tp "${EP_TP:-1}" --batches "${EP_BATCHES:-1,16,64}" --json-out "$OUT/ep.json" > /dev/null 2> "$OUT/ep.log"
     echo "rc=$?"; grep -E "GPU|error|Error" "$OUT/ep.log" | tail -20
 fi
 

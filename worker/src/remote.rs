@@ -217,16 +217,14 @@ fn step_from_pb(r: StepRequest) -> Step {
 
 /// Little-endian f32 bytes.
 pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    let mut out = Vec::with_capacity(4 * v.len());
+    hyserve_model::exchange::extend_f32_le(&mut out, v);
+    out
 }
 
 /// f32 values of little-endian bytes; `None` when the length is not a multiple of 4.
 pub fn f32_from_bytes(b: &[u8]) -> Option<Vec<f32>> {
-    (b.len().is_multiple_of(4)).then(|| {
-        b.chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
-    })
+    hyserve_model::exchange::f32_from_le(b)
 }
 
 type Incoming = (usize, Round, Rows);
