@@ -506,10 +506,6 @@ impl Cluster {
 
     /// Rebalances every `every` for as long as the engine runs.
     pub fn spawn_rebalancer(self: &Arc<Self>, engine: EngineHandle, every: Duration) {
-        if self.gpu {
-            tracing::warn!("GPU workers do not stage new placements yet: rebalancing is off");
-            return;
-        }
         let me = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);

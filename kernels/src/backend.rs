@@ -159,6 +159,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Rows `rows` of a loaded weight as a weight of their own (a tensor-parallel
     /// shard of a weight made whole, as random weights are).
     fn slice_rows(&self, w: &Self::Weight, rows: std::ops::Range<usize>) -> Self::Weight;
+    /// Called before weights are swapped out from under the model (a placement switch
+    /// frees experts and installs staged ones): a backend that runs work
+    /// asynchronously waits for it, and one that caches state per weight address
+    /// forgets it (a freed expert's address may come back as another's). The default
+    /// does nothing.
+    fn before_weight_swap(&self) {}
     /// Bytes a loaded weight occupies on the device.
     fn weight_bytes(&self, w: &Self::Weight) -> usize;
 

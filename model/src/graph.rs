@@ -259,20 +259,7 @@ impl<B: Backend> Model<B> {
             &mut |name| {
                 let shape = shapes[name];
                 let (rows, cols) = (shape[0], shape[1]);
-                let n = index[name];
-                let scale = if name.ends_with("gate.wg.weight") {
-                    4.0 * (3.0 / cols as f32).sqrt()
-                } else if name.contains("embed_tokens") {
-                    1.0
-                } else {
-                    (3.0 / cols as f32).sqrt()
-                };
-                let w = backend.random_matrix(
-                    rows,
-                    cols,
-                    seed.wrapping_mul(1000).wrapping_add(n),
-                    scale,
-                );
+                let w = random_weight(backend, seed, index[name], name, rows, cols);
                 // Made whole, then cut: a shard's values are the whole model's.
                 let w = if tp.size > 1 && TpShard::slices(name) {
                     backend.slice_rows(&w, tp.rows(rows))
@@ -364,6 +351,41 @@ impl<B: Backend> Model<B> {
             .map(|&(l, x)| {
                 let base = format!("model.layers.{l}.mlp.experts.{x}");
                 let m = |p: &str| backend.load_matrix(&ck.matrix(&format!("{base}.{p}.weight")));
+                (
+                    (l, x),
+                    Mlp {
+                        gate: m("gate_proj"),
+                        up: m("up_proj"),
+                        down: m("down_proj"),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// [`Model::load_experts`] for a model of random weights (`Model::random_shard`'s
+    /// seed): the same values the whole random model has for those experts.
+    pub fn random_experts(
+        backend: &B,
+        cfg: &ModelConfig,
+        seed: u64,
+        which: &[(usize, usize)],
+    ) -> Vec<((usize, usize), Mlp<B>)> {
+        let all = crate::names::expected(cfg);
+        let index: std::collections::HashMap<&str, (u64, &[usize])> = all
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.name.as_str(), (i as u64 + 1, e.shape.as_slice())))
+            .collect();
+        which
+            .iter()
+            .map(|&(l, x)| {
+                let base = format!("model.layers.{l}.mlp.experts.{x}");
+                let m = |p: &str| {
+                    let name = format!("{base}.{p}.weight");
+                    let (n, shape) = index[name.as_str()];
+                    random_weight(backend, seed, n, &name, shape[0], shape[1])
+                };
                 (
                     (l, x),
                     Mlp {
@@ -1003,6 +1025,27 @@ fn lap(
         *pick(t) += (now - *t0).as_secs_f64();
         *t0 = now;
     }
+}
+
+/// A random weight of a model made from `seed`: uniform, scaled by fan-in (the router
+/// wider, so routing is decisive), its stream picked by the tensor's index `n` among
+/// the expected names, so any shard of the model makes the same values.
+fn random_weight<B: Backend>(
+    backend: &B,
+    seed: u64,
+    n: u64,
+    name: &str,
+    rows: usize,
+    cols: usize,
+) -> B::Weight {
+    let scale = if name.ends_with("gate.wg.weight") {
+        4.0 * (3.0 / cols as f32).sqrt()
+    } else if name.contains("embed_tokens") {
+        1.0
+    } else {
+        (3.0 / cols as f32).sqrt()
+    };
+    backend.random_matrix(rows, cols, seed.wrapping_mul(1000).wrapping_add(n), scale)
 }
 
 /// The `(layer, expert)` a checkpoint tensor belongs to, if it is a routed expert's.

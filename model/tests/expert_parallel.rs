@@ -299,3 +299,33 @@ fn tensor_parallel_groups_match_one_whole_model_bitwise() {
         assert_eq!(got, want, "{arch:?}: tensor parallelism changed the logits");
     }
 }
+
+/// Staging on a worker of random weights makes the very experts the whole random model
+/// has (a rebalanced random-weight cluster computes the same model).
+#[test]
+fn random_experts_are_the_random_models_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = InitOptions {
+        arch: Arch::HunyuanLarge,
+        preset: "tiny".into(),
+        seed: 1,
+        dtype: DType::BF16,
+        format: WeightFormat::Safetensors,
+        max_shard_bytes: 1 << 30,
+    };
+    let cfg = init_model(dir.path(), &opts, &mut |_, _| {}).unwrap();
+    let b = CpuBackend::new(Precision::Bf16);
+    let whole = Model::random(&b, cfg.clone(), 3, &mut |_| {});
+    let staged = Model::random_experts(&b, &cfg, 3, &[(1, 5), (3, 0)]);
+    for ((l, x), m) in &staged {
+        let w = whole.layers[*l].experts[*x].as_ref().unwrap();
+        for (a, b) in [(&w.gate, &m.gate), (&w.up, &m.up), (&w.down, &m.down)] {
+            assert_eq!(a.bytes.as_slice(), b.bytes.as_slice(), "expert ({l}, {x})");
+        }
+    }
+    let other = Model::random_experts(&b, &cfg, 4, &[(1, 5)]);
+    assert_ne!(
+        other[0].1.gate.bytes.as_slice(),
+        staged[0].1.gate.bytes.as_slice()
+    );
+}

@@ -62,16 +62,21 @@ cluster() {  # TP
     done
     # The port must be free again (a stale server would answer for the cluster).
     for _ in $(seq 1 30); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null 2>&1 || break; sleep 1; done
+    # Rebalancing from the load seen every CLUSTER_REBALANCE_SECS; the greedy answers are
+    # taken again after the load run, under the placement it left.
     "$BIN/hyserve" coordinator "${COMMON[@]}" --peers "$PEERS" --join-timeout-secs 120 \
-        --tensor-parallel "$TP" > "$OUT/cluster_coordinator_$LABEL.log" 2>&1 &
+        --tensor-parallel "$TP" --rebalance-secs "${CLUSTER_REBALANCE_SECS:-10}" \
+        > "$OUT/cluster_coordinator_$LABEL.log" 2>&1 &
     C=$!
     if wait_ready $C; then
-        greedy "$LABEL"; load "$LABEL"
+        greedy "$LABEL"; load "$LABEL"; greedy "$LABEL-after"
+        echo "$LABEL: $(grep -c 'rebalanced: new placement staged' "$OUT/cluster_coordinator_$LABEL.log") rebalances; $(grep -c 'switched to a new expert placement' "$OUT/cluster_worker0_$LABEL.log") switches on worker 0; $(grep -c 'rebalance failed' "$OUT/cluster_coordinator_$LABEL.log") failed"
     else
         echo "the cluster ($LABEL) did not start"; tail -5 "$OUT/cluster_coordinator_$LABEL.log" "$OUT"/cluster_worker*_$LABEL.log
     fi
     kill $C "${WPIDS[@]}"; wait 2>/dev/null
-    echo "greedy, 1 GPU vs $LABEL:"; paste -d'|' "$OUT/cluster_greedy_1gpu.txt" "$OUT/cluster_greedy_$LABEL.txt" 2>/dev/null
+    echo "greedy, 1 GPU vs $LABEL vs $LABEL after the load and its rebalances:"
+    paste -d'|' "$OUT/cluster_greedy_1gpu.txt" "$OUT/cluster_greedy_$LABEL.txt" "$OUT/cluster_greedy_$LABEL-after.txt" 2>/dev/null
     # Ports are reused by the next variant.
     sleep 2
 }

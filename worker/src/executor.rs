@@ -208,6 +208,7 @@ impl<B: Backend> Executor<B> {
         let rank = ep.exchange.rank() as u32;
         let holders = staged.holders;
         let keep = |l: usize, x: usize| holders[l][x].contains(&rank);
+        self.backend.before_weight_swap();
         self.model.set_experts(staged.experts, &keep);
         let held = self.held_experts();
         let ep = self.ep.as_mut().expect("checked above");

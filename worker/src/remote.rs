@@ -392,13 +392,34 @@ struct Assigned {
     rank: u32,
     world: usize,
     handle: Arc<ExecutorHandle>,
-    /// `None` on GPU workers: they do not stage placements yet.
-    staged: Option<StageSlot<CpuBackend>>,
+    staged: Stager,
     held: HeldExperts,
     /// The newest epoch assigned or staged.
     epoch: AtomicU64,
     steps: AtomicU64,
     weight_bytes: u64,
+}
+
+/// Where a worker stages its next placement's experts, for its executor to take at the
+/// step that switches.
+#[derive(Clone)]
+enum Stager {
+    Cpu(StageSlot<CpuBackend>),
+    /// On GPU `ordinal`: the experts are loaded through a backend of their own (its own
+    /// stream, so serving goes on) and handed over once that stream is idle.
+    Cuda(StageSlot<CudaBackend>, usize),
+}
+
+impl Stager {
+    fn pending(&self) -> Option<u64> {
+        fn of<B: hyserve_kernels::Backend>(s: &StageSlot<B>) -> Option<u64> {
+            s.lock().ok().and_then(|s| s.as_ref().map(|s| s.epoch))
+        }
+        match self {
+            Stager::Cpu(s) => of(s),
+            Stager::Cuda(s, _) => of(s),
+        }
+    }
 }
 
 /// The worker service: one per process.
@@ -457,6 +478,68 @@ impl WorkerNode {
             )),
             (None, None) => Err("no checkpoint and no random-weight seed".into()),
         }
+    }
+
+    /// Loads the experts of placement `holders` (epoch `epoch`) that this worker gains,
+    /// on `backend`, beside the serving model, and files them in `slot`; `ready` runs
+    /// before the slot is filled. Returns how many experts the slot holds.
+    fn stage_into<B: hyserve_kernels::Backend>(
+        &self,
+        slot: &StageSlot<B>,
+        backend: &B,
+        a: &Assigned,
+        holders: crate::Holders,
+        epoch: u64,
+        ready: &dyn Fn(&B),
+    ) -> Result<u32, String> {
+        let held = a.held.lock().map(|h| h.clone()).unwrap_or_default();
+        // Experts an earlier, never switched-to stage already loaded are reused.
+        let mut reuse = slot
+            .lock()
+            .ok()
+            .and_then(|mut s| s.take())
+            .map(|s| s.experts)
+            .unwrap_or_default();
+        let mine: Vec<(usize, usize)> = holders
+            .iter()
+            .enumerate()
+            .flat_map(|(l, es)| {
+                es.iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.contains(&a.rank))
+                    .map(move |(x, _)| (l, x))
+            })
+            .filter(|k| !held.contains(k))
+            .collect();
+        reuse.retain(|(k, _)| mine.contains(k));
+        let need: Vec<(usize, usize)> = mine
+            .iter()
+            .copied()
+            .filter(|k| !reuse.iter().any(|(r, _)| r == k))
+            .collect();
+        let mut experts = match (&self.ck, self.node.random_weights) {
+            (Some(ck), _) => Model::load_experts(backend, ck, &need),
+            (None, Some(seed)) => Model::random_experts(backend, &self.cfg, seed, &need),
+            (None, None) => return Err("no checkpoint and no random-weight seed".into()),
+        };
+        experts.extend(reuse);
+        ready(backend);
+        let n = experts.len() as u32;
+        if let Ok(mut s) = slot.lock() {
+            *s = Some(Staged {
+                epoch,
+                holders,
+                experts,
+            });
+        }
+        a.epoch.store(epoch, Ordering::Release);
+        tracing::info!(
+            rank = a.rank,
+            epoch,
+            loaded = need.len(),
+            "placement staged"
+        );
+        Ok(n)
     }
 
     async fn assigned(&self) -> Result<Arc<Assigned>, Status> {
@@ -580,11 +663,12 @@ impl Worker for WorkerService {
                         node.node.threads,
                     );
                     let exchange = GrpcExchange::new(rank, peers, inbox_rx, timeout, rt);
-                    let (staged, held) =
+                    let (slot, held) =
                         exec.expert_parallel(Box::new(exchange), epoch, holders.clone());
+                    let staged = Stager::Cpu(slot);
                     let handle = ExecutorHandle::spawn(&format!("executor-rank{rank}"), exec)
                         .map_err(|e| e.to_string())?;
-                    (handle, Some(staged), held, weight_bytes)
+                    (handle, staged, held, weight_bytes)
                 }
                 NodeDevice::Cuda(ordinal) => {
                     let id: [core::ffi::c_char; 128] = nccl_id
@@ -607,14 +691,14 @@ impl Worker for WorkerService {
                     // ranks at once).
                     let comm = backend.nccl_comm(rank, world, &NcclId(id))?;
                     let mut exec = Executor::with_threads(backend, model, n_blocks, block_size, 1);
-                    let (_slot, held) = exec.expert_parallel(
+                    let (slot, held) = exec.expert_parallel(
                         Box::new(NcclExchange::new(comm)),
                         epoch,
                         holders.clone(),
                     );
                     let handle = ExecutorHandle::spawn(&format!("executor-gpu{ordinal}"), exec)
                         .map_err(|e| e.to_string())?;
-                    (handle, None, held, weight_bytes)
+                    (handle, Stager::Cuda(slot, ordinal), held, weight_bytes)
                 }
             };
             let experts = held.lock().map(|h| h.len()).unwrap_or(0);
@@ -653,11 +737,6 @@ impl Worker for WorkerService {
 
     async fn stage(&self, req: Request<StageRequest>) -> Result<Response<StageResponse>, Status> {
         let a = self.assigned().await?;
-        let Some(slot) = a.staged.clone() else {
-            return Err(Status::unimplemented(
-                "GPU workers do not stage new placements yet; the current one stays",
-            ));
-        };
         let placement = req
             .into_inner()
             .placement
@@ -668,7 +747,7 @@ impl Worker for WorkerService {
         // The newest epoch this worker knows; a retry of the same epoch (a stage that
         // failed elsewhere) replaces what was staged.
         let known = a.epoch.load(Ordering::Acquire);
-        let pending = slot.lock().ok().and_then(|s| s.as_ref().map(|s| s.epoch));
+        let pending = a.staged.pending();
         if epoch < known || (epoch == known && pending != Some(epoch)) {
             return Err(Status::failed_precondition(format!(
                 "epoch {epoch} is not newer than {known}"
@@ -681,56 +760,17 @@ impl Worker for WorkerService {
         }
         let node = self.clone();
         let a2 = a.clone();
-        let loaded = tokio::task::spawn_blocking(move || {
-            let held = a2.held.lock().map(|h| h.clone()).unwrap_or_default();
-            // Experts an earlier, never switched-to stage already loaded are reused.
-            let mut reuse = slot
-                .lock()
-                .ok()
-                .and_then(|mut s| s.take())
-                .map(|s| s.experts)
-                .unwrap_or_default();
-            let mine: Vec<(usize, usize)> = holders
-                .iter()
-                .enumerate()
-                .flat_map(|(l, es)| {
-                    es.iter()
-                        .enumerate()
-                        .filter(|(_, r)| r.contains(&a2.rank))
-                        .map(move |(x, _)| (l, x))
-                })
-                .filter(|k| !held.contains(k))
-                .collect();
-            reuse.retain(|(k, _)| mine.contains(k));
-            let need: Vec<(usize, usize)> = mine
-                .iter()
-                .copied()
-                .filter(|k| !reuse.iter().any(|(r, _)| r == k))
-                .collect();
-            let backend = CpuBackend::new(node.node.precision);
-            let Some(ck) = &node.ck else {
-                return Err(
-                    "staging needs the checkpoint (this worker has random weights)".to_string(),
-                );
-            };
-            let mut experts = Model::load_experts(&backend, ck, &need);
-            experts.extend(reuse);
-            let n = experts.len() as u32;
-            if let Ok(mut s) = slot.lock() {
-                *s = Some(Staged {
-                    epoch,
-                    holders,
-                    experts,
-                });
+        let loaded = tokio::task::spawn_blocking(move || match a2.staged.clone() {
+            Stager::Cpu(slot) => {
+                let backend = CpuBackend::new(node.node.precision);
+                node.stage_into(&slot, &backend, &a2, holders, epoch, &|_| {})
             }
-            a2.epoch.store(epoch, Ordering::Release);
-            tracing::info!(
-                rank = a2.rank,
-                epoch,
-                loaded = need.len(),
-                "placement staged"
-            );
-            Ok(n)
+            Stager::Cuda(slot, ordinal) => {
+                let (backend, _) = CudaBackend::new(ordinal, Precision::Bf16)
+                    .map_err(|e| format!("GPU {ordinal}: {e}"))?;
+                // The executor's stream reads these weights only after this one is idle.
+                node.stage_into(&slot, &backend, &a2, holders, epoch, &|b| b.synchronize())
+            }
         })
         .await
         .map_err(|e| Status::internal(format!("staging: {e}")))?
@@ -753,7 +793,7 @@ impl Worker for WorkerService {
             .map_err(|e| Status::internal(format!("step: {e}")))?;
         let out = match out {
             Ok(o) => o,
-            Err(e @ ExecutorError::Exchange(_)) if a.staged.is_none() => {
+            Err(e @ ExecutorError::Exchange(_)) if matches!(a.staged, Stager::Cuda(..)) => {
                 // A GPU rank whose NCCL exchange failed may be out of step with its
                 // peers for good: forget the assignment, so the coordinator rebuilds the
                 // whole communicator.

@@ -918,6 +918,13 @@ impl Backend for CudaBackend {
         w.rows * w.cols * 2
     }
 
+    fn before_weight_swap(&self) {
+        self.synchronize();
+        self.expert_tables.lock().expect("tables lock").clear();
+        self.graphs.lock().expect("graphs lock").clear();
+        *self.graph_seen.lock().expect("graph_seen lock") = (None, 0);
+    }
+
     fn slice_rows(&self, w: &CudaWeight, rows: std::ops::Range<usize>) -> CudaWeight {
         assert!(
             rows.start < rows.end && rows.end <= w.rows,
