@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use hyserve_model::ModelConfig;
 use hyserve_proto::cluster::worker_client::WorkerClient;
-use hyserve_proto::cluster::{AssignRequest, NcclIdRequest, StageRequest, StatusRequest};
+use hyserve_proto::cluster::{
+    AssignRequest, NcclIdRequest, StageRequest, StatusRequest, StepRequest,
+};
 use hyserve_worker::remote::{
     ClusterTls, MAX_MESSAGE_BYTES, endpoint, f32_from_bytes, placement_to_pb, step_to_pb,
 };
@@ -625,9 +627,10 @@ impl WorkerLink for RemoteGroup {
     fn submit(&self, step: Step, reply: Reply) -> Result<(), String> {
         let (cluster, ranks) = (self.cluster.clone(), self.ranks.clone());
         tokio::spawn(async move {
-            let runs = ranks
-                .iter()
-                .map(|&rank| run_on_rank(cluster.clone(), rank, &step, rank == ranks[0]));
+            let req = step_to_pb(&step);
+            let runs = ranks.iter().map(|&rank| {
+                run_on_rank(cluster.clone(), rank, &step, req.clone(), rank == ranks[0])
+            });
             let mut outs = futures::future::join_all(runs).await.into_iter();
             let result = outs
                 .next()
@@ -651,16 +654,17 @@ impl WorkerLink for RemoteGroup {
     }
 }
 
-/// Runs `step` on rank `rank`; `logits`: whether this rank answers with them (a
-/// group's first), the others' are empty.
+/// Runs `step` (`req` on the wire) on rank `rank`; `logits`: whether this rank answers
+/// with them (a group's first), the others' are empty.
 async fn run_on_rank(
     cluster: Arc<Cluster>,
     rank: usize,
     step: &Step,
+    req: StepRequest,
     logits: bool,
 ) -> Result<StepOutput, String> {
     let mut client = cluster.client(rank);
-    match client.run_step(step_to_pb(step)).await {
+    match client.run_step(req).await {
         Ok(resp) => {
             let r = resp.into_inner();
             let vocab = r.vocab_size as usize;

@@ -7,9 +7,9 @@
 //! A worker sends one message (possibly empty) to every peer in every round, so a peer
 //! with no tokens of its own still serves the others, and a missing message means a lost
 //! peer rather than "nothing to say". Under tensor parallelism a group of ranks also
-//! runs gather rounds among themselves only. The graph does not know which transport it has: [`InProcess`]
-//! (threads of one process, here), gRPC streams between processes and NCCL between GPUs
-//! implement the same trait.
+//! runs gather rounds among themselves only. The graph does not know which transport it
+//! has: [`InProcess`] (threads of one process, here), gRPC streams between processes and
+//! NCCL between GPUs implement the same trait.
 
 use std::collections::BTreeMap;
 use std::sync::mpsc;
@@ -44,14 +44,20 @@ impl Rows {
 
     /// Little-endian bytes: block count, `(expert, rows)` pairs, then the f32 data.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(4 + 8 * self.blocks.len() + 4 * self.data.len());
-        b.extend((self.blocks.len() as u32).to_le_bytes());
-        for &(e, r) in &self.blocks {
-            b.extend(e.to_le_bytes());
-            b.extend(r.to_le_bytes());
-        }
-        extend_f32_le(&mut b, &self.data);
+        let mut b = Vec::new();
+        self.write_bytes(&mut b);
         b
+    }
+
+    /// Appends [`Rows::to_bytes`] to `out` (after a transport's own header).
+    pub fn write_bytes(&self, out: &mut Vec<u8>) {
+        out.reserve(4 + 8 * self.blocks.len() + 4 * self.data.len());
+        out.extend((self.blocks.len() as u32).to_le_bytes());
+        for &(e, r) in &self.blocks {
+            out.extend(e.to_le_bytes());
+            out.extend(r.to_le_bytes());
+        }
+        extend_f32_le(out, &self.data);
     }
 
     /// The inverse of [`Rows::to_bytes`]; `None` for bytes it did not make. Empty bytes

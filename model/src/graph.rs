@@ -228,23 +228,16 @@ impl<B: Backend> Model<B> {
         tp: TpShard,
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Self {
-        let all = crate::names::expected(&cfg);
-        let index: std::collections::HashMap<String, u64> = all
+        let streams = random_streams(&cfg);
+        let held = |name: &str| expert_of(name).is_none_or(|(l, x)| holds(l, x));
+        let expected: Vec<&[usize]> = streams
             .iter()
-            .enumerate()
-            .map(|(i, e)| (e.name.clone(), i as u64 + 1))
-            .collect();
-        let expected: Vec<_> = all
-            .into_iter()
-            .filter(|e| expert_of(&e.name).is_none_or(|(l, x)| holds(l, x)))
-            .collect();
-        let shapes: std::collections::HashMap<&str, &[usize]> = expected
-            .iter()
-            .map(|e| (e.name.as_str(), e.shape.as_slice()))
+            .filter(|(name, _)| held(name))
+            .map(|(_, (_, shape))| shape.as_slice())
             .collect();
         let bytes_total: u64 = expected
             .iter()
-            .map(|e| 2 * e.shape.iter().product::<usize>() as u64)
+            .map(|shape| 2 * shape.iter().product::<usize>() as u64)
             .sum();
         let mut p = LoadProgress {
             tensors_done: 0,
@@ -257,9 +250,9 @@ impl<B: Backend> Model<B> {
             holds,
             tp,
             &mut |name| {
-                let shape = shapes[name];
+                let (n, shape) = &streams[name];
                 let (rows, cols) = (shape[0], shape[1]);
-                let w = random_weight(backend, seed, index[name], name, rows, cols);
+                let w = random_weight(backend, seed, *n, name, rows, cols);
                 // Made whole, then cut: a shard's values are the whole model's.
                 let w = if tp.size > 1 && TpShard::slices(name) {
                     backend.slice_rows(&w, tp.rows(rows))
@@ -271,7 +264,7 @@ impl<B: Backend> Model<B> {
                 progress(p);
                 w
             },
-            &mut |name| backend.load_vector(&vec![1.0; shapes[name][0]]),
+            &mut |name| backend.load_vector(&vec![1.0; streams[name].1[0]]),
         )
     }
 
@@ -346,21 +339,7 @@ impl<B: Backend> Model<B> {
         ck: &Checkpoint,
         which: &[(usize, usize)],
     ) -> Vec<((usize, usize), Mlp<B>)> {
-        which
-            .iter()
-            .map(|&(l, x)| {
-                let base = format!("model.layers.{l}.mlp.experts.{x}");
-                let m = |p: &str| backend.load_matrix(&ck.matrix(&format!("{base}.{p}.weight")));
-                (
-                    (l, x),
-                    Mlp {
-                        gate: m("gate_proj"),
-                        up: m("up_proj"),
-                        down: m("down_proj"),
-                    },
-                )
-            })
-            .collect()
+        experts_from(which, &mut |name| backend.load_matrix(&ck.matrix(name)))
     }
 
     /// [`Model::load_experts`] for a model of random weights (`Model::random_shard`'s
@@ -371,31 +350,11 @@ impl<B: Backend> Model<B> {
         seed: u64,
         which: &[(usize, usize)],
     ) -> Vec<((usize, usize), Mlp<B>)> {
-        let all = crate::names::expected(cfg);
-        let index: std::collections::HashMap<&str, (u64, &[usize])> = all
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (e.name.as_str(), (i as u64 + 1, e.shape.as_slice())))
-            .collect();
-        which
-            .iter()
-            .map(|&(l, x)| {
-                let base = format!("model.layers.{l}.mlp.experts.{x}");
-                let m = |p: &str| {
-                    let name = format!("{base}.{p}.weight");
-                    let (n, shape) = index[name.as_str()];
-                    random_weight(backend, seed, n, &name, shape[0], shape[1])
-                };
-                (
-                    (l, x),
-                    Mlp {
-                        gate: m("gate_proj"),
-                        up: m("up_proj"),
-                        down: m("down_proj"),
-                    },
-                )
-            })
-            .collect()
+        let streams = random_streams(cfg);
+        experts_from(which, &mut |name| {
+            let (n, shape) = &streams[name];
+            random_weight(backend, seed, *n, name, shape[0], shape[1])
+        })
     }
 
     /// The switching half: installs `staged` experts and frees every routed expert
@@ -756,10 +715,15 @@ impl<B: Backend> Model<B> {
         // The rows this worker routes: all of `h`, or its shard's slice of them.
         let n_all = h.map_or(0, |h| b.shape(h).0);
         let mine = if tp { self.tp.tokens(n_all) } else { 0..n_all };
+        let mine_rows: Vec<usize> = if tp {
+            mine.clone().collect()
+        } else {
+            Vec::new()
+        };
         let sliced;
         let hr = match h {
             Some(h) if tp && !mine.is_empty() => {
-                sliced = b.gather_rows(h, &mine.clone().collect::<Vec<_>>());
+                sliced = b.gather_rows(h, &mine_rows);
                 Some(&sliced)
             }
             Some(_) if tp => None,
@@ -843,7 +807,7 @@ impl<B: Backend> Model<B> {
         if let Some(h) = hr {
             let (n, _) = b.shape(h);
             let out = match shared {
-                Some(y) if tp => b.gather_rows(&y, &mine.clone().collect::<Vec<_>>()),
+                Some(y) if tp => b.gather_rows(&y, &mine_rows),
                 Some(y) => y,
                 None => b.zeros(n, hidden),
             };
@@ -965,6 +929,8 @@ const PHASE_SHARED_OUT: u8 = 3;
 const PHASE_DISPATCH: u8 = 4;
 const PHASE_COMBINE: u8 = 5;
 const PHASE_ROWS: u8 = 6;
+// The transports accept exactly these phases.
+const _: () = assert!(PHASE_ROWS + 1 == crate::exchange::PHASES);
 
 /// What a forward pass asks of its caller between device operations.
 enum Hook<'x, A> {
@@ -1025,6 +991,36 @@ fn lap(
         *pick(t) += (now - *t0).as_secs_f64();
         *t0 = now;
     }
+}
+
+/// The routed experts `which`, each matrix made by `mat` from its checkpoint name.
+fn experts_from<B: Backend>(
+    which: &[(usize, usize)],
+    mat: &mut dyn FnMut(&str) -> B::Weight,
+) -> Vec<((usize, usize), Mlp<B>)> {
+    which
+        .iter()
+        .map(|&(l, x)| {
+            let base = format!("model.layers.{l}.mlp.experts.{x}");
+            let mut m = |p: &str| mat(&format!("{base}.{p}.weight"));
+            let mlp = Mlp {
+                gate: m("gate_proj"),
+                up: m("up_proj"),
+                down: m("down_proj"),
+            };
+            ((l, x), mlp)
+        })
+        .collect()
+}
+
+/// Every expected tensor's random-weight stream (its index among the expected names,
+/// from 1) and shape, by name.
+fn random_streams(cfg: &ModelConfig) -> std::collections::HashMap<String, (u64, Vec<usize>)> {
+    crate::names::expected(cfg)
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| (e.name, (i as u64 + 1, e.shape)))
+        .collect()
 }
 
 /// A random weight of a model made from `seed`: uniform, scaled by fan-in (the router

@@ -8,7 +8,22 @@ use hyserve_kernels::cpu::CpuBackend;
 use hyserve_kernels::{Backend, DType, KvSpec, Precision};
 use hyserve_model::graph::TpShard;
 use hyserve_model::init::{InitOptions, WeightFormat, init_model};
-use hyserve_model::{Arch, Checkpoint, ExpertParallel, InProcess, Model, SeqChunk};
+use hyserve_model::{Arch, Checkpoint, ExpertParallel, InProcess, Model, ModelConfig, SeqChunk};
+
+/// A seeded tiny model of `arch` in a temporary directory, and its config.
+fn tiny(arch: Arch, seed: u64) -> (tempfile::TempDir, ModelConfig) {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = InitOptions {
+        arch,
+        preset: "tiny".into(),
+        seed,
+        dtype: DType::BF16,
+        format: WeightFormat::Safetensors,
+        max_shard_bytes: 1 << 30,
+    };
+    let cfg = init_model(dir.path(), &opts, &mut |_, _| {}).unwrap();
+    (dir, cfg)
+}
 
 fn chunk(tokens: &[u32], first_pos: usize, all_logits: bool) -> SeqChunk {
     SeqChunk {
@@ -22,16 +37,7 @@ fn chunk(tokens: &[u32], first_pos: usize, all_logits: bool) -> SeqChunk {
 #[test]
 fn three_shards_match_one_whole_model_bitwise() {
     for arch in [Arch::HunyuanLarge, Arch::HunyuanV1Moe] {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = InitOptions {
-            arch,
-            preset: "tiny".into(),
-            seed: 5,
-            dtype: DType::BF16,
-            format: WeightFormat::Safetensors,
-            max_shard_bytes: 1 << 30,
-        };
-        let cfg = init_model(dir.path(), &opts, &mut |_, _| {}).unwrap();
+        let (dir, cfg) = tiny(arch, 5);
         let ck = Checkpoint::open(dir.path(), &mut |_| {}).unwrap();
         let b = CpuBackend::new(Precision::Bf16);
         let spec = KvSpec {
@@ -155,16 +161,7 @@ fn three_shards_match_one_whole_model_bitwise() {
 #[test]
 fn tensor_parallel_groups_match_one_whole_model_bitwise() {
     for arch in [Arch::HunyuanLarge, Arch::HunyuanV1Moe] {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = InitOptions {
-            arch,
-            preset: "tiny".into(),
-            seed: 9,
-            dtype: DType::BF16,
-            format: WeightFormat::Safetensors,
-            max_shard_bytes: 1 << 30,
-        };
-        let cfg = init_model(dir.path(), &opts, &mut |_, _| {}).unwrap();
+        let (dir, cfg) = tiny(arch, 9);
         TpShard::check(&cfg, 2).unwrap();
         assert!(TpShard::check(&cfg, 3).unwrap_err().contains("divide by 3"));
         let ck = Checkpoint::open(dir.path(), &mut |_| {}).unwrap();
@@ -304,16 +301,7 @@ fn tensor_parallel_groups_match_one_whole_model_bitwise() {
 /// has (a rebalanced random-weight cluster computes the same model).
 #[test]
 fn random_experts_are_the_random_models_own() {
-    let dir = tempfile::tempdir().unwrap();
-    let opts = InitOptions {
-        arch: Arch::HunyuanLarge,
-        preset: "tiny".into(),
-        seed: 1,
-        dtype: DType::BF16,
-        format: WeightFormat::Safetensors,
-        max_shard_bytes: 1 << 30,
-    };
-    let cfg = init_model(dir.path(), &opts, &mut |_, _| {}).unwrap();
+    let (_dir, cfg) = tiny(Arch::HunyuanLarge, 1);
     let b = CpuBackend::new(Precision::Bf16);
     let whole = Model::random(&b, cfg.clone(), 3, &mut |_| {});
     let staged = Model::random_experts(&b, &cfg, 3, &[(1, 5), (3, 0)]);

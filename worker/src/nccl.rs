@@ -57,11 +57,11 @@ impl Exchange for NcclExchange {
             .iter()
             .enumerate()
             .map(|(p, r)| {
-                if p == rank {
+                if p == rank || !peers.contains(&p) {
                     Vec::new()
                 } else {
                     let mut b = header.to_vec();
-                    b.extend(r.to_bytes());
+                    r.write_bytes(&mut b);
                     b
                 }
             })

@@ -422,6 +422,13 @@ impl Stager {
     }
 }
 
+/// Where a worker's weights come from.
+enum Weights<'a> {
+    Checkpoint(&'a Checkpoint),
+    /// Made from this seed (`Model::random_shard`).
+    Random(u64),
+}
+
 /// The worker service: one per process.
 pub struct WorkerNode {
     cfg: ModelConfig,
@@ -459,23 +466,19 @@ impl WorkerNode {
         holds: &dyn Fn(usize, usize) -> bool,
         tp: TpShard,
     ) -> Result<Model<B>, String> {
+        let cfg = self.cfg.clone();
+        Ok(match self.weights()? {
+            Weights::Checkpoint(ck) => Model::load_shard(backend, cfg, ck, holds, tp, &mut |_| {}),
+            Weights::Random(seed) => {
+                Model::random_shard(backend, cfg, seed, holds, tp, &mut |_| {})
+            }
+        })
+    }
+
+    fn weights(&self) -> Result<Weights<'_>, String> {
         match (&self.ck, self.node.random_weights) {
-            (Some(ck), _) => Ok(Model::load_shard(
-                backend,
-                self.cfg.clone(),
-                ck,
-                holds,
-                tp,
-                &mut |_| {},
-            )),
-            (None, Some(seed)) => Ok(Model::random_shard(
-                backend,
-                self.cfg.clone(),
-                seed,
-                holds,
-                tp,
-                &mut |_| {},
-            )),
+            (Some(ck), _) => Ok(Weights::Checkpoint(ck)),
+            (None, Some(seed)) => Ok(Weights::Random(seed)),
             (None, None) => Err("no checkpoint and no random-weight seed".into()),
         }
     }
@@ -517,10 +520,9 @@ impl WorkerNode {
             .copied()
             .filter(|k| !reuse.iter().any(|(r, _)| r == k))
             .collect();
-        let mut experts = match (&self.ck, self.node.random_weights) {
-            (Some(ck), _) => Model::load_experts(backend, ck, &need),
-            (None, Some(seed)) => Model::random_experts(backend, &self.cfg, seed, &need),
-            (None, None) => return Err("no checkpoint and no random-weight seed".into()),
+        let mut experts = match self.weights()? {
+            Weights::Checkpoint(ck) => Model::load_experts(backend, ck, &need),
+            Weights::Random(seed) => Model::random_experts(backend, &self.cfg, seed, &need),
         };
         experts.extend(reuse);
         ready(backend);
