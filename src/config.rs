@@ -17,6 +17,8 @@ pub mod env {
     pub const CONFIG: &str = "HYSERVE_CONFIG";
     pub const LOG_PROMPTS: &str = "HYSERVE_LOG_PROMPTS";
     pub const DEVICE: &str = "HYSERVE_DEVICE";
+    pub const SPECULATION: &str = "HYSERVE_SPECULATION";
+    pub const DRAFT_MODEL: &str = "HYSERVE_DRAFT_MODEL";
 }
 
 /// Everything `hyserve serve` needs.
@@ -63,6 +65,17 @@ pub struct ServeConfig {
     /// (throughput benchmarks at real dimensions; the directory needs only its config
     /// and tokenizer).
     pub random_weights: Option<u64>,
+    /// Speculative decoding: `auto` (the draft model when there is one, else prompt
+    /// lookup), `draft`, `ngram` or `off`.
+    pub speculation: String,
+    /// Draft model directory for `draft` speculation; default: the embedded default
+    /// model's draft, when serving the embedded default.
+    pub draft_model: Option<PathBuf>,
+    /// Most tokens proposed per sequence and step (1..=15).
+    pub spec_max_depth: usize,
+    /// Propose exactly this many tokens wherever possible instead of adapting the depth
+    /// to acceptance and load (benchmarks).
+    pub spec_depth: Option<usize>,
 }
 
 impl Default for ServeConfig {
@@ -90,6 +103,10 @@ impl Default for ServeConfig {
             step_timeout_secs: 30,
             device: "cpu".into(),
             random_weights: None,
+            speculation: "auto".into(),
+            draft_model: None,
+            spec_max_depth: 6,
+            spec_depth: None,
         }
     }
 }
@@ -179,6 +196,29 @@ impl ServeConfig {
         if self.step_timeout_secs == 0 {
             return Err(bad("step_timeout_secs", "must be >= 1"));
         }
+        if !["auto", "draft", "ngram", "off"].contains(&self.speculation.as_str()) {
+            return Err(bad(
+                "speculation",
+                format!("'{}' is not auto, draft, ngram or off", self.speculation),
+            ));
+        }
+        if !(1..=15).contains(&self.spec_max_depth) {
+            return Err(bad(
+                "spec_max_depth",
+                format!("{} is out of range 1..=15", self.spec_max_depth),
+            ));
+        }
+        if let Some(d) = self.spec_depth
+            && !(1..=self.spec_max_depth).contains(&d)
+        {
+            return Err(bad(
+                "spec_depth",
+                format!(
+                    "{d} is out of range 1..=spec_max_depth ({})",
+                    self.spec_max_depth
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -202,6 +242,9 @@ mod tests {
             ("dtype = \"f16\"", "dtype"),
             ("max_running = 1000", "max_running"),
             ("block_size = 0", "block_size"),
+            ("speculation = \"eagle\"", "speculation"),
+            ("spec_max_depth = 16", "spec_max_depth"),
+            ("spec_depth = 7", "spec_depth"),
             (
                 "http_addr = \"127.0.0.1:9000\"\ngrpc_addr = \"127.0.0.1:9000\"",
                 "grpc_addr",

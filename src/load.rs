@@ -64,6 +64,11 @@ pub fn resolve_model_dir(model: Option<&Path>) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
+/// The embedded default model's draft model (for speculation), if it has one.
+pub fn default_draft_dir() -> anyhow::Result<Option<PathBuf>> {
+    Ok(None)
+}
+
 fn bar(prefix: &'static str) -> ProgressBar {
     let bar = ProgressBar::new(0);
     bar.set_style(

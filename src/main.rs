@@ -1,5 +1,6 @@
 //! `hyserve`: one binary, roles as subcommands.
 //!
+//! - `train-tokenizer`: a byte-level BPE vocabulary trained on a text (Hunyuan layout).
 //! - `init-model`: write a seeded random model of a real architecture in the real formats.
 //! - `generate`: run one prompt through a model (the fidelity interface).
 //! - `bench`: CPU decode/prefill throughput beside the machine's memory bandwidth.
@@ -43,6 +44,7 @@ enum Command {
     Worker(commands::worker::Args),
     ClusterCerts(commands::certs::Args),
     InitModel(commands::init_model::Args),
+    TrainTokenizer(commands::train_tokenizer::Args),
     Generate(commands::generate::Args),
     Bench(commands::bench::Args),
     BenchGpu(commands::bench_gpu::Args),
@@ -65,6 +67,7 @@ fn main() -> anyhow::Result<()> {
         Command::Worker(a) => commands::worker::run(a),
         Command::ClusterCerts(a) => commands::certs::run(a),
         Command::InitModel(a) => commands::init_model::run(a),
+        Command::TrainTokenizer(a) => commands::train_tokenizer::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::BenchGpu(a) => commands::bench_gpu::run(a),

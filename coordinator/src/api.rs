@@ -21,6 +21,10 @@ pub struct GenerateRequest {
     /// Number of top alternatives to report per token (`None`: no logprobs at all,
     /// `Some(0)`: only the chosen token's logprob).
     pub logprobs: Option<usize>,
+    /// Whether the engine may speculate for this request (it decides how much). The
+    /// output is the same either way; a client may still opt out, e.g. to keep each
+    /// step's latency even.
+    pub speculate: bool,
 }
 
 /// A candidate token with its log-probability under the model (before sampling filters).
@@ -212,6 +216,8 @@ pub struct EngineStats {
     pub model_seconds_total: f64,
     /// Wall time spent in the scheduler itself (planning and post-processing steps).
     pub scheduler_seconds_total: f64,
+    /// Speculative decoding: proposals, acceptances, time saved.
+    pub spec: crate::scheduler::spec::SpecStats,
 }
 
 /// What a front needs from the engine. Implemented by the actor system

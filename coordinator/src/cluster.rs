@@ -677,11 +677,21 @@ async fn run_on_rank(
                 })
                 .collect();
             match parsed {
-                Some(logits) if logits.len() == step.seqs.len() => Ok(StepOutput {
-                    logits,
-                    vocab_size: vocab,
-                    expert_load: r.expert_load,
-                }),
+                Some(logits)
+                    if logits.len() == step.seqs.len()
+                        && (r.proposals.is_empty() || r.proposals.len() == logits.len()) =>
+                {
+                    let mut proposals: Vec<Vec<u32>> =
+                        r.proposals.into_iter().map(|p| p.tokens).collect();
+                    proposals.resize(logits.len(), Vec::new());
+                    Ok(StepOutput {
+                        logits,
+                        vocab_size: vocab,
+                        expert_load: r.expert_load,
+                        proposals,
+                        draft_seconds: r.draft_seconds,
+                    })
+                }
                 _ => Err(format!("worker {rank} sent malformed logits")),
             }
         }

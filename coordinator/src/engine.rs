@@ -402,7 +402,9 @@ impl Actor for SchedulerActor {
                 let t0 = Instant::now();
                 match outputs {
                     Ok(outputs) => {
-                        let events = st.scheduler.complete(plan, outputs);
+                        let events =
+                            st.scheduler
+                                .complete_timed(plan, outputs, Some(model_seconds));
                         self.deliver(st, events);
                         st.shared
                             .last_progress_ms

@@ -8,6 +8,7 @@ use std::time::Duration;
 use hyserve_coordinator::api::{Engine, GenerateRequest, ModelInfo, TokenEvent};
 use hyserve_coordinator::engine::{EngineConfig, EngineHandle, ExecutorFactory};
 use hyserve_coordinator::scheduler::SchedulerConfig;
+use hyserve_coordinator::scheduler::spec::{ProposerKind, SpecConfig};
 use hyserve_kernels::cpu::CpuBackend;
 use hyserve_kernels::sampling::SamplingParams;
 use hyserve_kernels::{DType, Precision};
@@ -23,11 +24,15 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    fixture_seeded(3)
+}
+
+fn fixture_seeded(seed: u64) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let opts = InitOptions {
         arch: Arch::HunyuanLarge,
         preset: "tiny".into(),
-        seed: 3,
+        seed,
         dtype: DType::BF16,
         format: WeightFormat::Safetensors,
         max_shard_bytes: 1 << 30,
@@ -62,7 +67,7 @@ async fn start(f: &Fixture, n_workers: usize, n_blocks: usize) -> EngineHandle {
             Executor::with_threads(backend, model, n_blocks, 16, 1),
         )?) as _)
     });
-    start_with(f, n_workers, n_blocks, factory, false).await
+    start_with(f, n_workers, n_blocks, factory, false, SpecConfig::off()).await
 }
 
 async fn start_with(
@@ -71,6 +76,7 @@ async fn start_with(
     n_blocks: usize,
     factory: ExecutorFactory,
     lockstep: bool,
+    speculation: SpecConfig,
 ) -> EngineHandle {
     EngineHandle::start(
         EngineConfig {
@@ -84,6 +90,7 @@ async fn start_with(
                 prefill_chunk: 24,
                 max_context: 512,
                 enable_prefix_cache: true,
+                speculation,
             },
             model: ModelInfo {
                 id: "tiny".into(),
@@ -108,6 +115,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
         max_tokens,
         stop_token_ids: vec![],
         logprobs: None,
+        speculate: true,
     }
 }
 
@@ -258,7 +266,7 @@ async fn expert_parallel_workers_match_lone_generation() {
         exec.expert_parallel(Box::new(ex), 0, holders.clone());
         Ok(Box::new(ExecutorHandle::spawn("ep-worker", exec)?) as _)
     });
-    let engine = start_with(&f, 3, 32, factory, true).await;
+    let engine = start_with(&f, 3, 32, factory, true, SpecConfig::off()).await;
     let mut tasks = Vec::new();
     for p in prompts {
         let mut stream = engine.submit(request(p, 8)).unwrap();
@@ -281,4 +289,128 @@ async fn expert_parallel_workers_match_lone_generation() {
     assert_eq!(load.len(), f.cfg.n_layers * f.cfg.layers[0].n_experts);
     assert!(load.iter().sum::<u64>() > 0);
     engine.stop();
+}
+
+/// Every prompt's greedy tokens through `engine`, submitted at once.
+async fn generate_all(
+    engine: &EngineHandle,
+    prompts: &[Vec<u32>],
+    max_tokens: usize,
+) -> Vec<Vec<u32>> {
+    let mut tasks = Vec::new();
+    for p in prompts {
+        let mut stream = engine.submit(request(p.clone(), max_tokens)).unwrap();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            while let Some(ev) = stream.recv().await {
+                match ev {
+                    TokenEvent::Token { id, .. } => ids.push(id),
+                    TokenEvent::Finished { usage, .. } => {
+                        assert_eq!(usage.completion_tokens, ids.len());
+                        break;
+                    }
+                    TokenEvent::Failed(e) => panic!("{e}"),
+                }
+            }
+            ids
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+/// Speculative decoding through real executors, whole and expert-parallel (three
+/// lockstep workers, each verifying its sequences' proposals through the exchange):
+/// with prompt lookup, with a draft model that always agrees (the target's own
+/// weights) and with one that rarely does (other weights), greedy outputs are exactly
+/// those of plain generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speculation_through_real_executors_matches_lone_generation() {
+    let f = fixture();
+    let other = fixture_seeded(9);
+    // Repetitive prompts, so prompt lookup finds something.
+    let prompts: Vec<Vec<u32>> = (0..4u32)
+        .map(|i| {
+            let p: Vec<u32> = (0..(6 + 3 * i))
+                .map(|j| 260 + (i * 31 + j * 7) % 500)
+                .collect();
+            [p.clone(), p].concat()
+        })
+        .collect();
+    let lone = executor(&f, 64);
+    let opts = GenerateOptions {
+        max_tokens: 12,
+        sampling: SamplingParams::greedy(),
+        stop_ids: vec![],
+        prefill_chunk: 512,
+        collect_logits: false,
+    };
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| generate(&lone, p, &opts).unwrap().generated)
+        .collect();
+    let holders: Vec<Vec<Vec<u32>>> = f
+        .cfg
+        .layers
+        .iter()
+        .map(|l| (0..l.n_experts).map(|e| vec![(e % 3) as u32]).collect())
+        .collect();
+    for (name, proposer, draft) in [
+        ("ngram", ProposerKind::Ngram, None),
+        ("same-draft", ProposerKind::Draft, Some(&f)),
+        ("other-draft", ProposerKind::Draft, Some(&other)),
+    ] {
+        for ep in [false, true] {
+            let (ck, cfg) = (f.ck.clone(), f.cfg.clone());
+            let draft = draft.map(|d| (d.ck.clone(), d.cfg.clone()));
+            let holders = holders.clone();
+            let group = std::sync::Mutex::new(
+                InProcess::group(3, Duration::from_secs(30))
+                    .into_iter()
+                    .map(Some)
+                    .collect::<Vec<_>>(),
+            );
+            let factory: ExecutorFactory = Arc::new(move |i| {
+                let backend = CpuBackend::new(Precision::Bf16);
+                let holds = |l: usize, e: usize| !ep || holders[l][e].contains(&(i as u32));
+                let model = Model::load_shard(
+                    &backend,
+                    cfg.clone(),
+                    &ck,
+                    &holds,
+                    TpShard::WHOLE,
+                    &mut |_| {},
+                );
+                let d = draft
+                    .as_ref()
+                    .map(|(ck, cfg)| Model::load(&backend, cfg.clone(), ck, &mut |_| {}));
+                let mut exec = Executor::with_threads(backend, model, 32, 16, 1);
+                if let Some(d) = d {
+                    exec.set_draft(d).unwrap();
+                }
+                if ep {
+                    let ex = group.lock().unwrap()[i].take().expect("one end per worker");
+                    exec.expert_parallel(Box::new(ex), 0, holders.clone());
+                }
+                Ok(Box::new(ExecutorHandle::spawn("spec-worker", exec)?) as _)
+            });
+            let spec = SpecConfig {
+                fixed_depth: Some(3),
+                ..SpecConfig::new(proposer)
+            };
+            let n_workers = if ep { 3 } else { 1 };
+            let engine = start_with(&f, n_workers, 32, factory, ep, spec).await;
+            let got = generate_all(&engine, &prompts, 12).await;
+            assert_eq!(got, want, "{name}, expert parallel: {ep}");
+            let st = engine.stats().spec;
+            assert!(st.proposed_tokens > 0, "{name}: {st:?}");
+            if name == "same-draft" {
+                assert_eq!(st.accepted_tokens, st.proposed_tokens, "{name}: {st:?}");
+            }
+            engine.stop();
+        }
+    }
 }

@@ -302,6 +302,7 @@ impl GrpcInference {
             stop_token_ids: req.stop_token_ids,
             ignore_eos: req.ignore_eos,
             logprobs: req.logprobs.then_some(u64::from(req.top_logprobs)),
+            speculation: Some(req.speculation),
         };
         let plan = Plan::new(
             state,

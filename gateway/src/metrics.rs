@@ -98,7 +98,30 @@ const ENGINE_METRICS: &[EngineMetric] = &[
         MetricType::COUNTER,
         |s| s.model_seconds_total,
     ),
+    (
+        "hyserve_spec_proposed_tokens_total",
+        "Tokens proposed for speculative verification (prompt lookup or draft model).",
+        MetricType::COUNTER,
+        |s| s.spec.proposed_tokens as f64,
+    ),
+    (
+        "hyserve_spec_accepted_tokens_total",
+        "Proposed tokens the target model accepted.",
+        MetricType::COUNTER,
+        |s| s.spec.accepted_tokens as f64,
+    ),
+    (
+        "hyserve_spec_time_saved_seconds",
+        "Estimated decode time speculation saved so far (negative: it cost time).",
+        MetricType::GAUGE,
+        |s| s.spec.time_saved_seconds,
+    ),
 ];
+
+/// Accepted proposals per verified sequence-step, as a histogram.
+const SPEC_ACCEPTED_LENGTH: &str = "hyserve_spec_accepted_length_tokens";
+/// Its buckets' upper bounds (the deepest speculation is 15 tokens).
+const SPEC_LENGTH_BUCKETS: &[u64] = &[0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 15];
 
 /// `outcome` label of a request that completed.
 pub(crate) const OUTCOME_OK: &str = "ok";
@@ -211,12 +234,18 @@ struct EngineStatsCollector {
 
 impl EngineStatsCollector {
     fn new(engine: Arc<dyn Engine>) -> Result<Self, prometheus::Error> {
-        let descs = ENGINE_METRICS
+        let mut descs: Vec<Desc> = ENGINE_METRICS
             .iter()
             .map(|(name, help, _, _)| {
                 Desc::new(name.to_string(), help.to_string(), vec![], HashMap::new())
             })
             .collect::<Result<_, _>>()?;
+        descs.push(Desc::new(
+            SPEC_ACCEPTED_LENGTH.to_string(),
+            SPEC_LENGTH_HELP.to_string(),
+            vec![],
+            HashMap::new(),
+        )?);
         Ok(Self { engine, descs })
     }
 }
@@ -228,7 +257,7 @@ impl Collector for EngineStatsCollector {
 
     fn collect(&self) -> Vec<MetricFamily> {
         let stats = self.engine.stats();
-        ENGINE_METRICS
+        let mut families: Vec<MetricFamily> = ENGINE_METRICS
             .iter()
             .map(|&(name, help, kind, value)| {
                 let mut metric = proto::Metric::default();
@@ -248,6 +277,41 @@ impl Collector for EngineStatsCollector {
                 family.set_metric(vec![metric]);
                 family
             })
-            .collect()
+            .collect();
+        families.push(accepted_length_histogram(
+            &stats.spec.accepted_length_counts,
+        ));
+        families
     }
+}
+
+const SPEC_LENGTH_HELP: &str =
+    "Proposed tokens accepted per speculative verification of one sequence.";
+
+/// The histogram of accepted lengths from per-length counts (index = length).
+fn accepted_length_histogram(counts: &[u64]) -> MetricFamily {
+    let mut h = proto::Histogram::default();
+    let total: u64 = counts.iter().sum();
+    let sum: u64 = counts.iter().enumerate().map(|(n, c)| n as u64 * c).sum();
+    h.set_sample_count(total);
+    h.set_sample_sum(sum as f64);
+    let buckets = SPEC_LENGTH_BUCKETS
+        .iter()
+        .map(|&le| {
+            let mut b = proto::Bucket::default();
+            let below: u64 = counts.iter().take(le as usize + 1).sum();
+            b.set_upper_bound(le as f64);
+            b.set_cumulative_count(below);
+            b
+        })
+        .collect();
+    h.set_bucket(buckets);
+    let mut metric = proto::Metric::default();
+    metric.set_histogram(h);
+    let mut family = MetricFamily::default();
+    family.set_name(SPEC_ACCEPTED_LENGTH.to_string());
+    family.set_help(SPEC_LENGTH_HELP.to_string());
+    family.set_field_type(MetricType::HISTOGRAM);
+    family.set_metric(vec![metric]);
+    family
 }

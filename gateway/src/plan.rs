@@ -38,6 +38,8 @@ pub(crate) struct Options {
     pub ignore_eos: bool,
     /// Alternatives per position; `None`: no logprobs at all.
     pub logprobs: Option<u64>,
+    /// `"auto"` (or absent): the engine may speculate; `"off"`: it must not.
+    pub speculation: Option<String>,
 }
 
 /// The names under which a protocol carries the fields whose name differs between
@@ -63,6 +65,7 @@ pub(crate) struct Plan {
     /// request's own); they are counted but not shown.
     pub stop_token_ids: Vec<u32>,
     pub logprobs: Option<usize>,
+    pub speculate: bool,
 }
 
 fn check_range(
@@ -229,6 +232,17 @@ impl Plan {
             }
         };
 
+        let speculate = match opts.speculation.as_deref() {
+            None | Some("") | Some("auto") => true,
+            Some("off") => false,
+            Some(_) => {
+                return Err(ServeError::invalid(
+                    "speculation",
+                    "`speculation` must be \"auto\" or \"off\"",
+                ));
+            }
+        };
+
         let mut stop_token_ids = if opts.ignore_eos {
             Vec::new()
         } else {
@@ -258,6 +272,7 @@ impl Plan {
             stop: opts.stop,
             stop_token_ids,
             logprobs,
+            speculate,
         })
     }
 
@@ -286,6 +301,7 @@ impl Plan {
                     max_tokens: self.max_tokens,
                     stop_token_ids: self.stop_token_ids.clone(),
                     logprobs: self.logprobs,
+                    speculate: self.speculate,
                 })
             })
             .collect()

@@ -100,16 +100,34 @@ pub struct Routing {
 }
 
 /// What a recorded forward pass depends on besides its inputs' contents: the batch's
-/// rows (one decode token each), a bound on every sequence's context, and the MoE's
-/// (token, choice) pairs per layer (which decide the kernels' shapes).
+/// rows, how they split into sequences, a bound on every sequence's context, and the
+/// MoE's (token, choice) pairs per layer (which decide the kernels' shapes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RecordKey {
     pub rows: usize,
+    /// The rows of each sequence, in order ([`RecordKey::layout`]): a decode step has
+    /// one per sequence, a speculative verification `1 + proposals`.
+    pub seq_rows: u64,
     pub ctx_bound: usize,
     pub moe_pairs: usize,
     /// Which weights and KV cache the work touches ([`Backend::record_id`]): a
     /// recording replays the buffers it was recorded with.
     pub buffers: u64,
+}
+
+impl RecordKey {
+    /// Most rows one sequence may have in a recorded step (a verification of up to 15
+    /// proposed tokens).
+    pub const MAX_SEQ_ROWS: usize = 16;
+
+    /// A fingerprint of the rows per sequence (each at most [`Self::MAX_SEQ_ROWS`]).
+    pub fn layout(rows_per_seq: impl IntoIterator<Item = usize>) -> u64 {
+        rows_per_seq
+            .into_iter()
+            .fold(0xcbf2_9ce4_8422_2325, |h, n| {
+                (h ^ n as u64).wrapping_mul(0x100_0000_01b3)
+            })
+    }
 }
 
 /// Tensor operations over one device.

@@ -413,16 +413,26 @@ impl<B: Backend> Model<B> {
             Hook::Moe(h) => Ok::<_, Infallible>(self.moe(b, l, h)),
             Hook::Gather(..) => unreachable!("no tensor parallelism"),
         };
-        // A decode step (one token per sequence, last logits only) has shapes that
-        // depend only on the batch size: a backend may record and replay it.
-        let decode = chunks.iter().all(|c| c.tokens.len() == 1 && !c.all_logits);
-        let logits = if decode {
-            let max_ctx = chunks.iter().map(|c| c.first_pos + 1).max().unwrap_or(1);
+        // A decode step (one token per sequence) or a verification step (a few tokens
+        // per sequence, logits for each) has shapes that depend only on how many rows
+        // each sequence has: a backend may record and replay it.
+        let recordable = chunks.iter().all(|c| {
+            (c.tokens.len() == 1 && !c.all_logits)
+                || (c.all_logits && c.tokens.len() <= RecordKey::MAX_SEQ_ROWS)
+        });
+        let logits = if recordable && !chunks.is_empty() {
+            let rows = tokens.len();
+            let max_ctx = chunks
+                .iter()
+                .map(|c| c.first_pos + c.tokens.len())
+                .max()
+                .unwrap_or(1);
             let top_k = self.cfg.layers.iter().map(|l| l.top_k).max().unwrap_or(1);
             let key = RecordKey {
-                rows: chunks.len(),
+                rows,
+                seq_rows: RecordKey::layout(chunks.iter().map(|c| c.tokens.len())),
                 ctx_bound: max_ctx.next_power_of_two().max(256),
-                moe_pairs: chunks.len() * top_k,
+                moe_pairs: rows * top_k,
                 buffers: b.record_id(kv, &self.embed),
             };
             b.forward_recorded(key, seqs, &tokens, &mut |batch| {

@@ -50,6 +50,7 @@ impl fmt::Debug for v1::GenerateRequest {
             .field("logprobs", &self.logprobs)
             .field("top_logprobs", &self.top_logprobs)
             .field("model", &self.model)
+            .field("speculation", &self.speculation)
             .finish()
     }
 }

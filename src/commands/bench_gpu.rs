@@ -355,6 +355,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // steps are): launch overhead gone, the bytes roofline is what remains.
         let key = RecordKey {
             rows: 1,
+            seq_rows: RecordKey::layout([1]),
             ctx_bound: 4096,
             moe_pairs: 1,
             buffers,

@@ -8,4 +8,5 @@ pub mod generate;
 pub mod init_model;
 pub mod plan;
 pub mod serve;
+pub mod train_tokenizer;
 pub mod worker;

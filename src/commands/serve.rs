@@ -14,6 +14,7 @@ use hyserve_coordinator::engine::{EngineConfig, EngineHandle, ExecutorFactory};
 use hyserve_coordinator::membership::EtcdMembership;
 use hyserve_coordinator::placement::WeightDtype;
 use hyserve_coordinator::scheduler::SchedulerConfig;
+use hyserve_coordinator::scheduler::spec::{ProposerKind, SpecConfig};
 use hyserve_gateway::{ApiKeys, Gateway, GatewayConfig};
 use hyserve_kernels::cpu::CpuBackend;
 use hyserve_kernels::cuda::CudaBackend;
@@ -26,14 +27,36 @@ use hyserve_worker::{Executor, ExecutorHandle, kv_spec};
 use crate::config::{ServeConfig, env};
 use crate::load;
 
-/// Where workers' weights come from: the checkpoint, or random values from a seed.
+/// Where workers' weights come from: the checkpoint, or random values from a seed; and
+/// the draft model's, when workers speculate with one.
 struct WeightSource {
     ck: Option<Checkpoint>,
     random_seed: Option<u64>,
     cfg: ModelConfig,
+    draft: Option<(ModelConfig, Checkpoint)>,
 }
 
 impl WeightSource {
+    /// An executor over `model`, with the draft model beside it if there is one.
+    fn executor<B: Backend>(
+        &self,
+        backend: B,
+        model: Model<B>,
+        n_blocks: usize,
+        block_size: usize,
+        threads: usize,
+    ) -> std::io::Result<Executor<B>> {
+        let draft = self
+            .draft
+            .as_ref()
+            .map(|(cfg, ck)| Model::load(&backend, cfg.clone(), ck, &mut |_| {}));
+        let mut exec = Executor::with_threads(backend, model, n_blocks, block_size, threads);
+        if let Some(d) = draft {
+            exec.set_draft(d).map_err(std::io::Error::other)?;
+        }
+        Ok(exec)
+    }
+
     fn model<B: Backend>(&self, backend: &B) -> Model<B> {
         match (&self.ck, self.random_seed) {
             (Some(ck), _) => Model::load(backend, self.cfg.clone(), ck, &mut |_| {}),
@@ -110,6 +133,20 @@ pub struct Args {
     /// checkpoint (benchmarks; see `init-model --config-only`).
     #[arg(long)]
     random_weights: Option<u64>,
+    /// Speculative decoding: auto (the draft model if there is one, else prompt
+    /// lookup), draft, ngram or off.
+    #[arg(long, env = env::SPECULATION, value_parser = ["auto", "draft", "ngram", "off"])]
+    speculation: Option<String>,
+    /// Draft model for `--speculation draft` (default with the embedded default model:
+    /// its own draft).
+    #[arg(long, env = env::DRAFT_MODEL)]
+    draft_model: Option<PathBuf>,
+    /// Most tokens proposed per sequence and step.
+    #[arg(long)]
+    spec_max_depth: Option<usize>,
+    /// Propose this many tokens wherever possible (no adaptation; benchmarks).
+    #[arg(long)]
+    spec_depth: Option<usize>,
 }
 
 /// Defaults, then the TOML file, then env vars and flags.
@@ -135,7 +172,9 @@ pub fn resolve(a: Args) -> anyhow::Result<ServeConfig> {
         max_waiting,
         prefill_chunk,
         step_timeout_secs,
-        device
+        device,
+        speculation,
+        spec_max_depth
     );
     over_opt!(
         random_weights,
@@ -144,7 +183,9 @@ pub fn resolve(a: Args) -> anyhow::Result<ServeConfig> {
         threads_per_worker,
         dtype,
         api_key_file,
-        max_prompt_tokens
+        max_prompt_tokens,
+        draft_model,
+        spec_depth
     );
     if a.no_prefix_cache {
         c.prefix_cache = false;
@@ -237,9 +278,55 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// The proposer `cfg.speculation` asks for, and the draft model directory it needs.
+fn speculation(
+    cfg: &ServeConfig,
+    default_draft: Option<PathBuf>,
+) -> anyhow::Result<(ProposerKind, Option<PathBuf>)> {
+    let draft = cfg.draft_model.clone().or(default_draft);
+    Ok(match (cfg.speculation.as_str(), draft) {
+        ("off", _) => (ProposerKind::Off, None),
+        ("ngram", _) | (_, None) if cfg.speculation != "draft" => (ProposerKind::Ngram, None),
+        (_, None) => anyhow::bail!(
+            "--speculation draft needs a draft model (--draft-model DIR); the embedded \
+             default has one"
+        ),
+        (_, Some(d)) => (ProposerKind::Draft, Some(d)),
+    })
+}
+
+/// The draft model at `dir`, checked against the target it proposes for.
+fn open_draft(
+    dir: &std::path::Path,
+    target: &ModelConfig,
+) -> anyhow::Result<(ModelConfig, Checkpoint)> {
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))
+        .with_context(|| format!("draft model {}", dir.display()))?;
+    anyhow::ensure!(
+        cfg.vocab_size == target.vocab_size,
+        "the draft model {} has a vocabulary of {}, the target {}",
+        dir.display(),
+        cfg.vocab_size,
+        target.vocab_size
+    );
+    let ck = Checkpoint::open(dir, &mut |_| {})?;
+    ck.validate(&cfg)?;
+    Ok((cfg, ck))
+}
+
 async fn serve(mut cfg: ServeConfig, cluster: Option<ClusterArgs>) -> anyhow::Result<()> {
     let dir = load::resolve_model_dir(cfg.model.as_deref())?;
+    let default_draft = match cfg.model {
+        None => load::default_draft_dir()?,
+        Some(_) => None,
+    };
     let model_cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let (proposer, draft_dir) = speculation(&cfg, default_draft)?;
+    // The draft runs on the workers: in-process here, or each worker process loads its own.
+    let draft = match (&draft_dir, &cluster) {
+        (Some(d), None) => Some(open_draft(d, &model_cfg)?),
+        _ => None,
+    };
     let ck = match cfg.random_weights {
         // The coordinator of a cluster needs the config and tokenizer only.
         _ if cluster.is_some() => None,
@@ -283,6 +370,7 @@ async fn serve(mut cfg: ServeConfig, cluster: Option<ClusterArgs>) -> anyhow::Re
         ck,
         random_seed: cfg.random_weights,
         cfg: model_cfg.clone(),
+        draft,
     });
     let block_size = cfg.block_size;
     let mut running_cluster = None;
@@ -328,14 +416,14 @@ async fn serve(mut cfg: ServeConfig, cluster: Option<ClusterArgs>) -> anyhow::Re
                 total_mib = total >> 20,
                 "weights on the GPU"
             );
-            let exec = Executor::with_threads(backend, model, n_blocks, block_size, 1);
+            let exec = source.executor(backend, model, n_blocks, block_size, 1)?;
             Ok(Box::new(ExecutorHandle::spawn(&format!("executor-{i}"), exec)?) as _)
         })
     } else {
         Arc::new(move |i| {
             let backend = CpuBackend::new(precision);
             let model = source.model(&backend);
-            let exec = Executor::with_threads(backend, model, n_blocks, block_size, threads);
+            let exec = source.executor(backend, model, n_blocks, block_size, threads)?;
             Ok(Box::new(ExecutorHandle::spawn(&format!("executor-{i}"), exec)?) as _)
         })
     };
@@ -356,6 +444,11 @@ async fn serve(mut cfg: ServeConfig, cluster: Option<ClusterArgs>) -> anyhow::Re
                 prefill_chunk: cfg.prefill_chunk,
                 max_context,
                 enable_prefix_cache: cfg.prefix_cache,
+                speculation: SpecConfig {
+                    max_depth: cfg.spec_max_depth,
+                    fixed_depth: cfg.spec_depth,
+                    ..SpecConfig::new(proposer)
+                },
             },
             model: ModelInfo {
                 id: model_name.clone(),
@@ -389,6 +482,8 @@ async fn serve(mut cfg: ServeConfig, cluster: Option<ClusterArgs>) -> anyhow::Re
         kv_blocks_per_worker = n_blocks,
         kv_bytes_per_token = bytes_per_token,
         max_context,
+        speculation = proposer.name(),
+        draft = ?draft_dir,
         "engine started"
     );
     let api_keys = match &cfg.api_key_file {

@@ -52,6 +52,10 @@ pub struct Args {
     /// Model directory (the same model as the coordinator's; default: the embedded one).
     #[arg(long, env = "HYSERVE_MODEL")]
     model: Option<PathBuf>,
+    /// Draft model for the coordinator's draft speculation (default with the embedded
+    /// model: its own draft).
+    #[arg(long, env = "HYSERVE_DRAFT_MODEL")]
+    draft_model: Option<PathBuf>,
     /// Address the cluster service listens on (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
@@ -150,7 +154,12 @@ async fn serve(a: Args) -> anyhow::Result<()> {
             .map(|n| n.get())
             .unwrap_or(1)
     });
-    let node = Arc::new(WorkerNode::new(
+    let draft_dir = match (&a.draft_model, &a.model) {
+        (Some(d), _) => Some(d.clone()),
+        (None, None) => load::default_draft_dir()?,
+        (None, Some(_)) => None,
+    };
+    let mut node = WorkerNode::new(
         cfg,
         ck,
         fingerprint,
@@ -162,7 +171,16 @@ async fn serve(a: Args) -> anyhow::Result<()> {
             tls: tls.clone(),
             memory_bytes,
         },
-    ));
+    );
+    if let Some(d) = &draft_dir {
+        let dcfg = ModelConfig::from_file(&d.join("config.json"))
+            .with_context(|| format!("draft model {}", d.display()))?;
+        let dck = Checkpoint::open(d, &mut |_| {})?;
+        dck.validate(&dcfg)?;
+        node = node.with_draft(dcfg, dck).map_err(anyhow::Error::msg)?;
+        tracing::info!(draft = %d.display(), "draft model loaded for speculation");
+    }
+    let node = Arc::new(node);
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("binding {}", a.listen))?;

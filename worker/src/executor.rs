@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 
-use hyserve_kernels::{Backend, KvSpec, Precision};
+use hyserve_kernels::{Backend, KvSpec, Precision, RecordKey};
 use hyserve_model::graph::Mlp;
 use hyserve_model::{Exchange, ExchangeError, ExpertParallel, Model, ModelConfig, SeqChunk};
 
@@ -37,6 +37,21 @@ pub struct SeqStep {
     pub blocks: Vec<u32>,
     /// Logits for every new token (prompt scoring, verification) or only the last.
     pub all_logits: bool,
+    /// Speculation by this worker's draft model: tokens it proposes after `tokens` are
+    /// verified in the same forward pass (their logits rows follow `tokens`' own).
+    pub draft: Option<DraftRequest>,
+}
+
+/// What the draft model proposes for one sequence of a step.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DraftRequest {
+    /// Tokens to propose (fewer when the step's blocks cannot hold them).
+    pub depth: usize,
+    /// The draft's cache holds this sequence's positions `0..first_pos`.
+    pub first_pos: usize,
+    /// The tokens at `first_pos..` up to the step's own `first_pos`: the draft reads
+    /// them, then the step's tokens, before it proposes.
+    pub context: Vec<u32>,
 }
 
 /// A batch for one forward pass.
@@ -57,6 +72,11 @@ pub struct StepOutput {
     /// Under expert parallelism: rows this worker routed during the step,
     /// `[layer][expert]` flattened; empty otherwise.
     pub expert_load: Vec<u64>,
+    /// Per sequence, the tokens the draft model proposed (empty where none was asked
+    /// for); their logits rows follow the sequence's own.
+    pub proposals: Vec<Vec<u32>>,
+    /// Wall time the draft model took, included in the step's.
+    pub draft_seconds: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +121,14 @@ struct EpState<B: Backend> {
     held: HeldExperts,
 }
 
+/// A small model of the same family and vocabulary that proposes tokens for the
+/// target to verify. Whole on every worker (never expert-parallel); its cache uses the
+/// target's block table, so a sequence's blocks hold both models' KV.
+struct Draft<B: Backend> {
+    model: Model<B>,
+    kv: B::Kv,
+}
+
 /// Runs steps for the sequences and KV cache it owns.
 pub struct Executor<B: Backend> {
     backend: B,
@@ -108,6 +136,7 @@ pub struct Executor<B: Backend> {
     kv: B::Kv,
     spec: KvSpec,
     ep: Option<EpState<B>>,
+    draft: Option<Draft<B>>,
     /// The kernels' threads. A forward pass runs inside this pool, so the hundred or so
     /// parallel kernel calls of a decode step are local work-stealing pushes rather than
     /// cross-thread wake-ups (measured: ~30% of a small model's decode step).
@@ -148,8 +177,41 @@ impl<B: Backend> Executor<B> {
             kv,
             spec,
             ep: None,
+            draft: None,
             pool,
         }
+    }
+
+    /// Gives this executor a draft model for speculation ([`SeqStep::draft`]). It must
+    /// share the target's vocabulary and hold every expert of its own.
+    pub fn set_draft(&mut self, model: Model<B>) -> Result<(), String> {
+        let cfg = &self.model.cfg;
+        if model.cfg.vocab_size != cfg.vocab_size {
+            return Err(format!(
+                "the draft model's vocabulary ({}) is not the target's ({})",
+                model.cfg.vocab_size, cfg.vocab_size
+            ));
+        }
+        if model.tp.size != 1
+            || (0..model.cfg.n_layers)
+                .any(|l| (0..model.cfg.layers[l].n_experts).any(|x| !model.holds_expert(l, x)))
+        {
+            return Err("the draft model must be whole on every worker".into());
+        }
+        let mut spec = kv_spec(
+            &model.cfg,
+            self.backend.precision(),
+            self.spec.n_blocks,
+            self.spec.block_size,
+        );
+        spec.n_kv_heads = model.local_heads().1;
+        let kv = self.backend.alloc_kv(spec);
+        self.draft = Some(Draft { model, kv });
+        Ok(())
+    }
+
+    pub fn has_draft(&self) -> bool {
+        self.draft.is_some()
     }
 
     /// Makes this executor one rank of an expert-parallel group: its model holds a
@@ -255,9 +317,33 @@ impl<B: Backend> Executor<B> {
                     cfg.vocab_size
                 )));
             }
-            let Some(ctx) = s.first_pos.checked_add(s.tokens.len()) else {
+            let depth = s.draft.as_ref().map_or(0, |d| d.depth);
+            let Some(ctx) = s
+                .first_pos
+                .checked_add(s.tokens.len())
+                .and_then(|n| n.checked_add(depth))
+            else {
                 return Err(bad(format!("position {} is out of range", s.first_pos)));
             };
+            if let Some(d) = &s.draft {
+                if d.first_pos + d.context.len() != s.first_pos {
+                    return Err(bad(format!(
+                        "the draft's context ends at {}, not at the step's position {}",
+                        d.first_pos + d.context.len(),
+                        s.first_pos
+                    )));
+                }
+                if d.depth > RecordKey::MAX_SEQ_ROWS {
+                    return Err(bad(format!(
+                        "draft depth {} is above {}",
+                        d.depth,
+                        RecordKey::MAX_SEQ_ROWS
+                    )));
+                }
+                if let Some(t) = d.context.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                    return Err(bad(format!("draft context token {t} >= vocab size")));
+                }
+            }
             if ctx.div_ceil(self.spec.block_size) > s.blocks.len() {
                 return Err(bad(format!(
                     "{} blocks cannot hold {ctx} tokens",
@@ -271,23 +357,98 @@ impl<B: Backend> Executor<B> {
         Ok(())
     }
 
-    /// Runs one forward pass over every sequence of `step`.
+    /// The draft model's proposals for every sequence of `step` that asks for them
+    /// (empty for the others, and for all when this executor has no draft model):
+    /// greedy, one batched draft pass per proposed position. The first pass reads the
+    /// tokens the draft has not seen yet; each later one the previous proposal. The
+    /// draft's KV for the proposals it reads back is written at the sequence's next
+    /// positions, whose blocks the scheduler reserved.
+    fn propose(&mut self, step: &Step) -> Vec<Vec<u32>> {
+        let mut out = vec![Vec::new(); step.seqs.len()];
+        let Some(draft) = self.draft.as_mut() else {
+            return out;
+        };
+        let bs = self.spec.block_size;
+        let slots = |s: &SeqStep, ctx: usize| -> Vec<usize> {
+            (0..ctx)
+                .map(|p| s.blocks[p / bs] as usize * bs + p % bs)
+                .collect()
+        };
+        let wanted: Vec<(usize, &SeqStep, &DraftRequest)> = step
+            .seqs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.draft.as_ref().filter(|d| d.depth > 0).map(|d| (i, s, d)))
+            .collect();
+        let max_depth = wanted.iter().map(|w| w.2.depth).max().unwrap_or(0);
+        let (model, backend, kv) = (&draft.model, &self.backend, &mut draft.kv);
+        for round in 0..max_depth {
+            let mut rows = Vec::new();
+            let chunks: Vec<SeqChunk> = wanted
+                .iter()
+                .filter(|(_, _, d)| d.depth > round)
+                .map(|&(i, s, d)| {
+                    rows.push(i);
+                    let (tokens, first_pos) = if round == 0 {
+                        let mut t = d.context.clone();
+                        t.extend_from_slice(&s.tokens);
+                        (t, d.first_pos)
+                    } else {
+                        (
+                            vec![out[i][round - 1]],
+                            s.first_pos + s.tokens.len() + round - 1,
+                        )
+                    };
+                    let ctx = first_pos + tokens.len();
+                    // A short catch-up asks for every row, so the pass keeps a
+                    // recordable shape; only the last row is used.
+                    let all_logits = tokens.len() > 1 && tokens.len() <= RecordKey::MAX_SEQ_ROWS;
+                    SeqChunk {
+                        slots: slots(s, ctx),
+                        tokens,
+                        first_pos,
+                        all_logits,
+                    }
+                })
+                .collect();
+            let logits = self.pool.install(|| model.forward(backend, kv, &chunks));
+            let vocab = model.cfg.vocab_size;
+            for (&i, row) in rows.iter().zip(&logits) {
+                let last = &row[row.len() - vocab..];
+                out[i].push(hyserve_kernels::sampling::argmax(last) as u32);
+            }
+        }
+        out
+    }
+
+    /// Runs one forward pass over every sequence of `step` (after the draft model's
+    /// proposals, when the step asks for them).
     pub fn step(&mut self, step: &Step) -> Result<StepOutput, ExecutorError> {
         self.validate(step)?;
         self.switch_epoch(step.epoch)?;
+        let t_draft = std::time::Instant::now();
+        let proposals = self.propose(step);
+        let draft_seconds = if proposals.iter().any(|p| !p.is_empty()) {
+            t_draft.elapsed().as_secs_f64()
+        } else {
+            0.0
+        };
         let bs = self.spec.block_size;
         let chunks: Vec<SeqChunk> = step
             .seqs
             .iter()
-            .map(|s| {
-                let ctx = s.first_pos + s.tokens.len();
+            .zip(&proposals)
+            .map(|(s, p)| {
+                let mut tokens = s.tokens.clone();
+                tokens.extend_from_slice(p);
+                let ctx = s.first_pos + tokens.len();
                 SeqChunk {
-                    tokens: s.tokens.clone(),
+                    tokens,
                     first_pos: s.first_pos,
                     slots: (0..ctx)
                         .map(|p| s.blocks[p / bs] as usize * bs + p % bs)
                         .collect(),
-                    all_logits: s.all_logits,
+                    all_logits: s.all_logits || !p.is_empty(),
                 }
             })
             .collect();
@@ -298,6 +459,8 @@ impl<B: Backend> Executor<B> {
                 logits,
                 vocab_size: self.model.cfg.vocab_size,
                 expert_load: Vec::new(),
+                proposals,
+                draft_seconds,
             });
         };
         for l in &mut ep.load {
@@ -318,6 +481,8 @@ impl<B: Backend> Executor<B> {
             logits,
             vocab_size: self.model.cfg.vocab_size,
             expert_load: ep.load.iter().flatten().copied().collect(),
+            proposals,
+            draft_seconds,
         })
     }
 }
@@ -437,6 +602,7 @@ mod tests {
             first_pos,
             blocks: blocks.to_vec(),
             all_logits: true,
+            draft: None,
         }
     }
 
@@ -589,6 +755,105 @@ mod tests {
         assert_eq!(out.expert_load.iter().sum::<u64>(), 2 * picks as u64);
         assert!(slot.lock().unwrap().is_none());
         assert_eq!(held.lock().unwrap().len(), n_experts);
+    }
+
+    /// The draft model's proposals are its own greedy continuation, and the rows that
+    /// verify them are bitwise the logits plain decode steps give at those positions,
+    /// with or without the draft's cache having been warm.
+    #[test]
+    fn draft_proposals_are_verified_in_the_same_pass() {
+        let mut plain = executor(Arch::HunyuanLarge, Precision::Bf16);
+        let mut spec = executor(Arch::HunyuanLarge, Precision::Bf16);
+        // The draft: another tiny model of the same vocabulary.
+        let dir = tempfile::tempdir().unwrap();
+        let opts = InitOptions {
+            arch: Arch::HunyuanLarge,
+            preset: "tiny".into(),
+            seed: 12,
+            dtype: DType::BF16,
+            format: WeightFormat::Safetensors,
+            max_shard_bytes: 1 << 30,
+        };
+        let dcfg = init_model(dir.path(), &opts, &mut |_, _| {}).unwrap();
+        let dck = Checkpoint::open(dir.path(), &mut |_| {}).unwrap();
+        let backend = CpuBackend::new(Precision::Bf16);
+        let draft_alone = Model::load(&backend, dcfg.clone(), &dck, &mut |_| {});
+        spec.set_draft(Model::load(&backend, dcfg, &dck, &mut |_| {}))
+            .unwrap();
+        let prompt: Vec<u32> = (0..10).map(|i| 270 + 5 * i).collect();
+        let blocks = [0, 1];
+        for e in [&mut plain, &mut spec] {
+            e.step(&Step {
+                seqs: vec![seq(1, &prompt, 0, &blocks)],
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        let t = 300;
+        let mut step = seq(1, &[t], 10, &blocks);
+        step.all_logits = false;
+        step.draft = Some(DraftRequest {
+            depth: 3,
+            first_pos: 0,
+            context: prompt.clone(),
+        });
+        let out = spec
+            .step(&Step {
+                seqs: vec![step],
+                ..Default::default()
+            })
+            .unwrap();
+        // The draft alone, greedily, on the same context.
+        let mut kv = backend.alloc_kv(kv_spec(&draft_alone.cfg, Precision::Bf16, 64, 16));
+        let mut ctx = [prompt.clone(), vec![t]].concat();
+        let mut want = Vec::new();
+        for _ in 0..3 {
+            let chunk = SeqChunk {
+                tokens: ctx.clone(),
+                first_pos: 0,
+                slots: (0..ctx.len()).collect(),
+                all_logits: false,
+            };
+            let l = draft_alone.forward(&backend, &mut kv, &[chunk]).remove(0);
+            let next = hyserve_kernels::sampling::argmax(&l) as u32;
+            want.push(next);
+            ctx.push(next);
+        }
+        assert_eq!(out.proposals, vec![want.clone()]);
+        let vocab = out.vocab_size;
+        assert_eq!(out.logits[0].len(), 4 * vocab);
+        // Plain decode steps over the step's token and the proposals.
+        for (i, &tok) in [t].iter().chain(&want).enumerate() {
+            let mut s = seq(1, &[tok], 10 + i, &blocks);
+            s.all_logits = false;
+            let row = plain
+                .step(&Step {
+                    seqs: vec![s],
+                    ..Default::default()
+                })
+                .unwrap()
+                .logits
+                .remove(0);
+            assert_eq!(
+                row[..],
+                out.logits[0][i * vocab..(i + 1) * vocab],
+                "row {i}"
+            );
+        }
+        // A draft whose context does not end at the step is refused.
+        let mut bad = seq(1, &[t], 10, &blocks);
+        bad.draft = Some(DraftRequest {
+            depth: 2,
+            first_pos: 3,
+            context: vec![1],
+        });
+        let err = spec
+            .step(&Step {
+                seqs: vec![bad],
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("draft"), "{err}");
     }
 
     #[test]

@@ -78,6 +78,7 @@ pub fn generate(
                 first_pos: pos,
                 blocks: table.blocks.clone(),
                 all_logits: opts.collect_logits,
+                draft: None,
             }],
             ..Default::default()
         })?;
@@ -114,6 +115,7 @@ pub fn generate(
                 first_pos: prompt.len() + generated.len() - 1,
                 blocks: table.blocks.clone(),
                 all_logits: false,
+                draft: None,
             }],
             ..Default::default()
         })?;

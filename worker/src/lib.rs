@@ -20,7 +20,7 @@ pub mod remote;
 
 pub use blocks::{BlockAllocator, BlockTable};
 pub use executor::{
-    Executor, ExecutorError, ExecutorHandle, Holders, SeqStep, StageSlot, Staged, Step, StepOutput,
-    kv_spec,
+    DraftRequest, Executor, ExecutorError, ExecutorHandle, Holders, SeqStep, StageSlot, Staged,
+    Step, StepOutput, kv_spec,
 };
 pub use generate::{GenerateOptions, GenerateOutput, generate};

@@ -23,7 +23,7 @@ use hyserve_proto::cluster::worker_server::Worker;
 use hyserve_proto::cluster::{
     ActivationAck, ActivationFrame, AssignRequest, AssignResponse, Holders as PbHolders, Placement,
     SeqStep as PbSeqStep, StageRequest, StageResponse, StatusRequest, StatusResponse, StepRequest,
-    StepResponse,
+    StepResponse, TokenList,
 };
 use hyserve_proto::cluster::{NcclIdRequest, NcclIdResponse};
 use tokio::sync::mpsc;
@@ -32,7 +32,8 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerT
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::executor::{
-    Executor, ExecutorError, ExecutorHandle, HeldExperts, Holders, SeqStep, StageSlot, Staged, Step,
+    DraftRequest, Executor, ExecutorError, ExecutorHandle, HeldExperts, Holders, SeqStep,
+    StageSlot, Staged, Step,
 };
 use crate::nccl::NcclExchange;
 
@@ -186,12 +187,18 @@ pub fn step_to_pb(step: &Step) -> StepRequest {
         seqs: step
             .seqs
             .iter()
-            .map(|s| PbSeqStep {
-                seq_id: s.seq_id,
-                tokens: s.tokens.clone(),
-                first_pos: s.first_pos as u64,
-                blocks: s.blocks.clone(),
-                all_logits: s.all_logits,
+            .map(|s| {
+                let d = s.draft.clone().unwrap_or_default();
+                PbSeqStep {
+                    seq_id: s.seq_id,
+                    tokens: s.tokens.clone(),
+                    first_pos: s.first_pos as u64,
+                    blocks: s.blocks.clone(),
+                    all_logits: s.all_logits,
+                    draft_depth: d.depth as u32,
+                    draft_first_pos: d.first_pos as u64,
+                    draft_context: d.context,
+                }
             })
             .collect(),
     }
@@ -210,6 +217,11 @@ fn step_from_pb(r: StepRequest) -> Step {
                 first_pos: s.first_pos as usize,
                 blocks: s.blocks,
                 all_logits: s.all_logits,
+                draft: (s.draft_depth > 0).then_some(DraftRequest {
+                    depth: s.draft_depth as usize,
+                    first_pos: s.draft_first_pos as usize,
+                    context: s.draft_context,
+                }),
             })
             .collect(),
     }
@@ -439,6 +451,8 @@ pub struct WorkerNode {
     /// Where the `Activations` handler files peers' rows; replaced at each assignment.
     inbox: Mutex<mpsc::Sender<Incoming>>,
     state: tokio::sync::Mutex<Option<Arc<Assigned>>>,
+    /// The draft model for speculation, loaded whole beside each assigned shard.
+    draft: Option<(ModelConfig, Arc<Checkpoint>)>,
 }
 
 impl WorkerNode {
@@ -456,7 +470,27 @@ impl WorkerNode {
             node,
             inbox: Mutex::new(tx),
             state: tokio::sync::Mutex::new(None),
+            draft: None,
         }
+    }
+
+    /// Gives every assignment a draft model (validated: its vocabulary is the target's).
+    pub fn with_draft(mut self, cfg: ModelConfig, ck: Checkpoint) -> Result<Self, String> {
+        if cfg.vocab_size != self.cfg.vocab_size {
+            return Err(format!(
+                "the draft model's vocabulary ({}) is not the model's ({})",
+                cfg.vocab_size, self.cfg.vocab_size
+            ));
+        }
+        self.draft = Some((cfg, Arc::new(ck)));
+        Ok(self)
+    }
+
+    /// The draft model on `backend`, if this worker has one.
+    fn draft_model<B: hyserve_kernels::Backend>(&self, backend: &B) -> Option<Model<B>> {
+        self.draft
+            .as_ref()
+            .map(|(cfg, ck)| Model::load(backend, cfg.clone(), ck, &mut |_| {}))
     }
 
     /// This worker's shard of the model on `backend`.
@@ -657,6 +691,7 @@ impl Worker for WorkerService {
                     let backend = CpuBackend::new(node.node.precision);
                     let model = node.model(&backend, &holds, tp)?;
                     let weight_bytes = model.weight_bytes(&backend) as u64;
+                    let draft = node.draft_model(&backend);
                     let mut exec = Executor::with_threads(
                         backend,
                         model,
@@ -664,6 +699,9 @@ impl Worker for WorkerService {
                         block_size,
                         node.node.threads,
                     );
+                    if let Some(d) = draft {
+                        exec.set_draft(d)?;
+                    }
                     let exchange = GrpcExchange::new(rank, peers, inbox_rx, timeout, rt);
                     let (slot, held) =
                         exec.expert_parallel(Box::new(exchange), epoch, holders.clone());
@@ -692,7 +730,11 @@ impl Worker for WorkerService {
                     // Every rank joins here, concurrently (the coordinator assigns all
                     // ranks at once).
                     let comm = backend.nccl_comm(rank, world, &NcclId(id))?;
+                    let draft = node.draft_model(&backend);
                     let mut exec = Executor::with_threads(backend, model, n_blocks, block_size, 1);
+                    if let Some(d) = draft {
+                        exec.set_draft(d)?;
+                    }
                     let (slot, held) = exec.expert_parallel(
                         Box::new(NcclExchange::new(comm)),
                         epoch,
@@ -828,6 +870,12 @@ impl Worker for WorkerService {
             logits: out.logits.iter().map(|l| f32_bytes(l)).collect(),
             vocab_size: out.vocab_size as u32,
             expert_load: out.expert_load,
+            proposals: out
+                .proposals
+                .into_iter()
+                .map(|tokens| TokenList { tokens })
+                .collect(),
+            draft_seconds: out.draft_seconds,
         }))
     }
 

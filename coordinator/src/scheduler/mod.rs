@@ -14,8 +14,17 @@
 //! blocks: a decode that cannot get one preempts (by recomputation) the worker's most
 //! recently admitted other sequence; a prefill that cannot get one waits. Sampling is
 //! stateless per (seed, position), so recomputation reproduces the same tokens.
+//!
+//! Speculation ([`spec`]): after the step is planned, decoding sequences may get
+//! proposed tokens to verify in the same pass (prompt lookup here, or the workers' draft
+//! model), as deep as their acceptance rates and the learned cost of a bigger step make
+//! worth it. Their KV blocks are reserved for the proposals, and what is rejected is
+//! rolled back: the sequence's computed length counts only accepted tokens and blocks
+//! past its tokens are released, so rejected positions are never read and are
+//! overwritten later.
 
 pub mod blocks;
+pub mod spec;
 
 #[cfg(test)]
 mod tests;
@@ -24,13 +33,12 @@ use rayon::prelude::*;
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use hyserve_kernels::sampling::{Sampler, SamplingParams, log_softmax};
-use hyserve_worker::{SeqStep, Step, StepOutput};
+use hyserve_kernels::sampling::SamplingParams;
+use hyserve_worker::{DraftRequest, SeqStep, Step, StepOutput};
 
-use crate::api::{
-    EngineStats, FinishReason, GenerateRequest, ServeError, TokenEvent, TokenLogprob, Usage,
-};
+use crate::api::{EngineStats, FinishReason, GenerateRequest, ServeError, TokenEvent, Usage};
 use blocks::{BlockHash, BlockPool, PrefixMatch};
+use spec::{Acceptance, CostModel, ProposerKind, Sampled, SpecConfig, SpecStats, VerifyInput};
 
 /// The engine's name for one sequence (one `GenerateRequest`).
 pub type SeqId = u64;
@@ -39,7 +47,7 @@ pub type SeqId = u64;
 /// engine drains a few requests.
 const OVERLOADED_RETRY_AFTER: Duration = Duration::from_secs(1);
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct SchedulerConfig {
     /// In-process workers, each with its own KV pool.
     pub n_workers: usize,
@@ -57,6 +65,7 @@ pub struct SchedulerConfig {
     /// Prompt + generated tokens limit (the model's max positions).
     pub max_context: usize,
     pub enable_prefix_cache: bool,
+    pub speculation: SpecConfig,
 }
 
 /// A planned step: what each worker runs. Hand it back, unchanged, to
@@ -86,10 +95,25 @@ impl Plan {
 
 /// One sequence's share of the step in flight. Kept by the scheduler rather than read
 /// back from the plan, whose fields the caller can touch.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Scheduled {
     id: SeqId,
+    /// The sequence's own tokens computed (prompt chunk or decode token).
     n_tokens: usize,
+    /// Prompt-lookup proposals sent after them.
+    proposals: Vec<u32>,
+    /// Draft tokens asked of the worker.
+    draft_depth: usize,
+}
+
+/// One sequence's part of a finished step: its worker's output rows and the proposals
+/// they verify.
+struct SeqResult {
+    worker: usize,
+    vocab: usize,
+    s: Scheduled,
+    proposals: Vec<u32>,
+    rows: Vec<f32>,
 }
 
 #[derive(Debug)]
@@ -107,7 +131,12 @@ struct WorkerPlan {
 
 impl WorkerPlan {
     fn push(&mut self, id: SeqId, n_tokens: usize) {
-        self.seqs.push(Scheduled { id, n_tokens });
+        self.seqs.push(Scheduled {
+            id,
+            n_tokens,
+            proposals: Vec::new(),
+            draft_depth: 0,
+        });
         self.n_budget_tokens = self.n_budget_tokens.saturating_sub(n_tokens);
     }
 
@@ -145,6 +174,11 @@ struct Seq {
     in_step: bool,
     /// Cancelled while in the step in flight: dropped when the step ends.
     cancelled: bool,
+    /// The request allows speculation.
+    speculate: bool,
+    acceptance: Acceptance,
+    /// Positions `0..draft_computed` are in the draft model's cache.
+    draft_computed: usize,
 }
 
 impl Seq {
@@ -161,6 +195,7 @@ impl Seq {
         self.blocks.clear();
         self.block_hashes.clear();
         self.n_computed = 0;
+        self.draft_computed = 0;
         self.worker = None;
         self.in_step = false;
     }
@@ -194,6 +229,8 @@ pub struct Scheduler {
     prefix_cache_hit_tokens: u64,
     steps_total: u64,
     step_tokens_total: u64,
+    cost: CostModel,
+    spec_stats: SpecStats,
 }
 
 impl Scheduler {
@@ -230,6 +267,8 @@ impl Scheduler {
             prefix_cache_hit_tokens: 0,
             steps_total: 0,
             step_tokens_total: 0,
+            cost: CostModel::default(),
+            spec_stats: SpecStats::default(),
         }
     }
 
@@ -275,6 +314,9 @@ impl Scheduler {
                 cached_tokens: None,
                 in_step: false,
                 cancelled: false,
+                speculate: req.speculate,
+                acceptance: Acceptance::default(),
+                draft_computed: 0,
             },
         );
         self.waiting.push_back(id);
@@ -355,6 +397,11 @@ impl Scheduler {
             self.plan_running(w, plan);
         }
         self.admit(&mut plans);
+        if self.cfg.speculation.enabled() {
+            for (w, plan) in plans.iter_mut().enumerate() {
+                self.speculate(w, plan);
+            }
+        }
 
         let mut steps = Vec::new();
         let mut flight = Vec::new();
@@ -369,12 +416,20 @@ impl Scheduler {
                 else {
                     continue;
                 };
+                let mut tokens = tokens.to_vec();
+                tokens.extend_from_slice(&s.proposals);
+                let draft = (s.draft_depth > 0).then(|| DraftRequest {
+                    depth: s.draft_depth,
+                    first_pos: seq.draft_computed,
+                    context: seq.tokens[seq.draft_computed..seq.n_computed].to_vec(),
+                });
                 step.seqs.push(SeqStep {
                     seq_id: s.id,
-                    tokens: tokens.to_vec(),
+                    tokens,
                     first_pos: seq.n_computed,
                     blocks: seq.blocks.clone(),
-                    all_logits: false,
+                    all_logits: !s.proposals.is_empty(),
+                    draft,
                 });
                 seq.in_step = true;
                 scheduled.push(s);
@@ -436,6 +491,85 @@ impl Scheduler {
             };
             self.preempt(w, victim);
             order.retain(|&id| id != victim);
+        }
+    }
+
+    /// Adds proposals to worker `w`'s planned decodes: which sequences speculate and how
+    /// deep ([`spec::plan_depths`], or the fixed depth), within the step's token budget
+    /// and the free KV blocks (speculation never preempts).
+    fn speculate(&mut self, w: usize, plan: &mut WorkerPlan) {
+        let spec = self.cfg.speculation.clone();
+        let base_tokens: usize = plan.seqs.iter().map(|s| s.n_tokens).sum();
+        let mut picked = Vec::new(); // (index in plan.seqs, candidate, prompt-lookup proposals)
+        for (j, s) in plan.seqs.iter().enumerate() {
+            let Some(seq) = self.seqs.get(&s.id) else {
+                continue;
+            };
+            if !seq.speculate || s.n_tokens != 1 || seq.n_left() != 1 {
+                continue;
+            }
+            // Proposals past max_tokens or the context would never be emitted.
+            let room = (seq.max_tokens.saturating_sub(seq.n_generated() + 1))
+                .min(self.cfg.max_context.saturating_sub(seq.tokens.len() + 1))
+                .min(spec.max_depth);
+            if room == 0 {
+                continue;
+            }
+            let proposals = match spec.proposer {
+                ProposerKind::Ngram => spec::ngram_proposals(
+                    &seq.tokens,
+                    spec.ngram_min,
+                    spec.ngram_max,
+                    room,
+                    spec.ngram_window,
+                ),
+                _ => Vec::new(),
+            };
+            let max_depth = match spec.proposer {
+                ProposerKind::Ngram => proposals.len(),
+                _ => room,
+            };
+            if max_depth > 0 {
+                let rate = seq.acceptance.rate();
+                picked.push((j, spec::Candidate { rate, max_depth }, proposals));
+            }
+        }
+        if picked.is_empty() {
+            return;
+        }
+        let candidates: Vec<spec::Candidate> = picked.iter().map(|p| p.1).collect();
+        let depths = match spec.fixed_depth {
+            Some(d) => {
+                let mut left = plan.n_budget_tokens;
+                candidates
+                    .iter()
+                    .map(|c| {
+                        let k = d.min(c.max_depth).min(left);
+                        left -= k;
+                        k
+                    })
+                    .collect()
+            }
+            None => spec::plan_depths(
+                &candidates,
+                base_tokens,
+                plan.n_budget_tokens,
+                spec.proposer == ProposerKind::Draft,
+                &self.cost,
+            ),
+        };
+        for ((j, _, proposals), depth) in picked.into_iter().zip(depths) {
+            let id = plan.seqs[j].id;
+            // As deep as the free blocks allow.
+            let Some(depth) = (1..=depth).rev().find(|&k| self.try_grow(w, id, 1 + k)) else {
+                continue;
+            };
+            let s = &mut plan.seqs[j];
+            match spec.proposer {
+                ProposerKind::Ngram => s.proposals = proposals[..depth].to_vec(),
+                _ => s.draft_depth = depth,
+            }
+            plan.n_budget_tokens = plan.n_budget_tokens.saturating_sub(depth);
         }
     }
 
@@ -586,53 +720,147 @@ impl Scheduler {
     }
 
     /// Applies the executor outputs of the step in flight (one per planned worker, in
-    /// plan order): samples for every sequence whose known tokens are now all computed,
-    /// appends, finishes sequences on a stop id, `max_tokens` or a full context, and
-    /// returns the events to deliver. A plan that is not the one in flight is ignored;
-    /// outputs that do not match the plan are treated as [`Self::abort_step`].
+    /// plan order): samples for every sequence whose known tokens are now all computed
+    /// (verifying its proposals, if any), appends, finishes sequences on a stop id,
+    /// `max_tokens` or a full context, and returns the events to deliver. A plan that is
+    /// not the one in flight is ignored; outputs that do not match the plan are treated
+    /// as [`Self::abort_step`].
     pub fn complete(&mut self, plan: Plan, outputs: Vec<StepOutput>) -> Vec<(SeqId, TokenEvent)> {
+        self.complete_timed(plan, outputs, None)
+    }
+
+    /// [`Self::complete`] with the step's measured wall time, which teaches the cost
+    /// model what steps of its size cost.
+    pub fn complete_timed(
+        &mut self,
+        plan: Plan,
+        outputs: Vec<StepOutput>,
+        seconds: Option<f64>,
+    ) -> Vec<(SeqId, TokenEvent)> {
         let Some(flight) = self.take_in_flight(&plan) else {
             return Vec::new();
         };
-        let fits = outputs.len() == flight.steps.len()
-            && flight.steps.iter().zip(&outputs).all(|((_, seqs), out)| {
-                out.vocab_size > 0
-                    && out.logits.len() == seqs.len()
-                    && out.logits.iter().all(|row| row.len() == out.vocab_size)
-            });
+        // Per sequence: the proposals its rows verify (prompt lookup's, or the draft's).
+        let mut proposed: Vec<Vec<Vec<u32>>> = Vec::with_capacity(flight.steps.len());
+        let mut fits = outputs.len() == flight.steps.len();
+        for ((_, seqs), out) in flight.steps.iter().zip(&outputs) {
+            fits &= out.vocab_size > 0 && out.logits.len() == seqs.len();
+            let mut props = Vec::with_capacity(seqs.len());
+            for (i, s) in seqs.iter().enumerate() {
+                let drafted = out.proposals.get(i).filter(|p| !p.is_empty());
+                let p = match drafted {
+                    Some(d) if d.len() <= s.draft_depth => d.clone(),
+                    Some(_) => {
+                        fits = false;
+                        Vec::new()
+                    }
+                    None => s.proposals.clone(),
+                };
+                let rows = 1 + p.len();
+                fits &= out
+                    .logits
+                    .get(i)
+                    .is_some_and(|r| r.len() == rows * out.vocab_size);
+                props.push(p);
+            }
+            proposed.push(props);
+        }
         if !fits {
             self.requeue(flight);
             return Vec::new();
         }
         self.steps_total += 1;
-        // Sampling reads a whole vocabulary row per sequence (129K entries for
-        // Hunyuan-Large): do it for all sequences in parallel first, then apply in order.
-        let work: Vec<(usize, Scheduled, Vec<f32>)> = flight
+        let draft_seconds = outputs.iter().map(|o| o.draft_seconds).fold(0.0, f64::max);
+        let results: Vec<SeqResult> = flight
             .steps
             .into_iter()
             .zip(outputs)
-            .flat_map(|((w, scheduled), out)| {
-                scheduled
-                    .into_iter()
-                    .zip(out.logits)
-                    .map(move |(s, row)| (w, s, row))
+            .zip(proposed)
+            .flat_map(|(((worker, scheduled), out), props)| {
+                let vocab = out.vocab_size;
+                scheduled.into_iter().zip(props).zip(out.logits).map(
+                    move |((s, proposals), rows)| SeqResult {
+                        worker,
+                        vocab,
+                        s,
+                        proposals,
+                        rows,
+                    },
+                )
             })
             .collect();
+        // Sampling reads a whole vocabulary row per sequence (129K entries for
+        // Hunyuan-Large): do it for all sequences in parallel first, then apply in order.
         let seqs = &self.seqs;
-        let samples: Vec<Option<Sampled>> = work
+        let emitted: Vec<Option<Vec<Sampled>>> = results
             .par_iter()
-            .map(|(_, s, row)| {
-                let seq = seqs.get(&s.id)?;
-                let done = (seq.n_computed + s.n_tokens).min(seq.tokens.len()) >= seq.tokens.len();
-                (!seq.cancelled && done).then(|| sample(seq, row))
+            .map(|r| {
+                let seq = seqs.get(&r.s.id)?;
+                let done =
+                    (seq.n_computed + r.s.n_tokens).min(seq.tokens.len()) >= seq.tokens.len();
+                (!seq.cancelled && done).then(|| {
+                    let input = VerifyInput {
+                        sampling: &seq.sampling,
+                        seed: seq.seed,
+                        tokens: &seq.tokens,
+                        prompt_len: seq.prompt_len,
+                        logprobs: seq.logprobs,
+                    };
+                    spec::verify(input, &r.rows, r.vocab, &r.proposals)
+                })
             })
             .collect();
+        if let Some(secs) = seconds {
+            self.learn_cost(&results, &emitted, secs, draft_seconds);
+        }
         let mut events = Vec::new();
-        for ((w, s, _), sampled) in work.into_iter().zip(samples) {
-            self.step_tokens_total += s.n_tokens as u64;
-            self.apply(w, s, sampled, &mut events);
+        for (r, e) in results.into_iter().zip(emitted) {
+            self.step_tokens_total += (r.s.n_tokens + r.proposals.len()) as u64;
+            self.apply(r.worker, r.s, &r.proposals, e, &mut events);
         }
         events
+    }
+
+    /// Teaches the cost model this step's time, and adds the time speculation saved
+    /// (or lost) in it to the estimate.
+    fn learn_cost(
+        &mut self,
+        results: &[SeqResult],
+        emitted: &[Option<Vec<Sampled>>],
+        seconds: f64,
+        draft_seconds: f64,
+    ) {
+        // The step lasts as long as its busiest worker: (tokens, proposals) of each.
+        let mut per_worker: HashMap<usize, (usize, usize)> = HashMap::new();
+        for r in results {
+            let t = per_worker.entry(r.worker).or_default();
+            t.0 += r.s.n_tokens + r.proposals.len();
+            t.1 += r.proposals.len();
+        }
+        let Some(&(n_tokens, n_proposed)) = per_worker.values().max() else {
+            return;
+        };
+        self.cost
+            .target
+            .observe(n_tokens, (seconds - draft_seconds).max(0.0));
+        let rounds = results.iter().map(|r| r.s.draft_depth).max().unwrap_or(0);
+        let drafting = results.iter().filter(|r| r.s.draft_depth > 0).count();
+        if rounds > 0 && draft_seconds > 0.0 {
+            self.cost
+                .draft_round
+                .observe(drafting, draft_seconds / rounds as f64);
+        }
+        let n_decode = emitted.iter().flatten().count();
+        let n_emitted: usize = emitted.iter().flatten().map(Vec::len).sum();
+        if n_proposed > 0
+            && n_decode > 0
+            && let Some(plain) = self.cost.target.estimate(n_tokens - n_proposed)
+        {
+            // Plain decoding would have needed n_emitted / n_decode steps without the
+            // proposals to emit as much.
+            self.spec_stats.time_saved_seconds +=
+                n_emitted as f64 / n_decode as f64 * plain - seconds;
+        }
     }
 
     fn take_in_flight(&mut self, plan: &Plan) -> Option<InFlight> {
@@ -642,13 +870,17 @@ impl Scheduler {
         self.in_flight.take()
     }
 
-    /// One sequence's result of the step: `sampled` is its next token (with logprobs),
-    /// drawn from the logits after its last new token when its prompt is all computed.
+    /// One sequence's result of the step: `emitted` are its next tokens (with logprobs):
+    /// the accepted `proposed` ones, then the target's own, drawn from the logits after
+    /// its last new token when its prompt is all computed. Rejected proposals are rolled
+    /// back: only accepted positions count as computed, and blocks past the tokens are
+    /// released.
     fn apply(
         &mut self,
         w: usize,
         s: Scheduled,
-        sampled: Option<Sampled>,
+        proposed: &[u32],
+        emitted: Option<Vec<Sampled>>,
         events: &mut Vec<(SeqId, TokenEvent)>,
     ) {
         let Some(seq) = self.seqs.get_mut(&s.id) else {
@@ -659,6 +891,7 @@ impl Scheduler {
             self.remove(s.id);
             return;
         }
+        let first_pos = seq.n_computed;
         seq.n_computed = (seq.n_computed + s.n_tokens).min(seq.tokens.len());
         self.register_full_blocks(w, s.id);
         let Some(seq) = self.seqs.get_mut(&s.id) else {
@@ -667,19 +900,41 @@ impl Scheduler {
         if seq.n_left() > 0 {
             return; // mid-prompt chunk: its logits predict a known token
         }
-        let Some((id, logprob, top)) = sampled else {
+        let Some(emitted) = emitted else {
             return;
         };
-        seq.tokens.push(id);
-        events.push((s.id, TokenEvent::Token { id, logprob, top }));
-        let reason = if seq.stop_token_ids.contains(&id) {
-            Some(FinishReason::Stop)
-        } else if seq.n_generated() >= seq.max_tokens || seq.tokens.len() >= self.cfg.max_context {
-            Some(FinishReason::Length)
-        } else {
-            None
-        };
-        if let Some(reason) = reason {
+        let n_accepted = emitted.len().saturating_sub(1).min(proposed.len());
+        if !proposed.is_empty() {
+            seq.acceptance.observe(proposed.len(), n_accepted);
+            self.spec_stats.observe(proposed.len(), n_accepted);
+            if s.draft_depth > 0 {
+                // The draft read the step's token and its proposals but the last: its
+                // cache is good up to the accepted ones among them.
+                seq.draft_computed = first_pos + 1 + n_accepted.min(proposed.len() - 1);
+            }
+        }
+        let mut finished = None;
+        for (j, (id, logprob, top)) in emitted.into_iter().enumerate() {
+            seq.tokens.push(id);
+            if j < n_accepted {
+                seq.n_computed += 1; // an accepted proposal: its KV was written
+            }
+            events.push((s.id, TokenEvent::Token { id, logprob, top }));
+            let reason = if seq.stop_token_ids.contains(&id) {
+                Some(FinishReason::Stop)
+            } else if seq.n_generated() >= seq.max_tokens
+                || seq.tokens.len() >= self.cfg.max_context
+            {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            if reason.is_some() {
+                finished = reason;
+                break;
+            }
+        }
+        if let Some(reason) = finished {
             let usage = Usage {
                 prompt_tokens: seq.prompt_len,
                 completion_tokens: seq.n_generated(),
@@ -687,6 +942,24 @@ impl Scheduler {
             };
             events.push((s.id, TokenEvent::Finished { reason, usage }));
             self.remove(s.id);
+            return;
+        }
+        if !proposed.is_empty() {
+            self.register_full_blocks(w, s.id);
+            self.release_unused_blocks(w, s.id);
+        }
+    }
+
+    /// Releases `id`'s blocks past those its tokens need (reserved for proposals that
+    /// were rejected).
+    fn release_unused_blocks(&mut self, w: usize, id: SeqId) {
+        let (Some(seq), Some(pool)) = (self.seqs.get_mut(&id), self.pools.get_mut(w)) else {
+            return;
+        };
+        let keep = seq.tokens.len().div_ceil(self.cfg.block_size);
+        if seq.blocks.len() > keep {
+            pool.release(&seq.blocks[keep..]);
+            seq.blocks.truncate(keep);
         }
     }
 
@@ -801,6 +1074,7 @@ impl Scheduler {
             prefix_cache_hit_tokens: self.prefix_cache_hit_tokens,
             steps_total: self.steps_total,
             step_tokens_total: self.step_tokens_total,
+            spec: self.spec_stats.clone(),
             ..EngineStats::default()
         }
     }
@@ -811,51 +1085,4 @@ impl Scheduler {
             && self.running.iter().all(Vec::is_empty)
             && self.in_flight.is_none()
     }
-}
-
-/// A sampled token, its logprob and the top alternatives (when asked for).
-type Sampled = (u32, Option<f32>, Vec<TokenLogprob>);
-
-/// Samples `seq`'s next token from `logits` (statelessly, by its seed and position) and
-/// reports logprobs if the request asked for them.
-fn sample(seq: &Seq, logits: &[f32]) -> Sampled {
-    let position = seq.tokens.len();
-    let mut sampler = Sampler::at_position(seq.sampling.clone(), seq.seed, position);
-    let (prompt, output) = seq.tokens.split_at(seq.prompt_len);
-    let id = sampler.sample(logits, prompt, output);
-    let Some(n_top) = seq.logprobs else {
-        return (id, None, Vec::new());
-    };
-    let logprobs = log_softmax(logits);
-    let chosen = logprobs
-        .get(id as usize)
-        .copied()
-        .unwrap_or(f32::NEG_INFINITY);
-    (id, Some(chosen), top_logprobs(&logprobs, n_top))
-}
-
-/// The `n` most likely tokens, descending, ties by lower id.
-fn top_logprobs(logprobs: &[f32], n: usize) -> Vec<TokenLogprob> {
-    let n = n.min(logprobs.len());
-    if n == 0 {
-        return Vec::new();
-    }
-    let by_rank = |a: &u32, b: &u32| {
-        logprobs[*b as usize]
-            .total_cmp(&logprobs[*a as usize])
-            .then(a.cmp(b))
-    };
-    let mut ids: Vec<u32> = (0..logprobs.len() as u32).collect();
-    if n < ids.len() {
-        // A partial selection first: the vocabulary is large and `n` small.
-        ids.select_nth_unstable_by(n - 1, by_rank);
-        ids.truncate(n);
-    }
-    ids.sort_unstable_by(by_rank);
-    ids.into_iter()
-        .map(|id| TokenLogprob {
-            id,
-            logprob: logprobs[id as usize],
-        })
-        .collect()
 }

@@ -99,6 +99,7 @@ fn cfg() -> SchedulerConfig {
         prefill_chunk: 16,
         max_context: 256,
         enable_prefix_cache: true,
+        speculation: SpecConfig::off(),
     }
 }
 
@@ -118,6 +119,7 @@ fn req(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
         max_tokens,
         stop_token_ids: Vec::new(),
         logprobs: None,
+        speculate: true,
     }
 }
 
@@ -137,18 +139,26 @@ fn one_hot(token: u32) -> Vec<f32> {
     l
 }
 
-/// The fake model: logits depend on every token of the context and its position.
+/// The fake model: logits depend on every token of the context and its position, and
+/// lean towards copying (the token that followed the last token's previous occurrence
+/// gets a boost), as language models do; so prompt lookup is sometimes right.
 fn model_logits(context: &[u32]) -> Vec<f32> {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for (pos, &t) in context.iter().enumerate() {
         h = (h ^ u64::from(t) ^ ((pos as u64) << 32)).wrapping_mul(0x0100_0000_01b3);
     }
-    (0..VOCAB as u64)
+    let mut l: Vec<f32> = (0..VOCAB as u64)
         .map(|i| {
             let x = (h ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
             (x >> 54) as f32 / 256.0
         })
-        .collect()
+        .collect();
+    if let Some((&last, head)) = context.split_last()
+        && let Some(i) = head.iter().rposition(|&t| t == last)
+    {
+        l[context[i + 1] as usize] += 2.0;
+    }
+    l
 }
 
 /// A scheduler, a fake KV cache per worker, and everything delivered so far.
@@ -156,6 +166,8 @@ struct Harness {
     sched: Scheduler,
     /// Per worker and slot: the (token, position) written there.
     kv: Vec<Vec<Option<(u32, usize)>>>,
+    /// The same for the draft model's cache.
+    draft_kv: Vec<Vec<Option<(u32, usize)>>>,
     reqs: HashMap<SeqId, GenerateRequest>,
     events: HashMap<SeqId, Vec<TokenEvent>>,
     logits: HashMap<SeqId, Vec<f32>>,
@@ -169,6 +181,7 @@ impl Harness {
         let n_slots = cfg.n_blocks_per_worker * cfg.block_size;
         Self {
             kv: vec![vec![None; n_slots]; cfg.n_workers],
+            draft_kv: vec![vec![None; n_slots]; cfg.n_workers],
             sched: Scheduler::new(cfg),
             reqs: HashMap::new(),
             events: HashMap::new(),
@@ -198,13 +211,21 @@ impl Harness {
         let mut outputs = Vec::new();
         for (w, step) in &plan.steps {
             let mut rows = Vec::new();
+            let mut proposals = Vec::new();
             for s in &step.seqs {
                 let truth = [
                     self.reqs[&s.seq_id].prompt.clone(),
                     self.generated(s.seq_id),
                 ]
                 .concat();
-                let n_ctx = s.first_pos + s.tokens.len();
+                // A verification is one decode token then proposals.
+                let n_real = if s.all_logits { 1 } else { s.tokens.len() };
+                let drafted = match &s.draft {
+                    Some(d) => self.draft(*w, s, d, &truth[..s.first_pos + n_real]),
+                    None => Vec::new(),
+                };
+                let tokens = [s.tokens.clone(), drafted.clone()].concat();
+                let n_ctx = s.first_pos + tokens.len();
                 assert!(
                     !s.tokens.is_empty() && s.blocks.len() * bs >= n_ctx,
                     "{s:?}"
@@ -214,7 +235,7 @@ impl Harness {
                 for p in 0..n_ctx {
                     let slot = s.blocks[p / bs] as usize * bs + p % bs;
                     if p >= s.first_pos {
-                        kv[slot] = Some((s.tokens[p - s.first_pos], p));
+                        kv[slot] = Some((tokens[p - s.first_pos], p));
                     }
                     match kv[slot] {
                         Some((t, q)) if q == p => context.push(t),
@@ -222,25 +243,77 @@ impl Harness {
                     }
                 }
                 assert_eq!(
-                    context,
-                    truth[..n_ctx],
+                    context[..s.first_pos + n_real],
+                    truth[..s.first_pos + n_real],
                     "seq {}: KV is not its tokens",
                     s.seq_id
                 );
-                rows.push(
+                let row = if s.all_logits || !drafted.is_empty() {
+                    (s.first_pos..n_ctx)
+                        .flat_map(|p| model_logits(&context[..=p]))
+                        .collect()
+                } else {
                     self.logits
                         .remove(&s.seq_id)
-                        .unwrap_or_else(|| model_logits(&context)),
-                );
+                        .unwrap_or_else(|| model_logits(&context))
+                };
+                rows.push(row);
+                proposals.push(drafted);
                 self.last_blocks.insert(s.seq_id, s.blocks.clone());
             }
             outputs.push(StepOutput {
                 logits: rows,
                 vocab_size: VOCAB,
                 expert_load: Vec::new(),
+                proposals,
+                draft_seconds: 0.0,
             });
         }
         outputs
+    }
+
+    /// The fake draft model: checks that its cache holds `known` (the sequence's true
+    /// tokens through the step's token) up to where the scheduler says, writes the rest,
+    /// and proposes the fake model's greedy tokens, wrong at every position whose
+    /// hash says so (so some proposals are rejected).
+    fn draft(&mut self, w: usize, s: &SeqStep, d: &DraftRequest, known: &[u32]) -> Vec<u32> {
+        let bs = self.sched.config().block_size;
+        let slot = |p: usize| s.blocks[p / bs] as usize * bs + p % bs;
+        let kv = &mut self.draft_kv[w];
+        for (p, &t) in known.iter().enumerate().take(d.first_pos) {
+            assert_eq!(
+                kv[slot(p)],
+                Some((t, p)),
+                "seq {}: the draft's cache is wrong at position {p}",
+                s.seq_id
+            );
+        }
+        assert_eq!(
+            d.context[..],
+            known[d.first_pos..s.first_pos],
+            "draft context"
+        );
+        let mut ctx = known.to_vec();
+        for (p, &t) in known.iter().enumerate().skip(d.first_pos) {
+            kv[slot(p)] = Some((t, p));
+        }
+        let mut out = Vec::new();
+        for r in 0..d.depth {
+            if r > 0 {
+                let p = ctx.len() - 1;
+                kv[slot(p)] = Some((ctx[p], p));
+            }
+            let best = hyserve_kernels::sampling::argmax(&model_logits(&ctx)) as u32;
+            let wrong = (ctx.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 62 == 0;
+            let t = if wrong {
+                (best + 1) % VOCAB as u32
+            } else {
+                best
+            };
+            out.push(t);
+            ctx.push(t);
+        }
+        out
     }
 
     fn deliver(&mut self, events: Vec<(SeqId, TokenEvent)>) {
@@ -313,6 +386,7 @@ fn alone(max_context: usize, request: &GenerateRequest, seed: u64) -> Vec<u32> {
         prefill_chunk: 4096,
         max_context,
         enable_prefix_cache: false,
+        speculation: SpecConfig::off(),
     });
     h.reqs.insert(seed, request.clone());
     h.sched
@@ -990,6 +1064,42 @@ fn any_call_order_is_safe() {
 /// the pools end empty.
 #[test]
 fn a_crowded_engine_generates_what_each_request_would_alone() {
+    crowded(SpecConfig::off(), sampled);
+}
+
+/// Speculation changes no output: greedy or seeded, every request of a crowded engine
+/// (preemption, aborted steps, cancellations, prefix hits, blocks of 4 tokens so
+/// proposals cross block edges and are rolled back) generates what it would alone
+/// without speculation; proposals were made, some accepted and some rejected.
+#[test]
+fn speculation_generates_what_plain_decoding_would() {
+    for proposer in [ProposerKind::Ngram, ProposerKind::Draft] {
+        for fixed_depth in [Some(3), None] {
+            for make in [req as fn(Vec<u32>, usize) -> GenerateRequest, sampled] {
+                let spec = SpecConfig {
+                    fixed_depth,
+                    max_depth: 4,
+                    ..SpecConfig::new(proposer)
+                };
+                crowded(spec, make);
+            }
+        }
+    }
+}
+
+fn proposed(s: &EngineStats) -> u64 {
+    s.spec.proposed_tokens
+}
+fn accepted(s: &EngineStats) -> u64 {
+    s.spec.accepted_tokens
+}
+fn rejected(s: &EngineStats) -> u64 {
+    s.spec.proposed_tokens - s.spec.accepted_tokens
+}
+
+/// A random workload of 40 requests made by `make`, checked against each request alone.
+fn crowded(spec: SpecConfig, make: fn(Vec<u32>, usize) -> GenerateRequest) {
+    let speculating = spec.enabled();
     let mut rng: u64 = 0x2545_F491_4F6C_DD1D;
     let mut next = |n: usize| {
         rng ^= rng << 13;
@@ -1003,7 +1113,12 @@ fn a_crowded_engine_generates_what_each_request_would_alone() {
         // One of three shared heads of 0 to 3 blocks, then a tail of its own.
         let head = prompt(next(3) as u32, 4 * next(4));
         let tail = prompt(10 + id as u32, 1 + next(12));
-        script.push(Op::Add(id, sampled([head, tail].concat(), 1 + next(12))));
+        // The tail again: something for prompt lookup to find.
+        let again = tail[..next(tail.len() + 1)].to_vec();
+        script.push(Op::Add(
+            id,
+            make([head, tail, again].concat(), 1 + next(12)),
+        ));
         live.push(id);
         for _ in 0..next(4) {
             script.push(if next(15) == 0 {
@@ -1020,6 +1135,11 @@ fn a_crowded_engine_generates_what_each_request_would_alone() {
     script.extend(live.into_iter().map(Op::SameAsAlone));
     script.push(Op::StatAtLeast("preempted", preempted, 1));
     script.push(Op::StatAtLeast("hit tokens", hits, 1));
+    if speculating {
+        script.push(Op::StatAtLeast("proposed", proposed, 20));
+        script.push(Op::StatAtLeast("accepted", accepted, 5));
+        script.push(Op::StatAtLeast("rejected", rejected, 5));
+    }
     check(
         SchedulerConfig {
             n_workers: 2,
@@ -1029,8 +1149,129 @@ fn a_crowded_engine_generates_what_each_request_would_alone() {
             max_waiting: 64,
             prefill_chunk: 8,
             max_context: 64,
+            speculation: spec,
             ..cfg()
         },
         script,
+    );
+}
+
+/// A sequence that speculates holds exactly the blocks its tokens need after every
+/// step: blocks reserved for rejected proposals, across block edges, are released, and
+/// what it reads back through its blocks is always its own tokens (the harness checks).
+#[test]
+fn rejected_proposals_are_rolled_back_at_block_edges() {
+    for proposer in [ProposerKind::Ngram, ProposerKind::Draft] {
+        let mut h = Harness::new(SchedulerConfig {
+            speculation: SpecConfig {
+                fixed_depth: Some(3),
+                ..SpecConfig::new(proposer)
+            },
+            ..cfg()
+        });
+        let p = prompt(5, 6);
+        let r = req([p.clone(), p.clone(), p].concat(), 40);
+        h.reqs.insert(1, r.clone());
+        h.sched.add(1, r.clone(), 1).unwrap();
+        let (mut steps, mut edges) = (0, 0);
+        while h.schedule().is_some() {
+            let plan = h.in_flight.clone().unwrap();
+            let bs = h.sched.config().block_size;
+            // A step whose proposals reach into a block the tokens do not need yet.
+            if let Some(s) = plan.steps[0].1.seqs.first() {
+                let ctx = s.first_pos + s.tokens.len() + s.draft.as_ref().map_or(0, |d| d.depth);
+                if ctx.div_ceil(bs) > (s.first_pos + 1).div_ceil(bs) {
+                    edges += 1;
+                }
+            }
+            h.complete();
+            steps += 1;
+            if let Some(seq) = h.sched.seqs.get(&1).filter(|s| s.n_generated() > 0) {
+                // No block past the tokens; every computed position in a block.
+                assert!(
+                    seq.blocks.len() <= seq.tokens.len().div_ceil(bs),
+                    "step {steps}"
+                );
+                assert!(
+                    seq.blocks.len() >= seq.n_computed.div_ceil(bs),
+                    "step {steps}"
+                );
+                assert_eq!(h.sched.stats().kv_blocks_used, seq.blocks.len());
+                assert_eq!(seq.n_computed + 1, seq.tokens.len());
+            }
+        }
+        assert!(h.sched.is_idle());
+        assert_eq!(h.sched.stats().kv_blocks_used, 0);
+        assert_eq!(h.generated(1), alone(256, &r, 1), "{proposer:?}");
+        let st = h.sched.stats().spec;
+        assert!(
+            edges >= 3,
+            "{proposer:?}: {edges} steps crossed a block edge"
+        );
+        assert!(
+            st.accepted_tokens > 0 && st.accepted_tokens < st.proposed_tokens,
+            "{st:?}"
+        );
+        // Fewer steps than tokens: accepted proposals saved steps.
+        assert!(steps < 40, "{proposer:?}: {steps} steps for 40 tokens");
+    }
+}
+
+/// Speculative sampling keeps the target distribution: over 3000 seeds, the first two
+/// generated tokens of a prompt (under draft proposals that are often wrong) match the
+/// fake model's exact marginals by a chi-square test (p = 0.001 critical values; the
+/// seeds are fixed, so the test is deterministic).
+#[test]
+fn speculative_sampling_matches_the_target_distribution() {
+    let mut h = Harness::new(SchedulerConfig {
+        n_blocks_per_worker: 256,
+        max_running: 16,
+        max_waiting: 4096,
+        speculation: SpecConfig {
+            fixed_depth: Some(3),
+            ..SpecConfig::new(ProposerKind::Draft)
+        },
+        ..cfg()
+    });
+    let p = prompt(3, 5);
+    let n = 3000u64;
+    for id in 1..=n {
+        let r = sampled(p.clone(), 2);
+        h.reqs.insert(id, r.clone());
+        h.sched.add(id, r, id * 7919).unwrap();
+    }
+    h.run();
+    let probs = |ctx: &[u32]| {
+        let l = model_logits(ctx);
+        let m = l.iter().copied().fold(f32::MIN, f32::max);
+        let e: Vec<f64> = l.iter().map(|&x| f64::from(x - m).exp()).collect();
+        let z: f64 = e.iter().sum();
+        e.into_iter().map(|x| x / z).collect::<Vec<f64>>()
+    };
+    let first = probs(&p);
+    let mut second = vec![0.0; VOCAB];
+    for (t, &pt) in first.iter().enumerate() {
+        let ctx = [p.clone(), vec![t as u32]].concat();
+        for (u, q) in probs(&ctx).into_iter().enumerate() {
+            second[u] += pt * q;
+        }
+    }
+    for (k, want) in [(0, first), (1, second)] {
+        let mut counts = vec![0u64; VOCAB];
+        for id in 1..=n {
+            counts[h.generated(id)[k] as usize] += 1;
+        }
+        let chi2: f64 = counts
+            .iter()
+            .zip(&want)
+            .map(|(&c, &p)| (c as f64 - n as f64 * p).powi(2) / (n as f64 * p))
+            .sum();
+        // 63 degrees of freedom: P(chi2 > 103.4) = 0.001.
+        assert!(chi2 < 103.4, "token {k}: chi-square {chi2:.1}");
+    }
+    let st = h.sched.stats().spec;
+    assert!(
+        st.accepted_tokens > 0 && st.accepted_tokens < st.proposed_tokens,
+        "{st:?}"
     );
 }

@@ -114,6 +114,7 @@ fn common_options(common: &CommonFields) -> Result<Options, ServeError> {
         stop_token_ids: common.stop_token_ids.clone().unwrap_or_default(),
         ignore_eos: common.ignore_eos.unwrap_or(false),
         logprobs: None,
+        speculation: common.speculation.clone(),
     })
 }
 

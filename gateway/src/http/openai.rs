@@ -88,6 +88,8 @@ pub(crate) struct CommonFields {
     pub repetition_penalty: Option<f64>,
     pub stop_token_ids: Option<Vec<u32>>,
     pub ignore_eos: Option<bool>,
+    /// hyserve: `"auto"` (default: the engine speculates when it pays) or `"off"`.
+    pub speculation: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -268,7 +268,7 @@ unsafe impl Send for GraphCell {}
 
 /// Most recorded decode graphs kept (one per batch size and context bound).
 const MAX_GRAPHS: usize = 48;
-/// Consecutive steps of one decode shape before it is recorded.
+/// Steps of one recordable shape before it is recorded.
 const RECORD_AFTER: usize = 3;
 
 /// Attention row tiles on the device and their count.
@@ -316,7 +316,8 @@ pub struct CudaBackend {
     inv_freq: Mutex<HashMap<Vec<u32>, Arc<CudaSlice<f32>>>>,
     graphs: Mutex<HashMap<RecordKey, Recorded>>,
     /// The last unrecorded decode shape and how many steps in a row had it.
-    graph_seen: Mutex<(Option<RecordKey>, usize)>,
+    /// How often each recordable shape not yet recorded has run.
+    graph_seen: Mutex<HashMap<RecordKey, usize>>,
     graphs_enabled: bool,
     /// Fewest keys one attention block takes when the key range is split (a multiple
     /// of the 32-key tile; `HYSERVE_ATTN_MIN_CHUNK` overrides it for tuning).
@@ -398,7 +399,7 @@ impl CudaBackend {
                 identity: Mutex::new(HashMap::new()),
                 inv_freq: Mutex::new(HashMap::new()),
                 graphs: Mutex::new(HashMap::new()),
-                graph_seen: Mutex::new((None, 0)),
+                graph_seen: Mutex::new(HashMap::new()),
                 graphs_enabled,
                 attn_min_chunk: std::env::var("HYSERVE_ATTN_MIN_CHUNK")
                     .ok()
@@ -922,7 +923,7 @@ impl Backend for CudaBackend {
         self.synchronize();
         self.expert_tables.lock().expect("tables lock").clear();
         self.graphs.lock().expect("graphs lock").clear();
-        *self.graph_seen.lock().expect("graph_seen lock") = (None, 0);
+        self.graph_seen.lock().expect("graph_seen lock").clear();
     }
 
     fn slice_rows(&self, w: &CudaWeight, rows: std::ops::Range<usize>) -> CudaWeight {
@@ -1205,12 +1206,15 @@ impl Backend for CudaBackend {
         tokens: &[u32],
         f: &mut dyn FnMut(&CudaBatch) -> CudaAct,
     ) -> CudaAct {
-        // Recordable: decode steps whose MoE stays on the GEMV path (no host sync).
+        // Recordable: decode and verification steps (a few rows per sequence, the
+        // layout fixed by the key) whose MoE stays on the GEMV path (no host sync).
         let recordable = self.graphs_enabled
             && key.moe_pairs <= MOE_GEMV_MAX_PAIRS
-            && seqs
-                .iter()
-                .all(|s| s.rows.len() == 1 && s.first_pos < key.ctx_bound);
+            && key.seq_rows == RecordKey::layout(seqs.iter().map(|s| s.rows.len()))
+            && seqs.iter().all(|s| {
+                s.rows.len() <= RecordKey::MAX_SEQ_ROWS
+                    && s.first_pos + s.rows.len() <= key.ctx_bound
+            });
         if !recordable {
             let batch = self.batch(seqs, tokens);
             return f(&batch);
@@ -1225,23 +1229,29 @@ impl Backend for CudaBackend {
             self.copy_bytes(src, dst, 2 * g.out.rows * g.out.cols);
             return out;
         }
-        // A shape seen for the third time in a row is worth recording (serving's batch
-        // size drifts while requests come and go; steady decoding repeats it). Run the
-        // step (its result is this step's), then record the same work on the same input
-        // buffers for the steps to come.
+        // A shape seen for the third time is worth recording (serving's batch size
+        // drifts while requests come and go, and speculation's depth with acceptance;
+        // steady decoding repeats a few shapes). Run the step (its result is this
+        // step's), then record the same work on the same input buffers for the steps
+        // to come.
         let h = BatchHost::new(&seqs, tokens, Some(key.ctx_bound));
         let batch = self.batch_from(&h);
         let out = f(&batch);
         let mut seen = self.graph_seen.lock().expect("graph_seen lock");
-        let streak = match *seen {
-            (k, n) if k == Some(key) => n + 1,
-            _ => 1,
-        };
-        *seen = (Some(key), streak);
+        if seen.len() >= 4 * MAX_GRAPHS {
+            seen.clear(); // bounded: shapes seen once long ago start over
+        }
+        let count = seen.entry(key).or_insert(0);
+        *count += 1;
+        let count = *count;
         drop(seen);
-        if streak < RECORD_AFTER || graphs.len() >= MAX_GRAPHS {
+        if count < RECORD_AFTER || graphs.len() >= MAX_GRAPHS {
             return out;
         }
+        self.graph_seen
+            .lock()
+            .expect("graph_seen lock")
+            .remove(&key);
         let persist = self.alloc_act(out.rows, out.cols);
         self.synchronize();
         let mode = cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
