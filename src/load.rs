@@ -1,72 +1,99 @@
 //! Loading a model directory for the CLI: config, checkpoint (with a progress bar),
-//! tokenizer, and the embedded default model made on first use.
+//! tokenizer, and the embedded default model written out on first use.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+#[cfg(feature = "embedded-model")]
 use anyhow::Context;
 use hyserve_kernels::cpu::CpuBackend;
 use hyserve_kernels::{DType, Precision};
-use hyserve_model::init::{InitOptions, WeightFormat, init_model};
 use hyserve_model::tokenizer::Tokenizer;
-use hyserve_model::{Arch, Checkpoint, Model, ModelConfig};
+use hyserve_model::{Checkpoint, Model, ModelConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// Preset of the embedded default model.
-pub const DEFAULT_PRESET: &str = "small";
-
-/// Where the embedded default model lives: `$HYSERVE_HOME/default-small`, or the
-/// user cache directory.
-pub fn default_model_dir() -> PathBuf {
-    let home = std::env::var_os("HYSERVE_HOME")
+/// Where hyserve keeps what it writes for itself: `$HYSERVE_HOME`, or the user cache
+/// directory.
+fn home() -> PathBuf {
+    std::env::var_os("HYSERVE_HOME")
         .map(PathBuf::from)
         .or_else(|| dirs::cache_dir().map(|d| d.join("hyserve")))
-        .unwrap_or_else(|| PathBuf::from(".hyserve"));
-    home.join(format!("default-{DEFAULT_PRESET}"))
+        .unwrap_or_else(|| PathBuf::from(".hyserve"))
 }
 
-/// Returns `model`, or the embedded default (created on first use).
+/// A scratch directory for generated benchmark models, beside the default model.
+pub fn bench_model_dir(name: &str) -> PathBuf {
+    home().join(name)
+}
+
+/// The name clients use for the embedded default model.
+pub const DEFAULT_MODEL_NAME: &str = "hunyuan-tiny";
+
+/// Returns `model`, or the embedded default model (written out on first use).
 pub fn resolve_model_dir(model: Option<&Path>) -> anyhow::Result<PathBuf> {
-    if let Some(m) = model {
-        return Ok(m.to_path_buf());
+    match model {
+        Some(m) => Ok(m.to_path_buf()),
+        None => embedded_dir(DEFAULT_MODEL_NAME, Embedded::Tiny),
     }
-    let dir = default_model_dir();
-    if !dir.join("config.json").exists() {
-        tracing::info!(dir = %dir.display(), "creating the embedded default model (first run)");
-        // Per process: several processes (a cluster's workers) may start at once.
-        let tmp = dir.with_extension(format!("partial-{}", std::process::id()));
+}
+
+/// The embedded default model's draft model (for speculation).
+pub fn default_draft_dir() -> anyhow::Result<Option<PathBuf>> {
+    Ok(Some(embedded_dir("hunyuan-tiny-draft", Embedded::Draft)?))
+}
+
+/// The embedded default model's held-out passages (the speculation benchmark's workload).
+pub fn default_workload_path() -> anyhow::Result<Option<PathBuf>> {
+    Ok(Some(
+        embedded_dir("hunyuan-tiny", Embedded::Tiny)?.join("heldout.jsonl"),
+    ))
+}
+
+#[derive(Clone, Copy)]
+enum Embedded {
+    Tiny,
+    Draft,
+}
+
+#[cfg(feature = "embedded-model")]
+fn embedded_dir(name: &str, which: Embedded) -> anyhow::Result<PathBuf> {
+    let files = match which {
+        Embedded::Tiny => crate::embedded::TINY,
+        Embedded::Draft => crate::embedded::DRAFT,
+    };
+    let dir = home().join(format!("{name}-{}", crate::embedded::fingerprint(files)));
+    if dir.join("config.json").exists() {
+        return Ok(dir);
+    }
+    tracing::info!(dir = %dir.display(), "writing the embedded default model (first run)");
+    // Per process: several processes (a cluster's workers) may start at once.
+    let tmp = dir.with_extension(format!("partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let bar = bar("unpack");
+    bar.set_length(files.iter().map(|f| f.1.len() as u64).sum::<u64>() >> 20);
+    for (file, bytes) in files {
+        let path = tmp.join(file);
+        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+        bar.inc(bytes.len() as u64 >> 20);
+    }
+    bar.finish_and_clear();
+    if let Err(e) = std::fs::rename(&tmp, &dir) {
         let _ = std::fs::remove_dir_all(&tmp);
-        let bar = bar("init");
-        init_model(
-            &tmp,
-            &InitOptions {
-                arch: Arch::HunyuanLarge,
-                preset: DEFAULT_PRESET.into(),
-                seed: 0,
-                dtype: DType::BF16,
-                format: WeightFormat::Safetensors,
-                max_shard_bytes: 64 << 20,
-            },
-            &mut |done, total| {
-                bar.set_length(total as u64);
-                bar.set_position(done as u64);
-            },
-        )?;
-        bar.finish_and_clear();
-        if let Err(e) = std::fs::rename(&tmp, &dir) {
-            let _ = std::fs::remove_dir_all(&tmp);
-            // Another process finished first: use its (identical, same seed) model.
-            if !dir.join("config.json").exists() {
-                return Err(e).with_context(|| format!("moving {} into place", tmp.display()));
-            }
+        // Another process finished first: use its (identical) copy.
+        if !dir.join("config.json").exists() {
+            return Err(e).with_context(|| format!("moving {} into place", tmp.display()));
         }
     }
     Ok(dir)
 }
 
-/// The embedded default model's draft model (for speculation), if it has one.
-pub fn default_draft_dir() -> anyhow::Result<Option<PathBuf>> {
-    Ok(None)
+#[cfg(not(feature = "embedded-model"))]
+fn embedded_dir(name: &str, _which: Embedded) -> anyhow::Result<PathBuf> {
+    anyhow::bail!(
+        "this hyserve was built without the embedded default model (feature \
+         `embedded-model`): pass --model DIR (the repository's model/assets/{name})"
+    )
 }
 
 fn bar(prefix: &'static str) -> ProgressBar {

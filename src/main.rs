@@ -5,6 +5,7 @@
 //! - `generate`: run one prompt through a model (the fidelity interface).
 //! - `bench`: CPU decode/prefill throughput beside the machine's memory bandwidth.
 //! - `bench-gpu`: one Hunyuan-Large layer at real dimensions on a GPU, against ceilings.
+//! - `bench-spec`: speculative against plain decoding, per proposer, batch and workload.
 //! - `bench-ep`: real-dimension layers over several GPUs with NCCL expert parallelism.
 //! - `plan`: the expert placement of a model on an inventory of GPUs.
 //! - `serve`: the whole system in one process (gateway, scheduler, workers).
@@ -16,6 +17,8 @@
 
 mod commands;
 mod config;
+#[cfg(feature = "embedded-model")]
+mod embedded;
 mod load;
 
 use clap::{Parser, Subcommand};
@@ -49,6 +52,7 @@ enum Command {
     Bench(commands::bench::Args),
     BenchGpu(commands::bench_gpu::Args),
     BenchEp(commands::bench_ep::Args),
+    BenchSpec(commands::bench_spec::Args),
     Plan(commands::plan::Args),
 }
 
@@ -72,6 +76,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(a) => commands::bench::run(a),
         Command::BenchGpu(a) => commands::bench_gpu::run(a),
         Command::BenchEp(a) => commands::bench_ep::run(a),
+        Command::BenchSpec(a) => commands::bench_spec::run(a),
         Command::Plan(a) => commands::plan::run(a),
     }
 }

@@ -179,6 +179,9 @@ struct SchedulerState {
     factory: ExecutorFactory,
     /// The number of the next lockstep step.
     next_step: u64,
+    /// When the step in flight was planned: its wall time runs from here to the end of
+    /// its completion.
+    planned_at: Instant,
     paused: bool,
     pause_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
 }
@@ -206,6 +209,7 @@ impl SchedulerActor {
             st.shared.busy.store(false, Ordering::Relaxed);
             return;
         };
+        st.planned_at = t0;
         st.in_flight = true;
         st.shared.busy.store(true, Ordering::Relaxed);
         // Under lockstep every worker gets a step (an empty one if it has no
@@ -357,6 +361,7 @@ impl Actor for SchedulerActor {
             shared: args.shared,
             factory: args.factory,
             next_step: 1,
+            planned_at: Instant::now(),
             paused: false,
             pause_waiters: Vec::new(),
         })
@@ -406,6 +411,8 @@ impl Actor for SchedulerActor {
                             st.scheduler
                                 .complete_timed(plan, outputs, Some(model_seconds));
                         self.deliver(st, events);
+                        st.scheduler
+                            .step_wall_time(st.planned_at.elapsed().as_secs_f64());
                         st.shared
                             .last_progress_ms
                             .store(now_ms(), Ordering::Release);

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Builds what scripts/gpu/run.sh needs on a GPU host into .dev/gpu/ (git-ignored):
-# the release `hyserve` binary and the CUDA parity test binary, stripped.
+# the release `hyserve` binary (without the embedded default model: the GPU host gets the
+# repository's model/assets/ with the working tree) and the CUDA parity test binary,
+# stripped, and xz-compressed copies in .dev/gpuxz/ (what fits the trip: carry that).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 mkdir -p .dev/gpu
-cargo build --release --locked
+cargo build --release --locked --no-default-features
 cp target/release/hyserve .dev/gpu/hyserve
 test_bin=$(cargo test --release --locked -p hyserve-worker --features gpu-tests --test gpu --no-run \
     --message-format=json 2>/dev/null | python3 -c '
@@ -15,4 +17,6 @@ for line in sys.stdin:
         print(m["executable"])')
 cp "$test_bin" .dev/gpu/gpu-tests
 strip .dev/gpu/hyserve .dev/gpu/gpu-tests
-du -sh .dev/gpu/*
+mkdir -p .dev/gpuxz
+for f in hyserve gpu-tests; do xz -6 -T2 -c ".dev/gpu/$f" > ".dev/gpuxz/$f.xz"; done
+du -sh .dev/gpu/* .dev/gpuxz/*

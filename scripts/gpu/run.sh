@@ -3,7 +3,7 @@
 # peer, in the same run), writing logs, JSON and a Markdown results table to $OUT.
 #
 #   scripts/gpu/package.sh                 # on a development machine: builds .dev/gpu/
-#   scripts/gpu/run.sh [stage ...]         # on the GPU host; stages: tests layer tune e2e ep cluster
+#   scripts/gpu/run.sh [stage ...]         # on the GPU host; stages: tests layer tune e2e ep cluster spec
 #                                          # (default: tests layer e2e; ep needs 2+ GPUs)
 #
 # Environment: BIN (default .dev/gpu), OUT (default gpu-results), PY (a python with torch).
@@ -13,6 +13,16 @@ BIN=${BIN:-.dev/gpu}
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 STAGES=${*:-tests layer e2e}
+
+# Carried compressed (.dev/gpuxz, from package.sh): unpack with Python's lzma, which
+# every host with PyTorch has.
+for f in hyserve gpu-tests; do
+    if [ ! -x "$BIN/$f" ] && [ -f ".dev/gpuxz/$f.xz" ]; then
+        mkdir -p "$BIN"
+        python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+            ".dev/gpuxz/$f.xz" "$BIN/$f" && chmod +x "$BIN/$f"
+    fi
+done
 
 # Libraries: NCCL is only shipped inside the torch wheel on the project's hosts.
 LIBDIR=$(mktemp -d)
@@ -75,6 +85,19 @@ fi
 if stage cluster; then
     step "GPU cluster: hyserve worker --device cuda x N + hyserve coordinator"
     scripts/gpu/cluster.sh "$BIN" "$OUT" "$PY" "${EP_CLUSTER_GPUS:-2}"
+fi
+
+if stage spec; then
+    # Speculative decoding on one GPU: plain, prompt lookup and the draft model, at
+    # batch 1, 8 and 32, on the held-out edit and free-generation workloads.
+    step "speculative decoding: hyserve bench-spec --device cuda"
+    SPEC_MODEL=${SPEC_MODEL:-model/assets/hunyuan-tiny}
+    "$BIN/hyserve" bench-spec --device cuda --model "$SPEC_MODEL" \
+        --draft-model "${SPEC_DRAFT:-model/assets/hunyuan-tiny-draft}" \
+        --workload "${SPEC_WORKLOAD:-$SPEC_MODEL/heldout.jsonl}" --batches "${SPEC_BATCHES:-1,8,32}" \
+        --rounds "${SPEC_ROUNDS:-2}" --max-tokens "${SPEC_MAX_TOKENS:-128}" ${SPEC_ARGS:-} \
+        --json-out "$OUT/spec.json" > "$OUT/spec.md" 2> "$OUT/spec.log"
+    echo "rc=$?"; cat "$OUT/spec.md"; grep -iE "error|panic" "$OUT/spec.log" | head
 fi
 
 if stage e2e; then

@@ -70,7 +70,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let dir = match a.model {
         Some(d) => d,
         None => {
-            let d = load::default_model_dir().with_file_name("bench-medium");
+            let d = load::bench_model_dir("bench-medium");
             if !d.join("config.json").exists() {
                 eprintln!(
                     "creating the benchmark model (medium, bf16) in {}",

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_ep;
 pub mod bench_gpu;
+pub mod bench_spec;
 pub mod certs;
 pub mod generate;
 pub mod init_model;

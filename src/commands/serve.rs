@@ -29,11 +29,11 @@ use crate::load;
 
 /// Where workers' weights come from: the checkpoint, or random values from a seed; and
 /// the draft model's, when workers speculate with one.
-struct WeightSource {
-    ck: Option<Checkpoint>,
-    random_seed: Option<u64>,
-    cfg: ModelConfig,
-    draft: Option<(ModelConfig, Checkpoint)>,
+pub(crate) struct WeightSource {
+    pub(crate) ck: Option<Checkpoint>,
+    pub(crate) random_seed: Option<u64>,
+    pub(crate) cfg: ModelConfig,
+    pub(crate) draft: Option<(ModelConfig, Checkpoint)>,
 }
 
 impl WeightSource {
@@ -278,25 +278,30 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// The proposer `cfg.speculation` asks for, and the draft model directory it needs.
+/// The proposer `cfg.speculation` asks for, and the draft model directory it needs. A
+/// coordinator's draft model runs on its workers (`hyserve worker --draft-model`), so it
+/// needs none itself for `draft`; `auto` means the draft only where one is known here.
 fn speculation(
     cfg: &ServeConfig,
     default_draft: Option<PathBuf>,
+    coordinator: bool,
 ) -> anyhow::Result<(ProposerKind, Option<PathBuf>)> {
     let draft = cfg.draft_model.clone().or(default_draft);
     Ok(match (cfg.speculation.as_str(), draft) {
         ("off", _) => (ProposerKind::Off, None),
-        ("ngram", _) | (_, None) if cfg.speculation != "draft" => (ProposerKind::Ngram, None),
-        (_, None) => anyhow::bail!(
+        ("ngram", _) => (ProposerKind::Ngram, None),
+        ("draft", None) if coordinator => (ProposerKind::Draft, None),
+        ("draft", None) => anyhow::bail!(
             "--speculation draft needs a draft model (--draft-model DIR); the embedded \
-             default has one"
+             default model has one"
         ),
+        (_, None) => (ProposerKind::Ngram, None),
         (_, Some(d)) => (ProposerKind::Draft, Some(d)),
     })
 }
 
 /// The draft model at `dir`, checked against the target it proposes for.
-fn open_draft(
+pub(crate) fn open_draft(
     dir: &std::path::Path,
     target: &ModelConfig,
 ) -> anyhow::Result<(ModelConfig, Checkpoint)> {
@@ -321,7 +326,7 @@ async fn serve(mut cfg: ServeConfig, cluster: Option<ClusterArgs>) -> anyhow::Re
         Some(_) => None,
     };
     let model_cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-    let (proposer, draft_dir) = speculation(&cfg, default_draft)?;
+    let (proposer, draft_dir) = speculation(&cfg, default_draft, cluster.is_some())?;
     // The draft runs on the workers: in-process here, or each worker process loads its own.
     let draft = match (&draft_dir, &cluster) {
         (Some(d), None) => Some(open_draft(d, &model_cfg)?),
@@ -400,34 +405,21 @@ async fn serve(mut cfg: ServeConfig, cluster: Option<ClusterArgs>) -> anyhow::Re
         let f = cl.factory();
         running_cluster = Some(cl);
         f
-    } else if cfg.device == "cuda" {
-        start_cuda_check()?;
-        Arc::new(move |i| {
-            let (backend, info) = CudaBackend::new(i, precision)
-                .map_err(|e| std::io::Error::other(format!("GPU {i}: {e}")))?;
-            tracing::info!(gpu = i, device = %info.device, arch = %info.arch, cached = info.kernels_cached, compile_ms = info.compile_ms, "CUDA worker starting");
-            let model = source.model(&backend);
-            backend.synchronize();
-            let (free, total) = backend.mem_info();
-            tracing::info!(
-                gpu = i,
-                weight_mib = model.weight_bytes(&backend) >> 20,
-                free_mib = free >> 20,
-                total_mib = total >> 20,
-                "weights on the GPU"
-            );
-            let exec = source.executor(backend, model, n_blocks, block_size, 1)?;
-            Ok(Box::new(ExecutorHandle::spawn(&format!("executor-{i}"), exec)?) as _)
-        })
     } else {
-        Arc::new(move |i| {
-            let backend = CpuBackend::new(precision);
-            let model = source.model(&backend);
-            let exec = source.executor(backend, model, n_blocks, block_size, threads)?;
-            Ok(Box::new(ExecutorHandle::spawn(&format!("executor-{i}"), exec)?) as _)
-        })
+        local_factory(
+            &cfg.device,
+            precision,
+            source,
+            n_blocks,
+            block_size,
+            threads,
+        )?
     };
     let model_name = cfg.model_name.clone().unwrap_or_else(|| {
+        if cfg.model.is_none() {
+            // The embedded default, whatever fingerprint its directory carries.
+            return load::DEFAULT_MODEL_NAME.to_string();
+        }
         dir.file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "hyserve".into())
@@ -525,10 +517,48 @@ async fn serve(mut cfg: ServeConfig, cluster: Option<ClusterArgs>) -> anyhow::Re
             eprintln!("  gRPC API:        {grpc}  (service hyserve.v1.Inference)");
             eprintln!("try:");
             eprintln!(
-                "  curl -s http://{http}/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], \"max_tokens\": 16}}'"
+                "  curl -s http://{http}/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{name}\", \"max_tokens\": 60, \"temperature\": 0, \"messages\": [{{\"role\": \"user\", \"content\": \"Put this into modern English:\\nAnd God spake unto Noah, saying, Go forth of the ark, thou, and thy wife.\"}}]}}'"
             );
         })
         .await?;
     engine.stop();
     Ok(())
+}
+
+/// Executors in this process: worker *i* on GPU *i* (`device` cuda) or on the CPU.
+pub(crate) fn local_factory(
+    device: &str,
+    precision: Precision,
+    source: Arc<WeightSource>,
+    n_blocks: usize,
+    block_size: usize,
+    threads: usize,
+) -> anyhow::Result<ExecutorFactory> {
+    Ok(if device == "cuda" {
+        start_cuda_check()?;
+        Arc::new(move |i| {
+            let (backend, info) = CudaBackend::new(i, precision)
+                .map_err(|e| std::io::Error::other(format!("GPU {i}: {e}")))?;
+            tracing::info!(gpu = i, device = %info.device, arch = %info.arch, cached = info.kernels_cached, compile_ms = info.compile_ms, "CUDA worker starting");
+            let model = source.model(&backend);
+            backend.synchronize();
+            let (free, total) = backend.mem_info();
+            tracing::info!(
+                gpu = i,
+                weight_mib = model.weight_bytes(&backend) >> 20,
+                free_mib = free >> 20,
+                total_mib = total >> 20,
+                "weights on the GPU"
+            );
+            let exec = source.executor(backend, model, n_blocks, block_size, 1)?;
+            Ok(Box::new(ExecutorHandle::spawn(&format!("executor-{i}"), exec)?) as _)
+        })
+    } else {
+        Arc::new(move |i| {
+            let backend = CpuBackend::new(precision);
+            let model = source.model(&backend);
+            let exec = source.executor(backend, model, n_blocks, block_size, threads)?;
+            Ok(Box::new(ExecutorHandle::spawn(&format!("executor-{i}"), exec)?) as _)
+        })
+    })
 }

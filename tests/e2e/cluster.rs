@@ -27,8 +27,8 @@ impl Drop for Proc {
 }
 
 /// Starts `cmd` with stderr piped and returns it once a stderr line contains `marker`,
-/// with that line. Panics with what it printed if it exits first.
-fn start(mut cmd: Command, marker: &str, what: &str) -> (Proc, String) {
+/// with that line and the lines before it. Panics with what it printed if it exits first.
+fn start(mut cmd: Command, marker: &str, what: &str) -> (Proc, String, Vec<String>) {
     let mut child = cmd
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -53,7 +53,7 @@ fn start(mut cmd: Command, marker: &str, what: &str) -> (Proc, String) {
     };
     // Keep draining stderr so the process never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    (Proc(child), found)
+    (Proc(child), found, seen)
 }
 
 fn free_port() -> u16 {
@@ -118,7 +118,7 @@ fn worker(model: &Path, extra: &[&str], name: &str) -> (Proc, String) {
         "1",
     ])
     .args(extra);
-    let (p, line) = start(cmd, "listening on", name);
+    let (p, line, _) = start(cmd, "listening on", name);
     let addr = line
         .split("listening on ")
         .nth(1)
@@ -130,6 +130,12 @@ fn worker(model: &Path, extra: &[&str], name: &str) -> (Proc, String) {
 
 /// Starts `hyserve <role> ...` and returns its gRPC API address.
 fn front(model: &Path, role: &str, extra: &[&str]) -> (Proc, String) {
+    let (p, grpc, _) = front_http(model, role, extra);
+    (p, grpc)
+}
+
+/// [`front`], with its HTTP address too.
+fn front_http(model: &Path, role: &str, extra: &[&str]) -> (Proc, String, String) {
     let mut cmd = hyserve();
     cmd.args([
         role,
@@ -141,14 +147,37 @@ fn front(model: &Path, role: &str, extra: &[&str]) -> (Proc, String) {
         "127.0.0.1:0",
     ])
     .args(extra);
-    let (p, line) = start(cmd, "gRPC API:", role);
+    let (p, line, before) = start(cmd, "gRPC API:", role);
     let addr = line
         .trim()
         .strip_prefix("gRPC API:")
         .and_then(|r| r.split_whitespace().next())
         .expect("the address")
         .to_string();
-    (p, addr)
+    let http = before
+        .iter()
+        .find_map(|l| l.split("http://").nth(1))
+        .and_then(|r| r.split('/').next())
+        .expect("the HTTP address")
+        .to_string();
+    (p, addr, http)
+}
+
+/// A counter or gauge from `/metrics` at `http` (a bare HTTP/1.1 GET).
+fn metric(http: &str, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(http).expect("connects");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} is not on /metrics"))
 }
 
 fn prompts() -> Vec<Vec<u32>> {
@@ -578,4 +607,101 @@ fn a_killed_worker_restarted_elsewhere_loses_no_request() {
             .unwrap()
     });
     assert_eq!(got, f.want, "a request changed or was lost");
+}
+
+/// Greedy chat answers (token ids) to `texts`, through the gRPC API, concurrently.
+async fn chat(addr: &str, texts: &[String], max_tokens: u32) -> Vec<Vec<u32>> {
+    let client = InferenceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connects");
+    let mut tasks = Vec::new();
+    for t in texts {
+        let mut c = client.clone();
+        let req = v1::GenerateRequest {
+            input: Some(v1::generate_request::Input::Text(t.clone())),
+            chat: true,
+            max_tokens: Some(max_tokens),
+            temperature: Some(0.0),
+            ..Default::default()
+        };
+        tasks.push(tokio::spawn(async move {
+            let r = c.generate(req).await.expect("generates").into_inner();
+            r.tokens.iter().map(|t| t.id).collect::<Vec<u32>>()
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+/// Speculation across processes: two workers of the trained model, each with the draft
+/// model beside its expert shard, and a coordinator asking them for draft proposals (and,
+/// in a second cluster, proposing by prompt lookup itself) that they verify through the
+/// expert exchange. The greedy answers to held-out editing prompts are the single
+/// process's without speculation, and proposals were made and accepted.
+#[test]
+fn speculating_cluster_matches_one_process() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let m = root.join("model/assets/hunyuan-tiny");
+    let draft = root.join("model/assets/hunyuan-tiny-draft");
+    let texts: Vec<String> = std::fs::read_to_string(m.join("heldout.jsonl"))
+        .unwrap()
+        .lines()
+        .take(4)
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["prompt_edit"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let rt = runtime();
+    let want = {
+        let (_serve, addr) = front(&m, "serve", &["--speculation", "off"]);
+        rt.block_on(chat(&addr, &texts, 40))
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (_etcd, url) = etcd(tmp.path());
+    for (cluster, proposer) in [("spec-draft", "draft"), ("spec-ngram", "ngram")] {
+        let args = [
+            "--etcd",
+            &url,
+            "--cluster",
+            cluster,
+            "--draft-model",
+            draft.to_str().unwrap(),
+        ];
+        let _workers: Vec<Proc> = (0..2)
+            .map(|i| worker(&m, &args, &format!("{cluster}-w{i}")).0)
+            .collect();
+        let (_coord, addr, http) = front_http(
+            &m,
+            "coordinator",
+            &[
+                "--etcd",
+                &url,
+                "--cluster",
+                cluster,
+                "--expect-workers",
+                "2",
+                "--rebalance-secs",
+                "0",
+                "--speculation",
+                proposer,
+                "--spec-depth",
+                "3",
+            ],
+        );
+        let got = rt.block_on(chat(&addr, &texts, 40));
+        assert_eq!(
+            got, want,
+            "{proposer}: the speculating cluster's answers differ"
+        );
+        let proposed = metric(&http, "hyserve_spec_proposed_tokens_total");
+        let accepted = metric(&http, "hyserve_spec_accepted_tokens_total");
+        assert!(
+            accepted > 0.0 && accepted <= proposed,
+            "{proposer}: {accepted} of {proposed} proposals accepted"
+        );
+    }
 }

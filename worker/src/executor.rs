@@ -38,7 +38,8 @@ pub struct SeqStep {
     /// Logits for every new token (prompt scoring, verification) or only the last.
     pub all_logits: bool,
     /// Speculation by this worker's draft model: tokens it proposes after `tokens` are
-    /// verified in the same forward pass (their logits rows follow `tokens`' own).
+    /// verified in the same forward pass (their logits rows follow `tokens`' own). Depth
+    /// 0: the draft only reads `tokens` (a prompt chunk), to be current when it proposes.
     pub draft: Option<DraftRequest>,
 }
 
@@ -378,15 +379,16 @@ impl<B: Backend> Executor<B> {
             .seqs
             .iter()
             .enumerate()
-            .filter_map(|(i, s)| s.draft.as_ref().filter(|d| d.depth > 0).map(|d| (i, s, d)))
+            .filter_map(|(i, s)| s.draft.as_ref().map(|d| (i, s, d)))
             .collect();
-        let max_depth = wanted.iter().map(|w| w.2.depth).max().unwrap_or(0);
+        // Depth 0 asks only that the draft read along (a prompt chunk), in round 0.
+        let rounds = wanted.iter().map(|w| w.2.depth.max(1)).max().unwrap_or(0);
         let (model, backend, kv) = (&draft.model, &self.backend, &mut draft.kv);
-        for round in 0..max_depth {
+        for round in 0..rounds {
             let mut rows = Vec::new();
             let chunks: Vec<SeqChunk> = wanted
                 .iter()
-                .filter(|(_, _, d)| d.depth > round)
+                .filter(|(_, _, d)| d.depth.max(1) > round)
                 .map(|&(i, s, d)| {
                     rows.push(i);
                     let (tokens, first_pos) = if round == 0 {
@@ -414,8 +416,10 @@ impl<B: Backend> Executor<B> {
             let logits = self.pool.install(|| model.forward(backend, kv, &chunks));
             let vocab = model.cfg.vocab_size;
             for (&i, row) in rows.iter().zip(&logits) {
-                let last = &row[row.len() - vocab..];
-                out[i].push(hyserve_kernels::sampling::argmax(last) as u32);
+                if step.seqs[i].draft.as_ref().is_some_and(|d| d.depth > round) {
+                    let last = &row[row.len() - vocab..];
+                    out[i].push(hyserve_kernels::sampling::argmax(last) as u32);
+                }
             }
         }
         out
@@ -428,7 +432,7 @@ impl<B: Backend> Executor<B> {
         self.switch_epoch(step.epoch)?;
         let t_draft = std::time::Instant::now();
         let proposals = self.propose(step);
-        let draft_seconds = if proposals.iter().any(|p| !p.is_empty()) {
+        let draft_seconds = if step.seqs.iter().any(|s| s.draft.is_some()) {
             t_draft.elapsed().as_secs_f64()
         } else {
             0.0

@@ -564,6 +564,22 @@ fn whole_forward_matches_cpu_on_tiny_models() {
     ignore = "needs a GPU: run with --features gpu-tests on a GPU host"
 )]
 fn recorded_decode_steps_match_direct_launches() {
+    recorded_steps_match_direct_launches(0);
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a GPU: run with --features gpu-tests on a GPU host"
+)]
+fn recorded_verification_steps_match_direct_launches() {
+    // Speculative verification: every step carries the decode token and 3 proposed
+    // tokens with logits for all 4 rows; the proposals are rejected, so the next step
+    // writes over their cache positions (the rollback).
+    recorded_steps_match_direct_launches(3);
+}
+
+fn recorded_steps_match_direct_launches(n_proposed: usize) {
     // Decode steps replayed from CUDA graphs against the same steps launched kernel by
     // kernel, for one sequence and for a batch of three of different lengths.
     let dir = tempfile::tempdir().unwrap();
@@ -613,19 +629,25 @@ fn recorded_decode_steps_match_direct_launches() {
                         as u32,
                 );
             }
-            for _ in 0..20 {
+            for step in 0..20 {
                 let chunks: Vec<SeqChunk> = toks
                     .iter()
                     .enumerate()
-                    .map(|(i, t)| SeqChunk {
-                        tokens: vec![next[i]],
-                        first_pos: t.len(),
-                        slots: slots(i, t.len() + 1),
-                        all_logits: false,
+                    .map(|(i, t)| {
+                        let mut tokens = vec![next[i]];
+                        tokens.extend((0..n_proposed as u32).map(|k| 400 + 7 * k + step));
+                        SeqChunk {
+                            first_pos: t.len(),
+                            slots: slots(i, t.len() + tokens.len()),
+                            all_logits: n_proposed > 0,
+                            tokens,
+                        }
                     })
                     .collect();
                 let out = m.forward(b, &mut kv, &chunks);
                 for (i, l) in out.iter().enumerate() {
+                    assert_eq!(l.len(), (1 + n_proposed) * m.cfg.vocab_size);
+                    let l = &l[..m.cfg.vocab_size];
                     toks[i].push(next[i]);
                     next[i] = l
                         .iter()

@@ -38,7 +38,9 @@ use hyserve_worker::{DraftRequest, SeqStep, Step, StepOutput};
 
 use crate::api::{EngineStats, FinishReason, GenerateRequest, ServeError, TokenEvent, Usage};
 use blocks::{BlockHash, BlockPool, PrefixMatch};
-use spec::{Acceptance, CostModel, ProposerKind, Sampled, SpecConfig, SpecStats, VerifyInput};
+use spec::{
+    Acceptance, CostModel, Guard, ProposerKind, Sampled, SpecConfig, SpecStats, VerifyInput,
+};
 
 /// The engine's name for one sequence (one `GenerateRequest`).
 pub type SeqId = u64;
@@ -104,6 +106,10 @@ struct Scheduled {
     proposals: Vec<u32>,
     /// Draft tokens asked of the worker.
     draft_depth: usize,
+    /// Tokens the draft reads before the step's own (a long catch-up is a prefill for it).
+    draft_context: usize,
+    /// The draft reads the step's prompt chunk along.
+    draft_reads: bool,
 }
 
 /// One sequence's part of a finished step: its worker's output rows and the proposals
@@ -122,6 +128,18 @@ struct InFlight {
     steps: Vec<(usize, Vec<Scheduled>)>,
 }
 
+/// What the last completed step did, for the guard once its wall time is known.
+#[derive(Clone, Copy, Debug)]
+struct StepRecord {
+    /// Only decoding sequences (no prefill chunk): comparable with other such steps.
+    pure_decode: bool,
+    n_decode: usize,
+    speculated: bool,
+    /// No draft caught up on more than a token: a step of speculation's steady state.
+    steady: bool,
+    emitted: usize,
+}
+
 /// What one worker's step is taking shape as during `schedule`.
 #[derive(Debug)]
 struct WorkerPlan {
@@ -136,6 +154,8 @@ impl WorkerPlan {
             n_tokens,
             proposals: Vec::new(),
             draft_depth: 0,
+            draft_context: 0,
+            draft_reads: false,
         });
         self.n_budget_tokens = self.n_budget_tokens.saturating_sub(n_tokens);
     }
@@ -230,6 +250,8 @@ pub struct Scheduler {
     steps_total: u64,
     step_tokens_total: u64,
     cost: CostModel,
+    guard: Guard,
+    last_step: Option<StepRecord>,
     spec_stats: SpecStats,
 }
 
@@ -268,6 +290,8 @@ impl Scheduler {
             steps_total: 0,
             step_tokens_total: 0,
             cost: CostModel::default(),
+            guard: Guard::default(),
+            last_step: None,
             spec_stats: SpecStats::default(),
         }
     }
@@ -398,17 +422,38 @@ impl Scheduler {
         }
         self.admit(&mut plans);
         if self.cfg.speculation.enabled() {
-            for (w, plan) in plans.iter_mut().enumerate() {
-                self.speculate(w, plan);
+            let n_decode = plans
+                .iter()
+                .flat_map(|p| &p.seqs)
+                .filter(|s| {
+                    s.n_tokens == 1 && self.seqs.get(&s.id).is_some_and(|q| q.n_left() == 1)
+                })
+                .count();
+            // Only steps of decodes speculate: a step with a prompt chunk is heavy
+            // already, and only decode steps compare with each other on the clock. A fixed
+            // depth is a measurement setting: no second-guessing it.
+            let n_seqs: usize = plans.iter().map(|p| p.seqs.len()).sum();
+            let allowed = self.cfg.speculation.fixed_depth.is_some()
+                || (n_seqs == n_decode && self.guard.allow(n_decode));
+            if allowed {
+                for (w, plan) in plans.iter_mut().enumerate() {
+                    self.speculate(w, plan);
+                }
             }
         }
 
+        // The draft reads prompt chunks along (so it is current when the sequence first
+        // decodes) where speculation is expected to pay at the load running now.
+        let n_running: usize = self.running.iter().map(Vec::len).sum();
+        let draft_reads_along = self.cfg.speculation.proposer == ProposerKind::Draft
+            && (self.cfg.speculation.fixed_depth.is_some()
+                || self.guard.prefers_speculation(n_running));
         let mut steps = Vec::new();
         let mut flight = Vec::new();
         for (w, plan) in plans.into_iter().enumerate() {
             let mut step = Step::default();
             let mut scheduled = Vec::with_capacity(plan.seqs.len());
-            for s in plan.seqs {
+            for mut s in plan.seqs {
                 let Some(seq) = self.seqs.get_mut(&s.id) else {
                     continue;
                 };
@@ -418,11 +463,16 @@ impl Scheduler {
                 };
                 let mut tokens = tokens.to_vec();
                 tokens.extend_from_slice(&s.proposals);
-                let draft = (s.draft_depth > 0).then(|| DraftRequest {
+                // The draft reads prompt chunks along with the target, so it is current
+                // when the sequence first decodes.
+                let draft_reads = draft_reads_along && seq.speculate && seq.n_left() > 1;
+                let draft = (s.draft_depth > 0 || draft_reads).then(|| DraftRequest {
                     depth: s.draft_depth,
                     first_pos: seq.draft_computed,
                     context: seq.tokens[seq.draft_computed..seq.n_computed].to_vec(),
                 });
+                s.draft_context = draft.as_ref().map_or(0, |d| d.context.len());
+                s.draft_reads = draft_reads;
                 step.seqs.push(SeqStep {
                     seq_id: s.id,
                     tokens,
@@ -813,6 +863,14 @@ impl Scheduler {
         if let Some(secs) = seconds {
             self.learn_cost(&results, &emitted, secs, draft_seconds);
         }
+        let n_decode = emitted.iter().flatten().count();
+        self.last_step = Some(StepRecord {
+            pure_decode: n_decode == results.len(),
+            n_decode,
+            speculated: results.iter().any(|r| !r.proposals.is_empty()),
+            steady: results.iter().all(|r| r.s.draft_context <= 1),
+            emitted: emitted.iter().flatten().map(Vec::len).sum(),
+        });
         let mut events = Vec::new();
         for (r, e) in results.into_iter().zip(emitted) {
             self.step_tokens_total += (r.s.n_tokens + r.proposals.len()) as u64;
@@ -845,7 +903,9 @@ impl Scheduler {
             .observe(n_tokens, (seconds - draft_seconds).max(0.0));
         let rounds = results.iter().map(|r| r.s.draft_depth).max().unwrap_or(0);
         let drafting = results.iter().filter(|r| r.s.draft_depth > 0).count();
-        if rounds > 0 && draft_seconds > 0.0 {
+        // A draft that caught up on many tokens ran a prefill: not a round's cost.
+        let steady = results.iter().all(|r| r.s.draft_context <= 1);
+        if rounds > 0 && draft_seconds > 0.0 && steady {
             self.cost
                 .draft_round
                 .observe(drafting, draft_seconds / rounds as f64);
@@ -860,6 +920,19 @@ impl Scheduler {
             // proposals to emit as much.
             self.spec_stats.time_saved_seconds +=
                 n_emitted as f64 / n_decode as f64 * plain - seconds;
+        }
+    }
+
+    /// The wall time of the step completed last, from planning it to applying its
+    /// results: what the guard compares speculation and plain decoding by.
+    pub fn step_wall_time(&mut self, seconds: f64) {
+        if let Some(r) = self.last_step.take()
+            && r.pure_decode
+            && r.steady
+            && r.n_decode > 0
+        {
+            self.guard
+                .observe(r.n_decode, r.speculated, r.emitted, seconds);
         }
     }
 
@@ -893,6 +966,9 @@ impl Scheduler {
         }
         let first_pos = seq.n_computed;
         seq.n_computed = (seq.n_computed + s.n_tokens).min(seq.tokens.len());
+        if s.draft_reads {
+            seq.draft_computed = seq.n_computed;
+        }
         self.register_full_blocks(w, s.id);
         let Some(seq) = self.seqs.get_mut(&s.id) else {
             return;

@@ -257,6 +257,170 @@ impl CostModel {
     }
 }
 
+/// Observations an arm of the [`Guard`] needs before it is compared: enough that the
+/// median is past a batch size's first steps, which are slow while their CUDA graphs
+/// are recorded (a shape is recorded on its third step).
+const GUARD_MIN_SAMPLES: u32 = 12;
+/// Every so many steps of a batch size, the guard runs the arm that is losing for
+/// [`GUARD_PROBE_STEPS`] steps (several: a draft model that fell behind while off needs a
+/// step to catch up before its steps are steady), so a changed workload can change its
+/// mind. The interval starts at the first and doubles, up to the second, each time a
+/// probe confirms the winner (a probe of a losing draft costs its catch-up).
+const GUARD_PROBE_EVERY: (u64, u64) = (128, 4096);
+const GUARD_PROBE_STEPS: u32 = 8;
+/// Speculation must be this much faster to be kept: a coin flip between equals costs
+/// the exploration of both.
+const GUARD_MARGIN: f64 = 1.02;
+
+/// The guard's batch-size buckets: powers of two (1, 2-3, 4-7, 8-15, ...), coarse so
+/// that each is learned from many steps.
+fn guard_bucket(n_decode: usize) -> usize {
+    n_decode.max(1).ilog2() as usize
+}
+
+/// Recent observations an arm keeps; its rate is their median, so one step that
+/// stalls (a page fault, a graph being recorded) does not decide anything.
+const GUARD_WINDOW: usize = 16;
+
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Rate {
+    /// Tokens per second of the last [`GUARD_WINDOW`] steps, oldest overwritten first.
+    recent: Vec<f64>,
+    next: usize,
+    samples: u32,
+}
+
+impl Rate {
+    fn observe(&mut self, x: f64) {
+        if self.recent.len() < GUARD_WINDOW {
+            self.recent.push(x);
+        } else {
+            self.recent[self.next] = x;
+        }
+        self.next = (self.next + 1) % GUARD_WINDOW;
+        self.samples = self.samples.saturating_add(1);
+    }
+
+    fn tokens_per_second(&self) -> f64 {
+        let mut v = self.recent.clone();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    }
+}
+
+/// The last word on whether a step speculates: per number of decoding sequences (in
+/// powers of two), the
+/// tokens per second of whole steps (planning, forward pass, verification) measured with
+/// speculation and without, and the faster one wins. The cost model plans depths from
+/// estimates; the guard checks the result on the clock, so speculation that does not
+/// pay on this machine at this batch size (a verification step that misses a recorded
+/// CUDA graph, proposals that are rarely accepted) is switched off there.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Guard {
+    /// `[plain, speculative]` per batch-size bucket.
+    arms: Vec<[Rate; 2]>,
+    /// Per bucket: the probe in progress or the next one.
+    probing: Vec<Probe>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Probe {
+    /// Steps of the probe in progress left.
+    left: u32,
+    until_next: u64,
+    every: u64,
+    /// Whether speculation was winning when the probe began.
+    winner: bool,
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Self {
+            left: 0,
+            until_next: GUARD_PROBE_EVERY.0,
+            every: GUARD_PROBE_EVERY.0,
+            winner: false,
+        }
+    }
+}
+
+impl Guard {
+    fn bucket(&mut self, n_decode: usize) -> usize {
+        let b = guard_bucket(n_decode);
+        if self.arms.len() <= b {
+            self.arms.resize(b + 1, Default::default());
+            self.probing.resize(b + 1, Probe::default());
+        }
+        b
+    }
+
+    /// Whether a step with `n_decode` decoding sequences may speculate.
+    pub fn allow(&mut self, n_decode: usize) -> bool {
+        let b = self.bucket(n_decode);
+        let [plain, spec] = &self.arms[b];
+        if plain.samples < GUARD_MIN_SAMPLES {
+            return false;
+        }
+        if spec.samples < GUARD_MIN_SAMPLES {
+            return true;
+        }
+        let spec_wins = spec.tokens_per_second() >= GUARD_MARGIN * plain.tokens_per_second();
+        let p = &mut self.probing[b];
+        if p.left > 0 {
+            p.left -= 1;
+            if p.left == 0 {
+                // The probe is over: the same winner as before backs the next one off.
+                p.every = if spec_wins == p.winner {
+                    (p.every * 2).min(GUARD_PROBE_EVERY.1)
+                } else {
+                    GUARD_PROBE_EVERY.0
+                };
+                p.until_next = p.every;
+            }
+            return !p.winner;
+        }
+        p.until_next = p.until_next.saturating_sub(1);
+        if p.until_next == 0 {
+            *p = Probe {
+                left: GUARD_PROBE_STEPS - 1,
+                winner: spec_wins,
+                ..*p
+            };
+            return !spec_wins;
+        }
+        spec_wins
+    }
+
+    /// A step of only decoding sequences emitted `emitted` tokens in `seconds`.
+    pub fn observe(&mut self, n_decode: usize, speculated: bool, emitted: usize, seconds: f64) {
+        if seconds <= 0.0 || !seconds.is_finite() {
+            return;
+        }
+        let b = self.bucket(n_decode);
+        self.arms[b][usize::from(speculated)].observe(emitted as f64 / seconds);
+    }
+
+    /// Whether speculation is expected to pay at `n_decode` sequences: not yet known, or
+    /// measured faster. (A draft model reads prompts along only where it will be used.)
+    pub fn prefers_speculation(&self, n_decode: usize) -> bool {
+        match self.arms.get(guard_bucket(n_decode)) {
+            Some([plain, spec])
+                if plain.samples >= GUARD_MIN_SAMPLES && spec.samples >= GUARD_MIN_SAMPLES =>
+            {
+                spec.tokens_per_second() >= GUARD_MARGIN * plain.tokens_per_second()
+            }
+            _ => true,
+        }
+    }
+
+    /// Measured tokens per second (plain, speculative) at `n_decode` sequences.
+    pub fn rates(&self, n_decode: usize) -> Option<(f64, f64)> {
+        self.arms
+            .get(guard_bucket(n_decode))
+            .map(|[p, s]| (p.tokens_per_second(), s.tokens_per_second()))
+    }
+}
+
 /// One sequence the planner may speculate for.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Candidate {
@@ -557,6 +721,42 @@ mod tests {
             m.draft_round.observe(1, 0.05);
         }
         assert!(plan_depths(&[c], 1, 64, true, &m)[0] >= 3);
+    }
+
+    #[test]
+    fn the_guard_keeps_the_faster_arm_and_probes_the_other() {
+        let mut g = Guard::default();
+        // Plain is measured first, then speculation.
+        let n = GUARD_MIN_SAMPLES as usize;
+        let mut first = Vec::new();
+        for _ in 0..2 * n {
+            let on = g.allow(8);
+            first.push(on);
+            // Speculation emits twice the tokens in 1.5 times the time.
+            if on {
+                g.observe(8, true, 16, 1.5);
+            } else {
+                g.observe(8, false, 8, 1.0);
+            }
+        }
+        assert_eq!(first, [vec![false; n], vec![true; n]].concat());
+        // On but for 8-step probes, 128 steps apart at first, then ever rarer.
+        let off = (0..1280).filter(|_| !g.allow(8)).count();
+        assert!((16..=32).contains(&off), "{off}");
+        // Where speculation is slower, it is off but for the probes.
+        for _ in 0..n {
+            g.observe(32, false, 32, 1.0);
+            g.observe(32, true, 40, 2.0);
+        }
+        let on = (0..1280).filter(|_| g.allow(32)).count();
+        assert!((16..=32).contains(&on), "{on}");
+        // Once the other arm is measured faster, the next probe switches over.
+        for _ in 0..GUARD_WINDOW {
+            g.observe(32, true, 80, 2.0);
+        }
+        let on = (0..2048).filter(|_| g.allow(32)).count();
+        assert!(on >= 2048 - 1024 - 32, "{on}");
+        assert_eq!(g.rates(32).map(|r| r.0), Some(32.0));
     }
 
     fn input<'a>(sampling: &'a SamplingParams, tokens: &'a [u32]) -> VerifyInput<'a> {

@@ -1,0 +1,598 @@
+//! `hyserve bench-spec`: speculative decoding against plain decoding on the same engine
+//! (scheduler, workers, sampling: everything but the HTTP front), per proposer, batch
+//! size and workload: tokens per second, inter-token latency, acceptance, and whether
+//! every output is the plain one.
+//!
+//! Workloads come from held-out text the model never saw: `edit` asks the model to put
+//! a passage into modern English (the answer mostly copies the prompt: repetition is
+//! natural), `free` continues a chapter from its first verse (no repetition to find).
+//! Each measurement keeps `batch` requests in flight until `batch * rounds` are done.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use hyserve_coordinator::api::{Engine, GenerateRequest, ModelInfo, TokenEvent};
+use hyserve_coordinator::engine::{EngineConfig, EngineHandle};
+use hyserve_coordinator::scheduler::SchedulerConfig;
+use hyserve_coordinator::scheduler::spec::{ProposerKind, SpecConfig};
+use hyserve_kernels::Precision;
+use hyserve_kernels::sampling::SamplingParams;
+use hyserve_model::tokenizer::{ChatMessage, Tokenizer};
+use hyserve_model::{Checkpoint, ModelConfig};
+use serde::Serialize;
+
+use super::serve::{WeightSource, local_factory, open_draft};
+use crate::load;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model directory (default: the embedded default model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Draft model (default with the embedded model: its draft).
+    #[arg(long)]
+    draft_model: Option<PathBuf>,
+    /// Held-out passages, JSON lines with `prompt_edit` and `prompt_free` (default: the
+    /// embedded model's).
+    #[arg(long)]
+    workload: Option<PathBuf>,
+    /// cpu, or cuda (one GPU).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    batches: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "off,ngram,draft")]
+    proposers: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "edit,free")]
+    workloads: Vec<String>,
+    /// Requests per measurement: `batch * rounds`, at least `min_requests`.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    #[arg(long, default_value_t = 8)]
+    min_requests: usize,
+    /// Measurements per configuration, interleaved with the other proposers'; the
+    /// median is reported.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0: greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Propose exactly this many tokens wherever possible (default: adaptive).
+    #[arg(long)]
+    spec_depth: Option<usize>,
+    #[arg(long, default_value_t = 6)]
+    spec_max_depth: usize,
+    #[arg(long, default_value_t = 256)]
+    kv_cache_mib: usize,
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct Row {
+    workload: String,
+    batch: usize,
+    proposer: String,
+    requests: usize,
+    tokens: usize,
+    seconds: f64,
+    tokens_per_second: f64,
+    /// Median over repetitions, over plain decoding's median in the same run.
+    speedup: f64,
+    /// Mean over requests (of every repetition) of (last token time - first token
+    /// time) / (tokens - 1).
+    itl_ms_mean: f64,
+    itl_ms_p90: f64,
+    ttft_ms_mean: f64,
+    proposed: u64,
+    accepted: u64,
+    acceptance: f64,
+    /// Accepted tokens per verification of one sequence.
+    accepted_per_verify: f64,
+    steps: u64,
+    /// Requests whose output equals plain decoding's.
+    same_as_plain: usize,
+}
+
+#[derive(Serialize)]
+struct Report {
+    device: String,
+    model: String,
+    draft: Option<String>,
+    cores: usize,
+    temperature: f32,
+    max_tokens: usize,
+    spec_depth: Option<usize>,
+    spec_max_depth: usize,
+    rows: Vec<Row>,
+}
+
+/// One timed run of `n` requests on one engine.
+#[derive(Clone)]
+struct Measured {
+    seconds: f64,
+    done: Vec<Done>,
+    before: hyserve_coordinator::api::EngineStats,
+    after: hyserve_coordinator::api::EngineStats,
+}
+
+impl Measured {
+    fn tokens(&self) -> usize {
+        self.done.iter().map(|d| d.tokens.len()).sum()
+    }
+}
+
+/// The median tokens per second of repeated runs.
+fn median_tps(runs: &[Measured]) -> f64 {
+    let mut t: Vec<f64> = runs.iter().map(|m| m.tokens() as f64 / m.seconds).collect();
+    t.sort_by(f64::total_cmp);
+    percentile(&t, 0.5)
+}
+
+/// One table row from a configuration's repeated runs: the median run's speed, latency
+/// and acceptance over all of them, and how many outputs equal plain decoding's.
+fn summarize(
+    workload: &str,
+    batch: usize,
+    proposer: ProposerKind,
+    runs: &[Measured],
+    plain_tps: Option<f64>,
+    plain_out: Option<&[Vec<u32>]>,
+) -> Row {
+    let tps = median_tps(runs);
+    let all: Vec<&Done> = runs.iter().flat_map(|m| &m.done).collect();
+    let mut itl: Vec<f64> = all
+        .iter()
+        .filter_map(|d| d.itl.map(|x| x.as_secs_f64() * 1e3))
+        .collect();
+    itl.sort_by(f64::total_cmp);
+    let delta = |f: fn(&hyserve_coordinator::api::EngineStats) -> u64| -> u64 {
+        runs.iter().map(|m| f(&m.after) - f(&m.before)).sum()
+    };
+    let proposed = delta(|s| s.spec.proposed_tokens);
+    let accepted = delta(|s| s.spec.accepted_tokens);
+    let verifies = delta(|s| s.spec.accepted_length_counts.iter().sum());
+    let same = match plain_out {
+        Some(p) => runs
+            .iter()
+            .map(|m| {
+                m.done
+                    .iter()
+                    .zip(p)
+                    .filter(|(d, t)| &d.tokens == *t)
+                    .count()
+            })
+            .sum(),
+        None => 0,
+    };
+    Row {
+        workload: workload.into(),
+        batch,
+        proposer: proposer.name().into(),
+        requests: all.len(),
+        tokens: runs.iter().map(Measured::tokens).sum(),
+        seconds: runs.iter().map(|m| m.seconds).sum(),
+        tokens_per_second: tps,
+        speedup: plain_tps.map_or(1.0, |p| tps / p),
+        itl_ms_mean: mean(&itl),
+        itl_ms_p90: percentile(&itl, 0.9),
+        ttft_ms_mean: mean(
+            &all.iter()
+                .map(|d| d.ttft.as_secs_f64() * 1e3)
+                .collect::<Vec<_>>(),
+        ),
+        proposed,
+        accepted,
+        acceptance: if proposed > 0 {
+            accepted as f64 / proposed as f64
+        } else {
+            0.0
+        },
+        accepted_per_verify: if verifies > 0 {
+            accepted as f64 / verifies as f64
+        } else {
+            0.0
+        },
+        steps: delta(|s| s.steps_total),
+        same_as_plain: same,
+    }
+}
+
+/// One request's outcome.
+#[derive(Clone)]
+struct Done {
+    tokens: Vec<u32>,
+    ttft: Duration,
+    /// Mean gap between tokens.
+    itl: Option<Duration>,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !a.batches.is_empty() && a.batches.iter().all(|&b| (1..=256).contains(&b)),
+        "--batches must be in 1..=256"
+    );
+    anyhow::ensure!(
+        a.rounds >= 1 && a.reps >= 1,
+        "--rounds and --reps must be >= 1"
+    );
+    let proposers: Vec<ProposerKind> = a
+        .proposers
+        .iter()
+        .map(|p| ProposerKind::parse(p).with_context(|| format!("unknown proposer '{p}'")))
+        .collect::<anyhow::Result<_>>()?;
+    let dir = load::resolve_model_dir(a.model.as_deref())?;
+    let default_draft = match a.model {
+        None => load::default_draft_dir()?,
+        Some(_) => None,
+    };
+    let draft_dir = a.draft_model.clone().or(default_draft);
+    if proposers.contains(&ProposerKind::Draft) {
+        anyhow::ensure!(
+            draft_dir.is_some(),
+            "the draft proposer needs --draft-model"
+        );
+    }
+    let workload_path = match &a.workload {
+        Some(p) => p.clone(),
+        None => load::default_workload_path()?
+            .context("no --workload given and the model has no held-out workload")?,
+    };
+    let passages = read_workload(&workload_path)?;
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let ck = Checkpoint::open(&dir, &mut |_| {})?;
+    ck.validate(&cfg)?;
+    let tokenizer = Tokenizer::from_dir(&dir)?;
+    let draft = match &draft_dir {
+        Some(d) if proposers.contains(&ProposerKind::Draft) => Some(open_draft(d, &cfg)?),
+        _ => None,
+    };
+    let precision = if a.device == "cuda" {
+        Precision::Bf16
+    } else {
+        load::precision_for(None, &ck)?
+    };
+    let block_size = 16;
+    let bytes_per_token = hyserve_worker::kv_spec(&cfg, precision, 1, block_size).bytes_per_token();
+    let n_blocks = (a.kv_cache_mib << 20) / (bytes_per_token * block_size);
+    let max_context = cfg.max_position_embeddings.min(n_blocks * block_size);
+    let source = Arc::new(WeightSource {
+        ck: Some(ck),
+        random_seed: None,
+        cfg: cfg.clone(),
+        draft,
+    });
+    let threads = rayon::current_num_threads();
+    let factory = local_factory(&a.device, precision, source, n_blocks, block_size, threads)?;
+    let stop_ids = tokenizer.stop_ids().to_vec();
+    let prompts: BTreeMap<String, Vec<Vec<u32>>> = a
+        .workloads
+        .iter()
+        .map(|w| Ok((w.clone(), prompts_for(w, &passages, &tokenizer)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let max_batch = a.batches.iter().copied().max().unwrap_or(1);
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        ..SamplingParams::greedy()
+    };
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .build()?;
+    // One engine per proposer, all started first, so the measurements of one
+    // (workload, batch) interleave proposers and repetitions: a machine that drifts
+    // (clocks, other load) drifts for all of them alike.
+    let mut engines = Vec::new();
+    for &proposer in &proposers {
+        let engine = rt.block_on(EngineHandle::start(
+            EngineConfig {
+                scheduler: SchedulerConfig {
+                    n_workers: 1,
+                    n_blocks_per_worker: n_blocks,
+                    block_size,
+                    max_batch_tokens: 512,
+                    max_running: max_batch,
+                    max_waiting: 4 * max_batch,
+                    prefill_chunk: 256,
+                    max_context,
+                    enable_prefix_cache: true,
+                    speculation: SpecConfig {
+                        max_depth: a.spec_max_depth,
+                        fixed_depth: a.spec_depth,
+                        ..SpecConfig::new(proposer)
+                    },
+                },
+                model: ModelInfo {
+                    id: "bench".into(),
+                    max_context,
+                    vocab_size: cfg.vocab_size,
+                    created_unix: 0,
+                },
+                step_timeout: Duration::from_secs(120),
+                lockstep: false,
+            },
+            factory.clone(),
+        ))?;
+        // Warm up: kernels compiled, the first graphs recorded, the cost model fed.
+        for w in prompts.values() {
+            let req = |p: &Vec<u32>| request(p, &sampling, a.max_tokens, &stop_ids, 0);
+            rt.block_on(run_batch(
+                &engine,
+                w,
+                4.min(max_batch),
+                4.min(w.len()),
+                &req,
+            ))?;
+        }
+        engines.push((proposer, engine));
+    }
+    let mut rows: Vec<Row> = Vec::new();
+    for (wname, w) in &prompts {
+        for &batch in &a.batches {
+            let n = (batch * a.rounds).max(a.min_requests);
+            // One unmeasured round at this batch size first: its step shapes are
+            // recorded and timed before the clock starts.
+            for (_, engine) in &engines {
+                let warm = |p: &Vec<u32>| request(p, &sampling, a.max_tokens, &stop_ids, 3);
+                rt.block_on(run_batch(engine, &w[n % w.len()..], batch, batch, &warm))?;
+            }
+            let mut runs: Vec<Vec<Measured>> = vec![Vec::new(); engines.len()];
+            for rep in 0..a.reps {
+                for (i, (proposer, engine)) in engines.iter().enumerate() {
+                    eprintln!(
+                        "bench-spec: {wname} batch {batch}, {} ({n} requests), repetition {}/{}",
+                        proposer.name(),
+                        rep + 1,
+                        a.reps
+                    );
+                    let req = |p: &Vec<u32>| request(p, &sampling, a.max_tokens, &stop_ids, 7);
+                    let before = engine.stats();
+                    let t0 = Instant::now();
+                    let done = rt.block_on(run_batch(engine, w, batch, n, &req))?;
+                    runs[i].push(Measured {
+                        seconds: t0.elapsed().as_secs_f64(),
+                        done,
+                        before,
+                        after: engine.stats(),
+                    });
+                }
+            }
+            let plain_idx = engines.iter().position(|(p, _)| *p == ProposerKind::Off);
+            let plain_tps = plain_idx.map(|i| median_tps(&runs[i]));
+            let plain_out: Option<Vec<Vec<u32>>> =
+                plain_idx.map(|i| runs[i][0].done.iter().map(|d| d.tokens.clone()).collect());
+            for ((proposer, _), m) in engines.iter().zip(&runs) {
+                let row = summarize(wname, batch, *proposer, m, plain_tps, plain_out.as_deref());
+                eprintln!(
+                    "  {}: {:.1} tok/s ({:.2}x plain), ITL {:.2} ms, acceptance {:.0}%, {}/{} outputs as plain",
+                    row.proposer,
+                    row.tokens_per_second,
+                    row.speedup,
+                    row.itl_ms_mean,
+                    100.0 * row.acceptance,
+                    row.same_as_plain,
+                    row.requests
+                );
+                rows.push(row);
+            }
+            // Written after every measurement: a run cut short keeps what it measured.
+            if let Some(p) = &a.json_out {
+                write_report(p, &a, &dir, draft_dir.as_deref(), &rows)?;
+            }
+        }
+    }
+    for (_, e) in &engines {
+        e.stop();
+    }
+    // The workers' threads end with the engines' actors; give them a moment.
+    std::thread::sleep(Duration::from_millis(200));
+    print_table(&rows);
+    Ok(())
+}
+
+fn write_report(
+    path: &std::path::Path,
+    a: &Args,
+    model: &std::path::Path,
+    draft: Option<&std::path::Path>,
+    rows: &[Row],
+) -> anyhow::Result<()> {
+    let report = Report {
+        device: device_name(&a.device),
+        model: model.display().to_string(),
+        draft: draft.map(|d| d.display().to_string()),
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        temperature: a.temperature,
+        max_tokens: a.max_tokens,
+        spec_depth: a.spec_depth,
+        spec_max_depth: a.spec_max_depth,
+        rows: rows.to_vec(),
+    };
+    std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn request(
+    prompt: &[u32],
+    sampling: &SamplingParams,
+    max_tokens: usize,
+    stop_ids: &[u32],
+    seed: u64,
+) -> GenerateRequest {
+    GenerateRequest {
+        request_id: "bench".into(),
+        prompt: prompt.to_vec(),
+        sampling: SamplingParams {
+            seed: Some(seed),
+            ..sampling.clone()
+        },
+        max_tokens,
+        stop_token_ids: stop_ids.to_vec(),
+        logprobs: None,
+        speculate: true,
+    }
+}
+
+/// Runs `n` requests (prompts in order, cycled) keeping `batch` in flight.
+async fn run_batch(
+    engine: &EngineHandle,
+    prompts: &[Vec<u32>],
+    batch: usize,
+    n: usize,
+    make: &dyn Fn(&Vec<u32>) -> GenerateRequest,
+) -> anyhow::Result<Vec<Done>> {
+    let mut tasks = Vec::new();
+    for lane in 0..batch.min(n) {
+        let reqs: Vec<GenerateRequest> = (lane..n)
+            .step_by(batch)
+            .map(|i| make(&prompts[i % prompts.len()]))
+            .collect();
+        let engine = engine.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for r in reqs {
+                out.push(one(&engine, r).await?);
+            }
+            anyhow::Ok(out)
+        }));
+    }
+    let mut by_lane = Vec::new();
+    for t in tasks {
+        by_lane.push(t.await??);
+    }
+    // Back in request order.
+    let mut done = Vec::with_capacity(n);
+    let mut iters: Vec<_> = by_lane.into_iter().map(Vec::into_iter).collect();
+    for i in 0..n {
+        if let Some(d) = iters[i % batch].next() {
+            done.push(d);
+        }
+    }
+    Ok(done)
+}
+
+async fn one(engine: &EngineHandle, r: GenerateRequest) -> anyhow::Result<Done> {
+    let t0 = Instant::now();
+    let mut stream = engine.submit(r).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (mut tokens, mut first, mut last) = (Vec::new(), None, t0);
+    while let Some(ev) = stream.recv().await {
+        match ev {
+            TokenEvent::Token { id, .. } => {
+                last = Instant::now();
+                first.get_or_insert(last);
+                tokens.push(id);
+            }
+            TokenEvent::Finished { .. } => break,
+            TokenEvent::Failed(e) => anyhow::bail!("request failed: {e}"),
+        }
+    }
+    let first = first.unwrap_or(last);
+    Ok(Done {
+        itl: (tokens.len() > 1).then(|| (last - first) / (tokens.len() as u32 - 1)),
+        ttft: first - t0,
+        tokens,
+    })
+}
+
+#[derive(serde::Deserialize)]
+struct Passage {
+    prompt_edit: String,
+    prompt_free: String,
+}
+
+fn read_workload(path: &std::path::Path) -> anyhow::Result<Vec<Passage>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let passages: Vec<Passage> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| format!("{}: line {}", path.display(), i + 1))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    anyhow::ensure!(!passages.is_empty(), "{}: no passages", path.display());
+    Ok(passages)
+}
+
+/// The token prompts of workload `name`: `edit` through the chat template, `free` as
+/// plain text.
+fn prompts_for(name: &str, passages: &[Passage], tok: &Tokenizer) -> anyhow::Result<Vec<Vec<u32>>> {
+    passages
+        .iter()
+        .map(|p| match name {
+            "edit" => {
+                let text =
+                    tok.apply_chat_template(&[ChatMessage::new("user", &p.prompt_edit)], true)?;
+                Ok(tok.encode(&text, true)?)
+            }
+            "free" => Ok(tok.encode(&p.prompt_free, false)?),
+            other => anyhow::bail!("unknown workload '{other}' (edit, free)"),
+        })
+        .collect()
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        0.0
+    } else {
+        xs.iter().sum::<f64>() / xs.len() as f64
+    }
+}
+
+/// Of sorted `xs`.
+fn percentile(xs: &[f64], q: f64) -> f64 {
+    if xs.is_empty() {
+        return 0.0;
+    }
+    xs[((xs.len() - 1) as f64 * q).round() as usize]
+}
+
+fn device_name(device: &str) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let when = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("{device} ({cpu}; unix time {when})")
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "| workload | batch | proposer | tok/s | vs plain | ITL ms (mean / p90) | acceptance | accepted per verify | same as plain |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {:.1} | {:.2}x | {:.2} / {:.2} | {} | {:.2} | {}/{} |",
+            r.workload,
+            r.batch,
+            r.proposer,
+            r.tokens_per_second,
+            r.speedup,
+            r.itl_ms_mean,
+            r.itl_ms_p90,
+            if r.proposed > 0 {
+                format!("{:.0}%", 100.0 * r.acceptance)
+            } else {
+                "-".into()
+            },
+            r.accepted_per_verify,
+            r.same_as_plain,
+            r.requests
+        );
+    }
+}
