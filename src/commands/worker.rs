@@ -159,6 +159,10 @@ async fn serve(a: Args) -> anyhow::Result<()> {
         (None, None) => load::default_draft_dir()?,
         (None, Some(_)) => None,
     };
+    let draft = match &draft_dir {
+        Some(d) => Some(super::serve::open_draft(d, &cfg)?),
+        None => None,
+    };
     let mut node = WorkerNode::new(
         cfg,
         ck,
@@ -172,13 +176,9 @@ async fn serve(a: Args) -> anyhow::Result<()> {
             memory_bytes,
         },
     );
-    if let Some(d) = &draft_dir {
-        let dcfg = ModelConfig::from_file(&d.join("config.json"))
-            .with_context(|| format!("draft model {}", d.display()))?;
-        let dck = Checkpoint::open(d, &mut |_| {})?;
-        dck.validate(&dcfg)?;
-        node = node.with_draft(dcfg, dck).map_err(anyhow::Error::msg)?;
-        tracing::info!(draft = %d.display(), "draft model loaded for speculation");
+    if let Some((dcfg, dck)) = draft {
+        node = node.with_draft(dcfg, dck);
+        tracing::info!(draft = ?draft_dir, "draft model loaded for speculation");
     }
     let node = Arc::new(node);
     let listener = tokio::net::TcpListener::bind(a.listen)

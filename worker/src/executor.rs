@@ -46,7 +46,8 @@ pub struct SeqStep {
 /// What the draft model proposes for one sequence of a step.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DraftRequest {
-    /// Tokens to propose (fewer when the step's blocks cannot hold them).
+    /// Tokens to propose (the step's blocks hold them); 0: only read `context` and the
+    /// step's tokens.
     pub depth: usize,
     /// The draft's cache holds this sequence's positions `0..first_pos`.
     pub first_pos: usize,
@@ -209,10 +210,6 @@ impl<B: Backend> Executor<B> {
         let kv = self.backend.alloc_kv(spec);
         self.draft = Some(Draft { model, kv });
         Ok(())
-    }
-
-    pub fn has_draft(&self) -> bool {
-        self.draft.is_some()
     }
 
     /// Makes this executor one rank of an expert-parallel group: its model holds a
@@ -761,9 +758,9 @@ mod tests {
         assert_eq!(held.lock().unwrap().len(), n_experts);
     }
 
-    /// The draft model's proposals are its own greedy continuation, and the rows that
-    /// verify them are bitwise the logits plain decode steps give at those positions,
-    /// with or without the draft's cache having been warm.
+    /// The draft model's proposals are its own greedy continuation (after catching up on
+    /// the whole prompt), and the rows that verify them are bitwise the logits plain
+    /// decode steps give at those positions.
     #[test]
     fn draft_proposals_are_verified_in_the_same_pass() {
         let mut plain = executor(Arch::HunyuanLarge, Precision::Bf16);

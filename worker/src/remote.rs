@@ -474,16 +474,11 @@ impl WorkerNode {
         }
     }
 
-    /// Gives every assignment a draft model (validated: its vocabulary is the target's).
-    pub fn with_draft(mut self, cfg: ModelConfig, ck: Checkpoint) -> Result<Self, String> {
-        if cfg.vocab_size != self.cfg.vocab_size {
-            return Err(format!(
-                "the draft model's vocabulary ({}) is not the model's ({})",
-                cfg.vocab_size, self.cfg.vocab_size
-            ));
-        }
+    /// Gives every assignment a draft model (the executor checks it against the target
+    /// when the shard loads).
+    pub fn with_draft(mut self, cfg: ModelConfig, ck: Checkpoint) -> Self {
         self.draft = Some((cfg, Arc::new(ck)));
-        Ok(self)
+        self
     }
 
     /// The draft model on `backend`, if this worker has one.

@@ -463,8 +463,6 @@ impl Scheduler {
                 };
                 let mut tokens = tokens.to_vec();
                 tokens.extend_from_slice(&s.proposals);
-                // The draft reads prompt chunks along with the target, so it is current
-                // when the sequence first decodes.
                 let draft_reads = draft_reads_along && seq.speculate && seq.n_left() > 1;
                 let draft = (s.draft_depth > 0 || draft_reads).then(|| DraftRequest {
                     depth: s.draft_depth,

@@ -309,9 +309,8 @@ impl Rate {
 }
 
 /// The last word on whether a step speculates: per number of decoding sequences (in
-/// powers of two), the
-/// tokens per second of whole steps (planning, forward pass, verification) measured with
-/// speculation and without, and the faster one wins. The cost model plans depths from
+/// powers of two), the tokens per second of whole steps (planning, forward pass,
+/// verification) measured with speculation and without, and the faster one wins. The cost model plans depths from
 /// estimates; the guard checks the result on the clock, so speculation that does not
 /// pay on this machine at this batch size (a verification step that misses a recorded
 /// CUDA graph, proposals that are rarely accepted) is switched off there.
