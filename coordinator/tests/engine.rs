@@ -57,6 +57,22 @@ fn executor(f: &Fixture, n_blocks: usize) -> ExecutorHandle {
     .unwrap()
 }
 
+/// Each prompt's greedy tokens alone, through the plain generation driver.
+fn lone_greedy(f: &Fixture, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
+    let lone = executor(f, 64);
+    let opts = GenerateOptions {
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop_ids: vec![],
+        prefill_chunk: 512,
+        collect_logits: false,
+    };
+    prompts
+        .iter()
+        .map(|p| generate(&lone, p, &opts).unwrap().generated)
+        .collect()
+}
+
 async fn start(f: &Fixture, n_workers: usize, n_blocks: usize) -> EngineHandle {
     let (ck, cfg) = (f.ck.clone(), f.cfg.clone());
     let factory: ExecutorFactory = Arc::new(move |_| {
@@ -130,20 +146,7 @@ async fn concurrent_requests_match_lone_generation() {
         })
         .collect();
     // Expected: each prompt alone through the plain generation driver.
-    let lone = executor(&f, 64);
-    let want: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| {
-            let opts = GenerateOptions {
-                max_tokens: 10,
-                sampling: SamplingParams::greedy(),
-                stop_ids: vec![],
-                prefill_chunk: 512,
-                collect_logits: false,
-            };
-            generate(&lone, p, &opts).unwrap().generated
-        })
-        .collect();
+    let want = lone_greedy(&f, &prompts, 10);
     let engine = start(&f, 2, 32).await;
     let mut tasks = Vec::new();
     for p in prompts.clone() {
@@ -215,18 +218,7 @@ async fn expert_parallel_workers_match_lone_generation() {
                 .collect()
         })
         .collect();
-    let lone = executor(&f, 64);
-    let opts = GenerateOptions {
-        max_tokens: 8,
-        sampling: SamplingParams::greedy(),
-        stop_ids: vec![],
-        prefill_chunk: 512,
-        collect_logits: false,
-    };
-    let want: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| generate(&lone, p, &opts).unwrap().generated)
-        .collect();
+    let want = lone_greedy(&f, &prompts, 8);
     let holders: Vec<Vec<Vec<u32>>> = f
         .cfg
         .layers
@@ -340,18 +332,7 @@ async fn speculation_through_real_executors_matches_lone_generation() {
             [p.clone(), p].concat()
         })
         .collect();
-    let lone = executor(&f, 64);
-    let opts = GenerateOptions {
-        max_tokens: 12,
-        sampling: SamplingParams::greedy(),
-        stop_ids: vec![],
-        prefill_chunk: 512,
-        collect_logits: false,
-    };
-    let want: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| generate(&lone, p, &opts).unwrap().generated)
-        .collect();
+    let want = lone_greedy(&f, &prompts, 12);
     let holders: Vec<Vec<Vec<u32>>> = f
         .cfg
         .layers

@@ -205,13 +205,21 @@ fn greedy(prompt: &[u32], max_tokens: u32) -> v1::GenerateRequest {
 
 /// Greedy completions of every prompt, sent concurrently.
 async fn complete(addr: &str, prompts: &[Vec<u32>], max_tokens: u32) -> Vec<Vec<u32>> {
+    generate_all(
+        addr,
+        prompts.iter().map(|p| greedy(p, max_tokens)).collect(),
+    )
+    .await
+}
+
+/// The generated token ids of every request, sent concurrently.
+async fn generate_all(addr: &str, requests: Vec<v1::GenerateRequest>) -> Vec<Vec<u32>> {
     let client = InferenceClient::connect(format!("http://{addr}"))
         .await
         .expect("connects");
     let mut tasks = Vec::new();
-    for p in prompts {
+    for req in requests {
         let mut c = client.clone();
-        let req = greedy(p, max_tokens);
         tasks.push(tokio::spawn(async move {
             let r = c.generate(req).await.expect("generates").into_inner();
             r.tokens.iter().map(|t| t.id).collect::<Vec<u32>>()
@@ -611,29 +619,17 @@ fn a_killed_worker_restarted_elsewhere_loses_no_request() {
 
 /// Greedy chat answers (token ids) to `texts`, through the gRPC API, concurrently.
 async fn chat(addr: &str, texts: &[String], max_tokens: u32) -> Vec<Vec<u32>> {
-    let client = InferenceClient::connect(format!("http://{addr}"))
-        .await
-        .expect("connects");
-    let mut tasks = Vec::new();
-    for t in texts {
-        let mut c = client.clone();
-        let req = v1::GenerateRequest {
+    let requests = texts
+        .iter()
+        .map(|t| v1::GenerateRequest {
             input: Some(v1::generate_request::Input::Text(t.clone())),
             chat: true,
             max_tokens: Some(max_tokens),
             temperature: Some(0.0),
             ..Default::default()
-        };
-        tasks.push(tokio::spawn(async move {
-            let r = c.generate(req).await.expect("generates").into_inner();
-            r.tokens.iter().map(|t| t.id).collect::<Vec<u32>>()
-        }));
-    }
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(t.await.unwrap());
-    }
-    out
+        })
+        .collect();
+    generate_all(addr, requests).await
 }
 
 /// Speculation across processes: two workers of the trained model, each with the draft

@@ -43,18 +43,8 @@ fn check_fixture(name: &str) {
              regenerate with scripts/reference/make_fixtures.sh"
         );
     }
-    let prompt: Vec<u32> = meta["prompt_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
-    let ref_ids: Vec<u32> = meta["generated_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
+    let prompt = token_ids(&meta["prompt_ids"]);
+    let ref_ids = token_ids(&meta["generated_ids"]);
     let max_tokens = ref_ids.len();
     let compute = meta["compute_dtype"].as_str().unwrap();
     let tol = meta["tolerance"].as_f64().unwrap();
@@ -84,6 +74,15 @@ fn check_fixture(name: &str) {
     if meta["require_identical_tokens"].as_bool().unwrap_or(false) {
         assert_eq!(ids, ref_ids, "fixture {name}: greedy continuation differs");
     }
+}
+
+/// A JSON array of token ids.
+fn token_ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("an array of token ids")
+        .iter()
+        .map(|x| x.as_u64().expect("a token id") as u32)
+        .collect()
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -160,12 +159,7 @@ fn trained_models_reproduce_the_training_frameworks_logits() {
         let fdir = root.join("tests/fixtures").join(format!("{name}-torch"));
         let meta: serde_json::Value =
             serde_json::from_slice(&std::fs::read(fdir.join("prompt_ids.json")).unwrap()).unwrap();
-        let prompt: Vec<u32> = meta["prompt_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let prompt = token_ids(&meta["prompt_ids"]);
         let tmp = tempfile::tempdir().unwrap();
         for dtype in ["f32", "bf16"] {
             let (_, (rows, vocab, got)) = generate_logits(&model, &prompt, 1, dtype, tmp.path());
