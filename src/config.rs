@@ -65,7 +65,7 @@ pub struct ServeConfig {
     /// (throughput benchmarks at real dimensions; the directory needs only its config
     /// and tokenizer).
     pub random_weights: Option<u64>,
-    /// Speculative decoding: `auto` (the draft model when there is one, else prompt
+    /// Speculative decoding: `auto` (the draft model named by `draft_model`, else prompt
     /// lookup), `draft`, `ngram` or `off`.
     pub speculation: String,
     /// Draft model directory for `draft` speculation; default: the embedded default
@@ -76,6 +76,9 @@ pub struct ServeConfig {
     /// Propose exactly this many tokens wherever possible instead of adapting the depth
     /// to acceptance and load (benchmarks).
     pub spec_depth: Option<usize>,
+    /// One depth for every sequence of a speculating step: `on`, `off`, or `auto` (on
+    /// where steps are recorded as CUDA graphs, which replay only shapes seen before).
+    pub spec_uniform: String,
 }
 
 impl Default for ServeConfig {
@@ -107,6 +110,7 @@ impl Default for ServeConfig {
             draft_model: None,
             spec_max_depth: 6,
             spec_depth: None,
+            spec_uniform: "auto".into(),
         }
     }
 }
@@ -208,6 +212,12 @@ impl ServeConfig {
                 format!("{} is out of range 1..=15", self.spec_max_depth),
             ));
         }
+        if !["auto", "on", "off"].contains(&self.spec_uniform.as_str()) {
+            return Err(bad(
+                "spec_uniform",
+                format!("'{}' is not auto, on or off", self.spec_uniform),
+            ));
+        }
         if let Some(d) = self.spec_depth
             && !(1..=self.spec_max_depth).contains(&d)
         {
@@ -220,6 +230,21 @@ impl ServeConfig {
             ));
         }
         Ok(())
+    }
+
+    /// Whether speculating steps have one depth for every sequence
+    /// ([`SpecConfig::uniform`](hyserve_coordinator::scheduler::spec::SpecConfig)).
+    pub fn spec_uniform(&self) -> bool {
+        uniform_steps(&self.spec_uniform, &self.device)
+    }
+}
+
+/// `on`, `off`, or `auto`: on for CUDA devices, whose steps replay recorded graphs.
+pub fn uniform_steps(setting: &str, device: &str) -> bool {
+    match setting {
+        "on" => true,
+        "off" => false,
+        _ => device == "cuda",
     }
 }
 
@@ -245,6 +270,7 @@ mod tests {
             ("speculation = \"eagle\"", "speculation"),
             ("spec_max_depth = 16", "spec_max_depth"),
             ("spec_depth = 7", "spec_depth"),
+            ("spec_uniform = \"yes\"", "spec_uniform"),
             (
                 "http_addr = \"127.0.0.1:9000\"\ngrpc_addr = \"127.0.0.1:9000\"",
                 "grpc_addr",

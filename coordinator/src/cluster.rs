@@ -398,6 +398,11 @@ impl Cluster {
         self.state.lock().ok().map(|s| s.record.clone())
     }
 
+    /// Whether the workers are GPUs.
+    pub fn gpu(&self) -> bool {
+        self.gpu
+    }
+
     /// How many workers the engine schedules: one per tensor-parallel group.
     pub fn engine_workers(&self) -> usize {
         self.workers().len() / self.tp
@@ -690,6 +695,7 @@ async fn run_on_rank(
                         expert_load: r.expert_load,
                         proposals,
                         draft_seconds: r.draft_seconds,
+                        warming: r.warming,
                     })
                 }
                 _ => Err(format!("worker {rank} sent malformed logits")),

@@ -87,6 +87,18 @@ const ENGINE_METRICS: &[EngineMetric] = &[
         |s| s.steps_total as f64,
     ),
     (
+        "hyserve_steps_warming_total",
+        "Engine steps that ran a batch shape still being recorded as a CUDA graph.",
+        MetricType::COUNTER,
+        |s| s.steps_warming_total as f64,
+    ),
+    (
+        "hyserve_spec_steps_total",
+        "Engine steps that verified speculative proposals.",
+        MetricType::COUNTER,
+        |s| s.spec.steps as f64,
+    ),
+    (
         "hyserve_scheduler_seconds_total",
         "Wall time spent in the scheduler.",
         MetricType::COUNTER,

@@ -110,6 +110,9 @@ pub struct RecordKey {
     pub seq_rows: u64,
     pub ctx_bound: usize,
     pub moe_pairs: usize,
+    /// The fewest routed experts of a MoE layer (with `moe_pairs`, whether the MoE
+    /// runs on a path that stays on the device).
+    pub moe_experts: usize,
     /// Which weights and KV cache the work touches ([`Backend::record_id`]): a
     /// recording replays the buffers it was recorded with.
     pub buffers: u64,
@@ -249,6 +252,28 @@ pub trait Backend: Send + Sync + 'static {
         let _ = key;
         let batch = self.batch(seqs, tokens);
         f(&batch)
+    }
+    /// How many sequences a recordable step of `n_seqs` sequences, `rows` rows each,
+    /// should be padded to with dummy sequences (whose output is dropped), so that
+    /// steps of nearby batch sizes replay one recording instead of each recording its
+    /// own; `top_k` and `n_experts` describe the MoE layers, whose shape the padded
+    /// step must keep on a recordable path. Backends that record nothing: `n_seqs`.
+    fn padded_sequences(
+        &self,
+        n_seqs: usize,
+        rows: usize,
+        top_k: usize,
+        n_experts: usize,
+    ) -> usize {
+        let _ = (rows, top_k, n_experts);
+        n_seqs
+    }
+    /// How many recordable forward passes so far ran without a recording to replay
+    /// (their shape was new, or being recorded): slower than the same shape will run
+    /// once it is recorded. Timing a step that includes one measures a warm-up, not
+    /// the steady state. Backends that record nothing never warm up: 0.
+    fn warm_up_passes(&self) -> u64 {
+        0
     }
     /// The attention block between the projections and the attention itself: RoPE on
     /// `q` then the per-head `q_norm`; on layers that own a cache slot, RoPE on `k` and

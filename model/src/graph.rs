@@ -428,11 +428,19 @@ impl<B: Backend> Model<B> {
                 .max()
                 .unwrap_or(1);
             let top_k = self.cfg.layers.iter().map(|l| l.top_k).max().unwrap_or(1);
+            let moe_experts = self
+                .cfg
+                .layers
+                .iter()
+                .map(|l| l.n_experts)
+                .min()
+                .unwrap_or(1);
             let key = RecordKey {
                 rows,
                 seq_rows: RecordKey::layout(chunks.iter().map(|c| c.tokens.len())),
                 ctx_bound: max_ctx.next_power_of_two().max(256),
                 moe_pairs: rows * top_k,
+                moe_experts,
                 buffers: b.record_id(kv, &self.embed),
             };
             b.forward_recorded(key, seqs, &tokens, &mut |batch| {

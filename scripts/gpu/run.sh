@@ -4,6 +4,7 @@
 #
 #   scripts/gpu/package.sh                 # on a development machine: builds .dev/gpu/
 #   scripts/gpu/run.sh [stage ...]         # on the GPU host; stages: tests layer tune e2e ep cluster spec
+#                                          # specserve
 #                                          # (default: tests layer e2e; ep needs 2+ GPUs)
 #
 # Environment: BIN (default .dev/gpu), OUT (default gpu-results), PY (a python with torch).
@@ -98,6 +99,11 @@ if stage spec; then
         --rounds "${SPEC_ROUNDS:-2}" --max-tokens "${SPEC_MAX_TOKENS:-128}" ${SPEC_ARGS:-} \
         --json-out "$OUT/spec.json" > "$OUT/spec.md" 2> "$OUT/spec.log"
     echo "rc=$?"; cat "$OUT/spec.md"; grep -iE "error|panic" "$OUT/spec.log" | head
+fi
+
+if stage specserve; then
+    step "speculation served: hyserve serve --device cuda, speculation on and off per request"
+    scripts/gpu/spec_serve.sh "$BIN" "$OUT"
 fi
 
 if stage e2e; then

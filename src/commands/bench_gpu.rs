@@ -358,6 +358,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             seq_rows: RecordKey::layout([1]),
             ctx_bound: 4096,
             moe_pairs: 1,
+            moe_experts: refs.len(),
             buffers,
         };
         let ms_graph = median_ms(&b, args.warmup.max(2), args.iters, || {

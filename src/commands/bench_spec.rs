@@ -7,6 +7,10 @@
 //! a passage into modern English (the answer mostly copies the prompt: repetition is
 //! natural), `free` continues a chapter from its first verse (no repetition to find).
 //! Each measurement keeps `batch` requests in flight until `batch * rounds` are done.
+//! Before the measurements of a batch size, every engine serves one unmeasured
+//! measurement's worth of requests, so that what is measured is a server in its
+//! steady state: kernels compiled, step shapes recorded, and the speculation guard
+//! settled on where speculation pays.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -44,6 +48,9 @@ pub struct Args {
     device: String,
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     batches: Vec<usize>,
+    /// Proposers, each on its own engine: off, ngram, draft. `off` named twice runs
+    /// a second plain engine, reported as `off-again`: an A/A comparison whose ratio
+    /// is the run's noise.
     #[arg(long, value_delimiter = ',', default_value = "off,ngram,draft")]
     proposers: Vec<String>,
     #[arg(long, value_delimiter = ',', default_value = "edit,free")]
@@ -67,6 +74,9 @@ pub struct Args {
     spec_depth: Option<usize>,
     #[arg(long, default_value_t = 6)]
     spec_max_depth: usize,
+    /// One depth for every sequence of a speculating step (auto: on with cuda).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+    spec_uniform: String,
     #[arg(long, default_value_t = 256)]
     kv_cache_mib: usize,
     #[arg(long)]
@@ -84,6 +94,10 @@ struct Row {
     tokens_per_second: f64,
     /// Median over repetitions, over plain decoding's median in the same run.
     speedup: f64,
+    /// The lowest and highest of the repetitions' own ratios (each repetition's
+    /// tokens per second over the plain measurement of the same repetition).
+    speedup_min: f64,
+    speedup_max: f64,
     /// Mean over requests (of every repetition) of (last token time - first token
     /// time) / (tokens - 1).
     itl_ms_mean: f64,
@@ -95,6 +109,10 @@ struct Row {
     /// Accepted tokens per verification of one sequence.
     accepted_per_verify: f64,
     steps: u64,
+    /// Of those, steps that verified proposals, and steps that ran a shape still being
+    /// recorded (CUDA graphs).
+    spec_steps: u64,
+    warming_steps: u64,
     /// Requests whose output equals plain decoding's.
     same_as_plain: usize,
 }
@@ -109,6 +127,7 @@ struct Report {
     max_tokens: usize,
     spec_depth: Option<usize>,
     spec_max_depth: usize,
+    spec_uniform: bool,
     rows: Vec<Row>,
 }
 
@@ -139,12 +158,17 @@ fn median_tps(runs: &[Measured]) -> f64 {
 fn summarize(
     workload: &str,
     batch: usize,
-    proposer: ProposerKind,
+    label: &str,
     runs: &[Measured],
-    plain_tps: Option<f64>,
+    plain: Option<&[Measured]>,
     plain_out: Option<&[Vec<u32>]>,
 ) -> Row {
     let tps = median_tps(runs);
+    let plain_tps = plain.map(median_tps);
+    let rate = |m: &Measured| m.tokens() as f64 / m.seconds;
+    let paired: Vec<f64> = plain
+        .map(|p| runs.iter().zip(p).map(|(m, q)| rate(m) / rate(q)).collect())
+        .unwrap_or_default();
     let all: Vec<&Done> = runs.iter().flat_map(|m| &m.done).collect();
     let mut itl: Vec<f64> = all
         .iter()
@@ -173,12 +197,14 @@ fn summarize(
     Row {
         workload: workload.into(),
         batch,
-        proposer: proposer.name().into(),
+        proposer: label.into(),
         requests: all.len(),
         tokens: runs.iter().map(Measured::tokens).sum(),
         seconds: runs.iter().map(|m| m.seconds).sum(),
         tokens_per_second: tps,
         speedup: plain_tps.map_or(1.0, |p| tps / p),
+        speedup_min: paired.iter().copied().reduce(f64::min).unwrap_or(1.0),
+        speedup_max: paired.iter().copied().reduce(f64::max).unwrap_or(1.0),
         itl_ms_mean: mean(&itl),
         itl_ms_p90: percentile(&itl, 0.9),
         ttft_ms_mean: mean(
@@ -199,6 +225,8 @@ fn summarize(
             0.0
         },
         steps: delta(|s| s.steps_total),
+        spec_steps: delta(|s| s.spec.steps),
+        warming_steps: delta(|s| s.steps_warming_total),
         same_as_plain: same,
     }
 }
@@ -305,6 +333,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     speculation: SpecConfig {
                         max_depth: a.spec_max_depth,
                         fixed_depth: a.spec_depth,
+                        uniform: crate::config::uniform_steps(&a.spec_uniform, &a.device),
                         ..SpecConfig::new(proposer)
                     },
                 },
@@ -330,24 +359,30 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 &req,
             ))?;
         }
-        engines.push((proposer, engine));
+        // A second engine of the same proposer is told apart (an A/A comparison).
+        let label = match engines.iter().filter(|(p, _, _)| *p == proposer).count() {
+            0 => proposer.name().to_string(),
+            1 => format!("{}-again", proposer.name()),
+            n => format!("{}-{}", proposer.name(), n + 1),
+        };
+        engines.push((proposer, label, engine));
     }
     let mut rows: Vec<Row> = Vec::new();
     for (wname, w) in &prompts {
         for &batch in &a.batches {
             let n = (batch * a.rounds).max(a.min_requests);
-            // One unmeasured round at this batch size first: its step shapes are
-            // recorded and timed before the clock starts.
-            for (_, engine) in &engines {
+            // One unmeasured measurement's worth of requests at this batch size first
+            // (other prompts, another seed): its step shapes are recorded, the cost
+            // model and the guard learn them, before the clock starts.
+            for (_, _, engine) in &engines {
                 let warm = |p: &Vec<u32>| request(p, &sampling, a.max_tokens, &stop_ids, 3);
-                rt.block_on(run_batch(engine, &w[n % w.len()..], batch, batch, &warm))?;
+                rt.block_on(run_batch(engine, &w[n % w.len()..], batch, n, &warm))?;
             }
             let mut runs: Vec<Vec<Measured>> = vec![Vec::new(); engines.len()];
             for rep in 0..a.reps {
-                for (i, (proposer, engine)) in engines.iter().enumerate() {
+                for (i, (_, label, engine)) in engines.iter().enumerate() {
                     eprintln!(
-                        "bench-spec: {wname} batch {batch}, {} ({n} requests), repetition {}/{}",
-                        proposer.name(),
+                        "bench-spec: {wname} batch {batch}, {label} ({n} requests), repetition {}/{}",
                         rep + 1,
                         a.reps
                     );
@@ -363,19 +398,31 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     });
                 }
             }
-            let plain_idx = engines.iter().position(|(p, _)| *p == ProposerKind::Off);
-            let plain_tps = plain_idx.map(|i| median_tps(&runs[i]));
+            let plain_idx = engines.iter().position(|(p, _, _)| *p == ProposerKind::Off);
+            let plain_runs = plain_idx.map(|i| runs[i].clone());
             let plain_out: Option<Vec<Vec<u32>>> =
                 plain_idx.map(|i| runs[i][0].done.iter().map(|d| d.tokens.clone()).collect());
-            for ((proposer, _), m) in engines.iter().zip(&runs) {
-                let row = summarize(wname, batch, *proposer, m, plain_tps, plain_out.as_deref());
+            for ((_, label, _), m) in engines.iter().zip(&runs) {
+                let row = summarize(
+                    wname,
+                    batch,
+                    label,
+                    m,
+                    plain_runs.as_deref(),
+                    plain_out.as_deref(),
+                );
                 eprintln!(
-                    "  {}: {:.1} tok/s ({:.2}x plain), ITL {:.2} ms, acceptance {:.0}%, {}/{} outputs as plain",
+                    "  {}: {:.1} tok/s ({:.2}x plain, {:.2}-{:.2}x by repetition), ITL {:.2} ms, acceptance {:.0}%, {} steps ({} speculative, {} warming up), {}/{} outputs as plain",
                     row.proposer,
                     row.tokens_per_second,
                     row.speedup,
+                    row.speedup_min,
+                    row.speedup_max,
                     row.itl_ms_mean,
                     100.0 * row.acceptance,
+                    row.steps,
+                    row.spec_steps,
+                    row.warming_steps,
                     row.same_as_plain,
                     row.requests
                 );
@@ -387,7 +434,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
         }
     }
-    for (_, e) in &engines {
+    for (_, _, e) in &engines {
         e.stop();
     }
     // The workers' threads end with the engines' actors; give them a moment.
@@ -412,6 +459,7 @@ fn write_report(
         max_tokens: a.max_tokens,
         spec_depth: a.spec_depth,
         spec_max_depth: a.spec_max_depth,
+        spec_uniform: crate::config::uniform_steps(&a.spec_uniform, &a.device),
         rows: rows.to_vec(),
     };
     std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
@@ -572,17 +620,19 @@ fn device_name(device: &str) -> String {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "| workload | batch | proposer | tok/s | vs plain | ITL ms (mean / p90) | acceptance | accepted per verify | same as plain |"
+        "| workload | batch | proposer | tok/s | vs plain (range by repetition) | ITL ms (mean / p90) | acceptance | accepted per verify | same as plain |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
-            "| {} | {} | {} | {:.1} | {:.2}x | {:.2} / {:.2} | {} | {:.2} | {}/{} |",
+            "| {} | {} | {} | {:.1} | {:.2}x ({:.2}-{:.2}) | {:.2} / {:.2} | {} | {:.2} | {}/{} |",
             r.workload,
             r.batch,
             r.proposer,
             r.tokens_per_second,
             r.speedup,
+            r.speedup_min,
+            r.speedup_max,
             r.itl_ms_mean,
             r.itl_ms_p90,
             if r.proposed > 0 {

@@ -133,8 +133,8 @@ pub struct Args {
     /// checkpoint (benchmarks; see `init-model --config-only`).
     #[arg(long)]
     random_weights: Option<u64>,
-    /// Speculative decoding: auto (the draft model if there is one, else prompt
-    /// lookup), draft, ngram or off.
+    /// Speculative decoding: auto (the draft model named by --draft-model, else
+    /// prompt lookup), draft (default: the embedded model's own draft), ngram or off.
     #[arg(long, env = env::SPECULATION, value_parser = ["auto", "draft", "ngram", "off"])]
     speculation: Option<String>,
     /// Draft model for `--speculation draft` (default with the embedded default model:
@@ -147,6 +147,10 @@ pub struct Args {
     /// Propose this many tokens wherever possible (no adaptation; benchmarks).
     #[arg(long)]
     spec_depth: Option<usize>,
+    /// One depth for every sequence of a speculating step (auto: on with --device cuda,
+    /// whose recorded steps replay only shapes seen before).
+    #[arg(long, value_parser = ["auto", "on", "off"])]
+    spec_uniform: Option<String>,
 }
 
 /// Defaults, then the TOML file, then env vars and flags.
@@ -174,7 +178,8 @@ pub fn resolve(a: Args) -> anyhow::Result<ServeConfig> {
         step_timeout_secs,
         device,
         speculation,
-        spec_max_depth
+        spec_max_depth,
+        spec_uniform
     );
     over_opt!(
         random_weights,
@@ -280,23 +285,30 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// The proposer `cfg.speculation` asks for, and the draft model directory it needs. A
 /// coordinator's draft model runs on its workers (`hyserve worker --draft-model`), so it
-/// needs none itself for `draft`; `auto` means the draft only where one is known here.
-fn speculation(
+/// needs none itself for `draft`. `auto` is prompt lookup unless a draft model is named
+/// (`--draft-model`): with the embedded default model, prompt lookup measured faster than
+/// its draft on both the CPU and a GPU (BENCHMARKS.md), and `draft` still takes the
+/// embedded draft.
+fn speculation_of(
     cfg: &ServeConfig,
     default_draft: Option<PathBuf>,
     coordinator: bool,
 ) -> anyhow::Result<(ProposerKind, Option<PathBuf>)> {
-    let draft = cfg.draft_model.clone().or(default_draft);
-    Ok(match (cfg.speculation.as_str(), draft) {
-        ("off", _) => (ProposerKind::Off, None),
-        ("ngram", _) => (ProposerKind::Ngram, None),
-        ("draft", None) if coordinator => (ProposerKind::Draft, None),
-        ("draft", None) => anyhow::bail!(
-            "--speculation draft needs a draft model (--draft-model DIR); the embedded \
-             default model has one"
-        ),
-        (_, None) => (ProposerKind::Ngram, None),
-        (_, Some(d)) => (ProposerKind::Draft, Some(d)),
+    Ok(match cfg.speculation.as_str() {
+        "off" => (ProposerKind::Off, None),
+        "ngram" => (ProposerKind::Ngram, None),
+        "draft" => match cfg.draft_model.clone().or(default_draft) {
+            Some(d) => (ProposerKind::Draft, Some(d)),
+            None if coordinator => (ProposerKind::Draft, None),
+            None => anyhow::bail!(
+                "--speculation draft needs a draft model (--draft-model DIR); the embedded \
+                 default model has one"
+            ),
+        },
+        _ => match &cfg.draft_model {
+            Some(d) => (ProposerKind::Draft, Some(d.clone())),
+            None => (ProposerKind::Ngram, None),
+        },
     })
 }
 
@@ -326,7 +338,7 @@ async fn serve(mut cfg: ServeConfig, cluster: Option<ClusterArgs>) -> anyhow::Re
         Some(_) => None,
     };
     let model_cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-    let (proposer, draft_dir) = speculation(&cfg, default_draft, cluster.is_some())?;
+    let (proposer, draft_dir) = speculation_of(&cfg, default_draft, cluster.is_some())?;
     // The draft runs on the workers: in-process here, or each worker process loads its own.
     let draft = match (&draft_dir, &cluster) {
         (Some(d), None) => Some(open_draft(d, &model_cfg)?),
@@ -402,6 +414,9 @@ async fn serve(mut cfg: ServeConfig, cluster: Option<ClusterArgs>) -> anyhow::Re
         };
         let cl = Cluster::start(model_cfg.clone(), opts).await?;
         cfg.workers = cl.engine_workers();
+        if cl.gpu() && cfg.spec_uniform == "auto" {
+            cfg.spec_uniform = "on".into(); // GPU workers record their steps
+        }
         let f = cl.factory();
         running_cluster = Some(cl);
         f
@@ -439,6 +454,7 @@ async fn serve(mut cfg: ServeConfig, cluster: Option<ClusterArgs>) -> anyhow::Re
                 speculation: SpecConfig {
                     max_depth: cfg.spec_max_depth,
                     fixed_depth: cfg.spec_depth,
+                    uniform: cfg.spec_uniform(),
                     ..SpecConfig::new(proposer)
                 },
             },
@@ -561,4 +577,46 @@ pub(crate) fn local_factory(
             Ok(Box::new(ExecutorHandle::spawn(&format!("executor-{i}"), exec)?) as _)
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_speculation_is_prompt_lookup_unless_a_draft_is_named() {
+        let embedded = Some(PathBuf::from("embedded-draft"));
+        let pick = |speculation: &str, named: Option<&str>, coordinator: bool| {
+            let cfg = ServeConfig {
+                speculation: speculation.into(),
+                draft_model: named.map(PathBuf::from),
+                ..ServeConfig::default()
+            };
+            speculation_of(&cfg, embedded.clone(), coordinator)
+        };
+        let draft = |d: &str| (ProposerKind::Draft, Some(PathBuf::from(d)));
+        assert_eq!(
+            pick("auto", None, false).unwrap(),
+            (ProposerKind::Ngram, None)
+        );
+        assert_eq!(pick("auto", Some("mine"), false).unwrap(), draft("mine"));
+        assert_eq!(pick("draft", None, false).unwrap(), draft("embedded-draft"));
+        assert_eq!(pick("draft", Some("mine"), false).unwrap(), draft("mine"));
+        assert_eq!(
+            pick("ngram", Some("mine"), false).unwrap(),
+            (ProposerKind::Ngram, None)
+        );
+        assert_eq!(pick("off", None, false).unwrap(), (ProposerKind::Off, None));
+        // Without any draft: an error here, the workers' own on a coordinator.
+        let cfg = ServeConfig {
+            speculation: "draft".into(),
+            ..ServeConfig::default()
+        };
+        let err = speculation_of(&cfg, None, false).unwrap_err().to_string();
+        assert!(err.contains("--draft-model"), "{err}");
+        assert_eq!(
+            speculation_of(&cfg, None, true).unwrap(),
+            (ProposerKind::Draft, None)
+        );
+    }
 }

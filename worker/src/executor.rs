@@ -26,6 +26,53 @@ pub fn kv_spec(
     }
 }
 
+/// `spec` with room for the padding sequences of recorded steps ([`pad_for_recording`])
+/// after the blocks the scheduler hands out: never part of a sequence.
+fn with_scratch(spec: KvSpec) -> KvSpec {
+    KvSpec {
+        n_blocks: spec.n_blocks + RecordKey::MAX_SEQ_ROWS.div_ceil(spec.block_size),
+        ..spec
+    }
+}
+
+/// Pads a step whose sequences all have the same rows (a decode step, or a
+/// verification of one depth) with dummy sequences up to the batch size the backend
+/// records ([`Backend::padded_sequences`]): token 0 at the scratch slots past the
+/// scheduler's blocks (every dummy the same slots: what they compute is dropped, and no
+/// sequence reads those slots). Returns how many sequences are real.
+fn pad_for_recording<B: Backend>(
+    backend: &B,
+    model: &Model<B>,
+    spec: KvSpec,
+    chunks: &mut Vec<SeqChunk>,
+) -> usize {
+    let n = chunks.len();
+    let Some(first) = chunks.first() else {
+        return 0;
+    };
+    let (rows, all_logits) = (first.tokens.len(), first.all_logits);
+    let recordable = (rows == 1 && !all_logits) || (all_logits && rows <= RecordKey::MAX_SEQ_ROWS);
+    if !recordable
+        || chunks
+            .iter()
+            .any(|c| c.tokens.len() != rows || c.all_logits != all_logits)
+    {
+        return n;
+    }
+    let layers = &model.cfg.layers;
+    let top_k = layers.iter().map(|l| l.top_k).max().unwrap_or(1);
+    let n_experts = layers.iter().map(|l| l.n_experts).min().unwrap_or(1);
+    let padded = backend.padded_sequences(n, rows, top_k, n_experts);
+    let scratch = spec.n_blocks * spec.block_size;
+    chunks.extend((n..padded).map(|_| SeqChunk {
+        tokens: vec![0; rows],
+        first_pos: 0,
+        slots: (scratch..scratch + rows).collect(),
+        all_logits,
+    }));
+    n
+}
+
 /// One sequence's share of a step.
 #[derive(Clone, Debug)]
 pub struct SeqStep {
@@ -79,6 +126,9 @@ pub struct StepOutput {
     pub proposals: Vec<Vec<u32>>,
     /// Wall time the draft model took, included in the step's.
     pub draft_seconds: f64,
+    /// A forward pass of the step (target's or draft's) ran a new shape that is being
+    /// recorded ([`Backend::warm_up_passes`]): its time is a warm-up's.
+    pub warming: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,7 +217,7 @@ impl<B: Backend> Executor<B> {
         let mut spec = kv_spec(&model.cfg, backend.precision(), n_blocks, block_size);
         // A tensor-parallel shard caches its own KV heads only.
         spec.n_kv_heads = model.local_heads().1;
-        let kv = backend.alloc_kv(spec);
+        let kv = backend.alloc_kv(with_scratch(spec));
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
             .thread_name(|i| format!("kernels-{i}"))
@@ -207,7 +257,7 @@ impl<B: Backend> Executor<B> {
             self.spec.block_size,
         );
         spec.n_kv_heads = model.local_heads().1;
-        let kv = self.backend.alloc_kv(spec);
+        let kv = self.backend.alloc_kv(with_scratch(spec));
         self.draft = Some(Draft { model, kv });
         Ok(())
     }
@@ -383,7 +433,7 @@ impl<B: Backend> Executor<B> {
         let (model, backend, kv) = (&draft.model, &self.backend, &mut draft.kv);
         for round in 0..rounds {
             let mut rows = Vec::new();
-            let chunks: Vec<SeqChunk> = wanted
+            let mut chunks: Vec<SeqChunk> = wanted
                 .iter()
                 .filter(|(_, _, d)| d.depth.max(1) > round)
                 .map(|&(i, s, d)| {
@@ -410,6 +460,7 @@ impl<B: Backend> Executor<B> {
                     }
                 })
                 .collect();
+            pad_for_recording(backend, model, self.spec, &mut chunks);
             let logits = self.pool.install(|| model.forward(backend, kv, &chunks));
             let vocab = model.cfg.vocab_size;
             for (&i, row) in rows.iter().zip(&logits) {
@@ -427,6 +478,7 @@ impl<B: Backend> Executor<B> {
     pub fn step(&mut self, step: &Step) -> Result<StepOutput, ExecutorError> {
         self.validate(step)?;
         self.switch_epoch(step.epoch)?;
+        let warm_ups = self.backend.warm_up_passes();
         let t_draft = std::time::Instant::now();
         let proposals = self.propose(step);
         let draft_seconds = if step.seqs.iter().any(|s| s.draft.is_some()) {
@@ -455,13 +507,17 @@ impl<B: Backend> Executor<B> {
             .collect();
         let (model, backend, kv) = (&self.model, &self.backend, &mut self.kv);
         let Some(ep) = self.ep.as_mut() else {
-            let logits = self.pool.install(|| model.forward(backend, kv, &chunks));
+            let mut chunks = chunks;
+            let real = pad_for_recording(backend, model, self.spec, &mut chunks);
+            let mut logits = self.pool.install(|| model.forward(backend, kv, &chunks));
+            logits.truncate(real);
             return Ok(StepOutput {
                 logits,
                 vocab_size: self.model.cfg.vocab_size,
                 expert_load: Vec::new(),
                 proposals,
                 draft_seconds,
+                warming: backend.warm_up_passes() != warm_ups,
             });
         };
         for l in &mut ep.load {
@@ -484,6 +540,7 @@ impl<B: Backend> Executor<B> {
             expert_load: ep.load.iter().flatten().copied().collect(),
             proposals,
             draft_seconds,
+            warming: backend.warm_up_passes() != warm_ups,
         })
     }
 }

@@ -871,6 +871,7 @@ impl Worker for WorkerService {
                 .map(|tokens| TokenList { tokens })
                 .collect(),
             draft_seconds: out.draft_seconds,
+            warming: out.warming,
         }))
     }
 

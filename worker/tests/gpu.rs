@@ -5,7 +5,7 @@
 //! does, and records the result). Without the feature the tests are listed as ignored.
 
 use hyserve_kernels::cpu::CpuBackend;
-use hyserve_kernels::cuda::CudaBackend;
+use hyserve_kernels::cuda::{CudaBackend, MAX_RECORDINGS};
 use hyserve_kernels::{
     AttnSeq, Backend, DType, HostMatrix, KvSpec, MlpRef, Precision, Routing, ScoreScale,
 };
@@ -53,6 +53,26 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
 
 fn mat(rows: usize, cols: usize, seed: u64, scale: f32) -> HostMatrix {
     HostMatrix::from_f32(DType::BF16, rows, cols, &rand_vec(rows * cols, seed, scale))
+}
+
+/// A tiny random model of `arch` (bf16 safetensors, from `seed`) in a temporary
+/// directory, kept alive by the returned handle.
+fn tiny_model(
+    arch: Arch,
+    seed: u64,
+) -> (tempfile::TempDir, hyserve_model::ModelConfig, Checkpoint) {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = InitOptions {
+        arch,
+        preset: "tiny".into(),
+        seed,
+        dtype: DType::BF16,
+        format: WeightFormat::Safetensors,
+        max_shard_bytes: 1 << 30,
+    };
+    let cfg = init_model(dir.path(), &opts, &mut |_, _| {}).unwrap();
+    let ck = Checkpoint::open(dir.path(), &mut |_| {}).unwrap();
+    (dir, cfg, ck)
 }
 
 /// Runs `f` on both backends with the same host inputs and compares the outputs.
@@ -408,9 +428,10 @@ fn moe_case<B: Backend>(
     ignore = "needs a GPU: run with --features gpu-tests on a GPU host"
 )]
 fn moe_block_matches_decode_and_prefill_paths() {
-    // Up to 64 (token, choice) pairs take the fused GEMV path (the shared expert joins it
-    // up to 8 tokens); more take cuBLAS per expert. Hidden 1024 with 17 active experts
-    // gives the down GEMV one warp per row; hidden 64 gives it two (split K).
+    // Up to 8 (token, choice) pairs per expert (128 here) take the fused GEMV path (the
+    // shared expert joins it up to 8 tokens); more take cuBLAS per expert. Hidden 1024
+    // with 17 active experts gives the down GEMV one warp per row; hidden 64 gives it
+    // two (split K).
     for (tokens, k, shared, hidden) in [
         (1, 1, true, 64),
         (8, 1, true, 64),
@@ -419,6 +440,7 @@ fn moe_block_matches_decode_and_prefill_paths() {
         (8, 2, true, 1024),
         (20, 2, true, 64),
         (64, 1, true, 64),
+        (128, 1, true, 1024),
         (200, 1, true, 64),
         (150, 2, true, 64),
     ] {
@@ -492,17 +514,7 @@ fn greedy<B: Backend>(
 )]
 fn whole_forward_matches_cpu_on_tiny_models() {
     for arch in [Arch::HunyuanLarge, Arch::HunyuanV1Moe] {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = InitOptions {
-            arch,
-            preset: "tiny".into(),
-            seed: 5,
-            dtype: DType::BF16,
-            format: WeightFormat::Safetensors,
-            max_shard_bytes: 1 << 30,
-        };
-        let cfg = init_model(dir.path(), &opts, &mut |_, _| {}).unwrap();
-        let ck = Checkpoint::open(dir.path(), &mut |_| {}).unwrap();
+        let (_dir, cfg, ck) = tiny_model(arch, 5);
         let (g, c, c32) = (gpu(), cpu(), CpuBackend::new(Precision::F32));
         let mg = Model::load(&g, cfg.clone(), &ck, &mut |_| {});
         let mc = Model::load(&c, cfg.clone(), &ck, &mut |_| {});
@@ -582,17 +594,7 @@ fn recorded_verification_steps_match_direct_launches() {
 fn recorded_steps_match_direct_launches(n_proposed: usize) {
     // Decode steps replayed from CUDA graphs against the same steps launched kernel by
     // kernel, for one sequence and for a batch of three of different lengths.
-    let dir = tempfile::tempdir().unwrap();
-    let opts = InitOptions {
-        arch: Arch::HunyuanLarge,
-        preset: "tiny".into(),
-        seed: 9,
-        dtype: DType::BF16,
-        format: WeightFormat::Safetensors,
-        max_shard_bytes: 1 << 30,
-    };
-    let cfg = init_model(dir.path(), &opts, &mut |_, _| {}).unwrap();
-    let ck = Checkpoint::open(dir.path(), &mut |_| {}).unwrap();
+    let (_dir, cfg, ck) = tiny_model(Arch::HunyuanLarge, 9);
     let mut direct = gpu();
     direct.set_graphs(false);
     let mut graphs = gpu();
@@ -680,6 +682,144 @@ fn recorded_steps_match_direct_launches(n_proposed: usize) {
         "no decode graph was recorded"
     );
     assert_eq!(direct.recorded_graphs(), 0);
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a GPU: run with --features gpu-tests on a GPU host"
+)]
+fn recordings_past_the_cap_replace_the_least_recently_used() {
+    // 112 verification shapes (1 to 7 sequences, 0 to 15 proposals each), every one
+    // run four times over the same cache positions (each step rolls the last back):
+    // more shapes than the backend keeps recordings of. Replays must keep matching
+    // direct launches while old recordings are dropped for new ones, and the first
+    // shapes, run again at the end, are recorded anew.
+    let (_dir, cfg, ck) = tiny_model(Arch::HunyuanLarge, 5);
+    let mut direct = gpu();
+    direct.set_graphs(false);
+    let graphs = gpu();
+    let md = Model::load(&direct, cfg.clone(), &ck, &mut |_| {});
+    let mg = Model::load(&graphs, cfg.clone(), &ck, &mut |_| {});
+    let spec = hyserve_worker::kv_spec(&cfg, Precision::Bf16, 128, 16);
+    let (mut kd, mut kg) = (direct.alloc_kv(spec), graphs.alloc_kv(spec));
+    let prompt = |i: usize| {
+        (0..5 + 3 * i as u32)
+            .map(|t| 100 + 11 * t + i as u32)
+            .collect()
+    };
+    let chunk = |i: usize, tokens: Vec<u32>, first_pos: usize, all_logits: bool| SeqChunk {
+        slots: (i * 256..i * 256 + first_pos + tokens.len()).collect(),
+        tokens,
+        first_pos,
+        all_logits,
+    };
+    for i in 0..7 {
+        let c = chunk(i, prompt(i), 0, false);
+        md.forward(&direct, &mut kd, std::slice::from_ref(&c));
+        mg.forward(&graphs, &mut kg, &[c]);
+    }
+    let mut shapes: Vec<(usize, usize)> =
+        (1..=7).flat_map(|n| (0..16).map(move |k| (n, k))).collect();
+    shapes.extend_from_slice(&shapes.clone()[..4]);
+    let mut worst = 0f32;
+    for (n_seqs, k) in shapes {
+        let chunks: Vec<SeqChunk> = (0..n_seqs)
+            .map(|i| {
+                let tokens = (0..=k as u32).map(|t| 200 + 5 * t + i as u32).collect();
+                chunk(i, tokens, 5 + 3 * i, k > 0)
+            })
+            .collect();
+        for _ in 0..4 {
+            let a = md.forward(&direct, &mut kd, &chunks);
+            let b = mg.forward(&graphs, &mut kg, &chunks);
+            for (a, b) in a.iter().zip(&b) {
+                worst = worst.max(rel_err(b, a));
+            }
+        }
+        assert!(graphs.recorded_graphs() <= MAX_RECORDINGS);
+    }
+    println!(
+        "116 shapes: worst logits relative error {worst:.2e}, {} recordings kept",
+        graphs.recorded_graphs()
+    );
+    assert!(worst <= 5e-3, "graph replay differs by {worst:.3e}");
+    assert_eq!(
+        graphs.recorded_graphs(),
+        MAX_RECORDINGS,
+        "the cap is reached and held"
+    );
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a GPU: run with --features gpu-tests on a GPU host"
+)]
+fn steps_padded_for_recording_give_each_sequence_its_own_logits() {
+    // The executor pads recorded steps with dummy sequences up to the backend's batch
+    // sizes (5 decoding sequences run as 6, 7 as 8): every real sequence's logits
+    // match the same steps run unpadded and unrecorded, over decode steps and
+    // verifications of 3 proposals, while the dummies write only scratch slots.
+    use hyserve_worker::{Executor, SeqStep, Step};
+    let (_dir, cfg, ck) = tiny_model(Arch::HunyuanLarge, 11);
+    let executor = |graphs: bool| {
+        let mut b = gpu();
+        b.set_graphs(graphs);
+        let m = Model::load(&b, cfg.clone(), &ck, &mut |_| {});
+        Executor::new(b, m, 64, 16)
+    };
+    let (mut padded, mut plain) = (executor(true), executor(false));
+    for n_seqs in [5, 7] {
+        assert_eq!(
+            padded.backend().padded_sequences(n_seqs, 1, 1, 16),
+            n_seqs + 1
+        );
+        let seq = |i: usize, tokens: Vec<u32>, first_pos: usize| SeqStep {
+            seq_id: i as u64,
+            tokens,
+            first_pos,
+            blocks: (0..4).map(|b| (8 * i + b) as u32).collect(),
+            all_logits: first_pos > 0,
+            draft: None,
+        };
+        let mut worst = 0f32;
+        let mut run = |step: &Step| {
+            let a = padded.step(step).unwrap();
+            let b = plain.step(step).unwrap();
+            assert_eq!(a.logits.len(), n_seqs);
+            for (a, b) in a.logits.iter().zip(&b.logits) {
+                worst = worst.max(rel_err(a, b));
+            }
+        };
+        let prompts: Vec<Vec<u32>> = (0..n_seqs)
+            .map(|i| (0..6 + i as u32).map(|t| 40 + 13 * t + i as u32).collect())
+            .collect();
+        run(&Step {
+            seqs: (0..n_seqs).map(|i| seq(i, prompts[i].clone(), 0)).collect(),
+            ..Step::default()
+        });
+        for k in 0..8u32 {
+            // Decode steps, then verifications of 3 proposals (rolled back: the next
+            // step writes the same positions).
+            let rows = if k < 4 { 1 } else { 4 };
+            let step = Step {
+                seqs: (0..n_seqs)
+                    .map(|i| {
+                        let tokens = (0..rows).map(|r| 300 + 7 * k + r + i as u32).collect();
+                        let mut s = seq(i, tokens, prompts[i].len() + (k as usize).min(3));
+                        s.all_logits = rows > 1;
+                        s
+                    })
+                    .collect(),
+                ..Step::default()
+            };
+            run(&step);
+        }
+        println!("{n_seqs} sequences padded: worst logits relative error {worst:.2e}");
+        assert!(worst <= 5e-3, "{n_seqs} sequences: {worst:.3e}");
+    }
+    assert!(padded.backend().recorded_graphs() >= 2);
 }
 
 #[test]

@@ -42,6 +42,10 @@ use spec::{
     Acceptance, CostModel, Guard, ProposerKind, Sampled, SpecConfig, SpecStats, VerifyInput,
 };
 
+/// Weight of a decode step in the running share of decode steps that speculated
+/// (~20 steps).
+const SPEC_SHARE_EWMA: f64 = 0.05;
+
 /// The engine's name for one sequence (one `GenerateRequest`).
 pub type SeqId = u64;
 
@@ -104,6 +108,9 @@ struct Scheduled {
     n_tokens: usize,
     /// Prompt-lookup proposals sent after them.
     proposals: Vec<u32>,
+    /// How many of the proposals are the proposer's own, not fillers of a uniform step
+    /// (a sequence's acceptance rate is learned from those alone).
+    known: usize,
     /// Draft tokens asked of the worker.
     draft_depth: usize,
     /// Tokens the draft reads before the step's own (a long catch-up is a prefill for it).
@@ -135,8 +142,8 @@ struct StepRecord {
     pure_decode: bool,
     n_decode: usize,
     speculated: bool,
-    /// No draft caught up on more than a token: a step of speculation's steady state.
-    steady: bool,
+    /// A forward pass ran a shape the backend was still recording (a warm-up).
+    warming: bool,
     emitted: usize,
 }
 
@@ -153,6 +160,7 @@ impl WorkerPlan {
             id,
             n_tokens,
             proposals: Vec::new(),
+            known: 0,
             draft_depth: 0,
             draft_context: 0,
             draft_reads: false,
@@ -248,9 +256,14 @@ pub struct Scheduler {
     prefix_cache_queries_tokens: u64,
     prefix_cache_hit_tokens: u64,
     steps_total: u64,
+    steps_warming_total: u64,
     step_tokens_total: u64,
     cost: CostModel,
     guard: Guard,
+    /// The share of recent decode steps that verified proposals.
+    spec_share: f64,
+    /// Recent acceptance over all sequences: where a new sequence's starts.
+    acceptance: Acceptance,
     last_step: Option<StepRecord>,
     spec_stats: SpecStats,
 }
@@ -288,9 +301,12 @@ impl Scheduler {
             prefix_cache_queries_tokens: 0,
             prefix_cache_hit_tokens: 0,
             steps_total: 0,
+            steps_warming_total: 0,
             step_tokens_total: 0,
             cost: CostModel::default(),
             guard: Guard::default(),
+            spec_share: 0.0,
+            acceptance: Acceptance::default(),
             last_step: None,
             spec_stats: SpecStats::default(),
         }
@@ -339,7 +355,7 @@ impl Scheduler {
                 in_step: false,
                 cancelled: false,
                 speculate: req.speculate,
-                acceptance: Acceptance::default(),
+                acceptance: Acceptance::starting_at(self.acceptance.rate()),
                 draft_computed: 0,
             },
         );
@@ -443,11 +459,11 @@ impl Scheduler {
         }
 
         // The draft reads prompt chunks along (so it is current when the sequence first
-        // decodes) where speculation is expected to pay at the load running now.
-        let n_running: usize = self.running.iter().map(Vec::len).sum();
+        // decodes) while most recent decode steps use it. Where the guard keeps it off,
+        // reading would cost a draft pass in every prefill step for nothing; a draft
+        // that did not read catches up when it is next asked to propose.
         let draft_reads_along = self.cfg.speculation.proposer == ProposerKind::Draft
-            && (self.cfg.speculation.fixed_depth.is_some()
-                || self.guard.prefers_speculation(n_running));
+            && (self.cfg.speculation.fixed_depth.is_some() || self.spec_share >= 0.5);
         let mut steps = Vec::new();
         let mut flight = Vec::new();
         for (w, plan) in plans.into_iter().enumerate() {
@@ -543,8 +559,9 @@ impl Scheduler {
     }
 
     /// Adds proposals to worker `w`'s planned decodes: which sequences speculate and how
-    /// deep ([`spec::plan_depths`], or the fixed depth), within the step's token budget
-    /// and the free KV blocks (speculation never preempts).
+    /// deep ([`spec::plan_depths`], one depth for all under [`SpecConfig::uniform`], or
+    /// the fixed depth), within the step's token budget and the free KV blocks
+    /// (speculation never preempts).
     fn speculate(&mut self, w: usize, plan: &mut WorkerPlan) {
         let spec = self.cfg.speculation.clone();
         let base_tokens: usize = plan.seqs.iter().map(|s| s.n_tokens).sum();
@@ -556,10 +573,17 @@ impl Scheduler {
             if !seq.speculate || s.n_tokens != 1 || seq.n_left() != 1 {
                 continue;
             }
-            // Proposals past max_tokens or the context would never be emitted.
-            let room = (seq.max_tokens.saturating_sub(seq.n_generated() + 1))
-                .min(self.cfg.max_context.saturating_sub(seq.tokens.len() + 1))
+            // Proposals past the context cannot be computed; past max_tokens they would
+            // never be emitted (a uniform step verifies them anyway, for its shape).
+            let mut room = self
+                .cfg
+                .max_context
+                .saturating_sub(seq.tokens.len() + 1)
                 .min(spec.max_depth);
+            let useful = room.min(seq.max_tokens.saturating_sub(seq.n_generated() + 1));
+            if !spec.uniform {
+                room = useful;
+            }
             if room == 0 {
                 continue;
             }
@@ -568,26 +592,33 @@ impl Scheduler {
                     &seq.tokens,
                     spec.ngram_min,
                     spec.ngram_max,
-                    room,
+                    useful,
                     spec.ngram_window,
                 ),
                 _ => Vec::new(),
             };
-            let max_depth = match spec.proposer {
-                ProposerKind::Ngram => proposals.len(),
-                _ => room,
+            let (max_depth, known) = match spec.proposer {
+                ProposerKind::Ngram if !spec.uniform => (proposals.len(), proposals.len()),
+                ProposerKind::Ngram => (room, proposals.len()),
+                _ => (room, useful),
             };
             if max_depth > 0 {
                 let rate = seq.acceptance.rate();
-                picked.push((j, spec::Candidate { rate, max_depth }, proposals));
+                let c = spec::Candidate {
+                    rate,
+                    max_depth,
+                    known,
+                };
+                picked.push((j, c, proposals));
             }
         }
         if picked.is_empty() {
             return;
         }
         let candidates: Vec<spec::Candidate> = picked.iter().map(|p| p.1).collect();
-        let depths = match spec.fixed_depth {
-            Some(d) => {
+        let draft = spec.proposer == ProposerKind::Draft;
+        let depths: Vec<usize> = match (spec.fixed_depth, spec.uniform) {
+            (Some(d), _) => {
                 let mut left = plan.n_budget_tokens;
                 candidates
                     .iter()
@@ -598,23 +629,41 @@ impl Scheduler {
                     })
                     .collect()
             }
-            None => spec::plan_depths(
+            (None, true) => {
+                let d = spec::plan_uniform_depth(
+                    &candidates,
+                    base_tokens,
+                    plan.n_budget_tokens,
+                    draft,
+                    &self.cost,
+                );
+                candidates.iter().map(|c| d.min(c.max_depth)).collect()
+            }
+            (None, false) => spec::plan_depths(
                 &candidates,
                 base_tokens,
                 plan.n_budget_tokens,
-                spec.proposer == ProposerKind::Draft,
+                draft,
                 &self.cost,
             ),
         };
-        for ((j, _, proposals), depth) in picked.into_iter().zip(depths) {
+        for ((j, c, proposals), depth) in picked.into_iter().zip(depths) {
             let id = plan.seqs[j].id;
             // As deep as the free blocks allow.
             let Some(depth) = (1..=depth).rev().find(|&k| self.try_grow(w, id, 1 + k)) else {
                 continue;
             };
             let s = &mut plan.seqs[j];
+            s.known = c.known.min(depth);
             match spec.proposer {
-                ProposerKind::Ngram => s.proposals = proposals[..depth].to_vec(),
+                ProposerKind::Ngram => {
+                    let mut p = proposals;
+                    p.truncate(depth);
+                    s.proposals = match self.seqs.get(&id) {
+                        Some(seq) if spec.uniform => spec::fill_proposals(&seq.tokens, p, depth),
+                        _ => p,
+                    };
+                }
                 _ => s.draft_depth = depth,
             }
             plan.n_budget_tokens = plan.n_budget_tokens.saturating_sub(depth);
@@ -819,6 +868,10 @@ impl Scheduler {
         }
         self.steps_total += 1;
         let draft_seconds = outputs.iter().map(|o| o.draft_seconds).fold(0.0, f64::max);
+        // A step whose shape was being recorded took a warm-up's time: it teaches the
+        // cost model nothing about the steps to come.
+        let warming = outputs.iter().any(|o| o.warming);
+        self.steps_warming_total += u64::from(warming);
         let results: Vec<SeqResult> = flight
             .steps
             .into_iter()
@@ -858,15 +911,21 @@ impl Scheduler {
                 })
             })
             .collect();
-        if let Some(secs) = seconds {
+        if let Some(secs) = seconds.filter(|_| !warming) {
             self.learn_cost(&results, &emitted, secs, draft_seconds);
         }
         let n_decode = emitted.iter().flatten().count();
+        let speculated = results.iter().any(|r| !r.proposals.is_empty());
+        if n_decode > 0 && n_decode == results.len() {
+            let x = if speculated { 1.0 } else { 0.0 };
+            self.spec_share += SPEC_SHARE_EWMA * (x - self.spec_share);
+        }
+        self.spec_stats.steps += u64::from(speculated);
         self.last_step = Some(StepRecord {
             pure_decode: n_decode == results.len(),
             n_decode,
-            speculated: results.iter().any(|r| !r.proposals.is_empty()),
-            steady: results.iter().all(|r| r.s.draft_context <= 1),
+            speculated,
+            warming,
             emitted: emitted.iter().flatten().map(Vec::len).sum(),
         });
         let mut events = Vec::new();
@@ -922,15 +981,17 @@ impl Scheduler {
     }
 
     /// The wall time of the step completed last, from planning it to applying its
-    /// results: what the guard compares speculation and plain decoding by.
+    /// results: what the guard compares speculation and plain decoding by. A step in
+    /// which a draft model caught up on tokens it had not read counts as it is: that
+    /// is what switching a draft on costs (one far slower than the others is left out
+    /// as a stall, like any).
     pub fn step_wall_time(&mut self, seconds: f64) {
         if let Some(r) = self.last_step.take()
             && r.pure_decode
-            && r.steady
             && r.n_decode > 0
         {
             self.guard
-                .observe(r.n_decode, r.speculated, r.emitted, seconds);
+                .observe(r.n_decode, r.speculated, r.emitted, seconds, r.warming);
         }
     }
 
@@ -979,7 +1040,13 @@ impl Scheduler {
         };
         let n_accepted = emitted.len().saturating_sub(1).min(proposed.len());
         if !proposed.is_empty() {
-            seq.acceptance.observe(proposed.len(), n_accepted);
+            // A sequence's rate is its proposer's: fillers after its own proposals are
+            // judged only if all of those were accepted, and do not count.
+            let known = s.known.min(proposed.len());
+            if known > 0 {
+                seq.acceptance.observe(known, n_accepted.min(known));
+                self.acceptance.observe(known, n_accepted.min(known));
+            }
             self.spec_stats.observe(proposed.len(), n_accepted);
             if s.draft_depth > 0 {
                 // The draft read the step's token and its proposals but the last: its
@@ -1147,6 +1214,7 @@ impl Scheduler {
             prefix_cache_queries_tokens: self.prefix_cache_queries_tokens,
             prefix_cache_hit_tokens: self.prefix_cache_hit_tokens,
             steps_total: self.steps_total,
+            steps_warming_total: self.steps_warming_total,
             step_tokens_total: self.step_tokens_total,
             spec: self.spec_stats.clone(),
             ..EngineStats::default()

@@ -68,6 +68,12 @@ pub struct SpecConfig {
     /// Every sequence proposes this many tokens (as far as proposals exist), with no
     /// cost model: benchmarks and tests. `None`: adaptive.
     pub fixed_depth: Option<usize>,
+    /// Every speculating sequence of a step verifies the same number of tokens (prompt
+    /// lookup's proposals are filled up where they run short): a step's shape is then
+    /// set by its batch size and one depth, so a backend that records steps (CUDA
+    /// graphs) replays a few recordings instead of launching every verification anew.
+    /// Where each verified token costs its own compute (the CPU), this is off.
+    pub uniform: bool,
 }
 
 impl SpecConfig {
@@ -88,6 +94,7 @@ impl SpecConfig {
             ngram_min: 1,
             ngram_window: 16 << 10,
             fixed_depth: None,
+            uniform: false,
         }
     }
 
@@ -98,7 +105,9 @@ impl SpecConfig {
 
 /// The tokens that followed the most recent earlier occurrence of `tokens`' last `n`
 /// tokens, for the longest `n` in `max_n..=min_n` that occurs, at most `depth` of them,
-/// looking back at most `window` tokens.
+/// looking back at most `window` tokens. A match that runs into the end of the text
+/// is continued by matching again on the text with the proposals appended, so a
+/// passage that repeats (a loop, a refrain) is proposed as deep as asked.
 pub fn ngram_proposals(
     tokens: &[u32],
     min_n: usize,
@@ -106,23 +115,62 @@ pub fn ngram_proposals(
     depth: usize,
     window: usize,
 ) -> Vec<u32> {
-    let len = tokens.len();
+    let mut out = Vec::new();
+    while out.len() < depth {
+        let text = Joined(tokens, &out);
+        let Some(from) = latest_match(&text, min_n, max_n, window) else {
+            break;
+        };
+        let to = (from + depth - out.len()).min(text.len());
+        let more: Vec<u32> = (from..to).map(|i| text.at(i)).collect();
+        out.extend(more);
+    }
+    out
+}
+
+/// Two slices read as one text.
+struct Joined<'a>(&'a [u32], &'a [u32]);
+
+impl Joined<'_> {
+    fn len(&self) -> usize {
+        self.0.len() + self.1.len()
+    }
+
+    fn at(&self, i: usize) -> u32 {
+        match self.0.get(i) {
+            Some(&t) => t,
+            None => self.1[i - self.0.len()],
+        }
+    }
+}
+
+/// Where the text after the latest earlier occurrence of the text's last `n` tokens
+/// begins, for the longest `n` in `max_n..=min_n` that occurs within `window`.
+fn latest_match(text: &Joined<'_>, min_n: usize, max_n: usize, window: usize) -> Option<usize> {
+    let len = text.len();
     let lo = len.saturating_sub(window);
     for n in (min_n.max(1)..=max_n).rev() {
         if n >= len {
             continue;
         }
-        let suffix = &tokens[len - n..];
         // Latest start first; the match must end before the suffix itself begins.
         for start in (lo..len - n).rev() {
-            if &tokens[start..start + n] == suffix {
-                let from = start + n;
-                let to = (from + depth).min(len);
-                return tokens[from..to].to_vec();
+            if (0..n).all(|i| text.at(start + i) == text.at(len - n + i)) {
+                return Some(start + n);
             }
         }
     }
-    Vec::new()
+    None
+}
+
+/// `proposals` filled up to `depth` tokens for a step of uniform depth: with the last
+/// proposal (or the last token) repeated. A filler is a proposal like any other (it is
+/// verified, and accepted only if it is the target's own token); it just rarely is.
+pub fn fill_proposals(tokens: &[u32], mut proposals: Vec<u32>, depth: usize) -> Vec<u32> {
+    if let Some(&last) = proposals.last().or(tokens.last()) {
+        proposals.resize(depth.max(proposals.len()), last);
+    }
+    proposals
 }
 
 /// A sequence's acceptance rate: the probability that one proposed token is accepted,
@@ -146,7 +194,26 @@ impl Default for Acceptance {
 /// more is ~0.35.
 const ACCEPTANCE_DECAY: f64 = 0.9;
 
+/// How many observations a new sequence's rate starts from ([`Acceptance::starting_at`]).
+const ACCEPTANCE_PRIOR_WEIGHT: f64 = 8.0;
+
 impl Acceptance {
+    /// A new sequence's rate: near `rate` (the engine's recent acceptance), worth a few
+    /// observations of its own. Starting every sequence from an even chance makes a
+    /// planner that finds extra tokens dear never try a new sequence, and so never learn
+    /// that its proposals are good.
+    pub fn starting_at(rate: f64) -> Self {
+        let rate = if rate.is_finite() {
+            rate.clamp(0.0, 1.0)
+        } else {
+            0.5
+        };
+        Self {
+            accepted: rate * ACCEPTANCE_PRIOR_WEIGHT,
+            proposed: ACCEPTANCE_PRIOR_WEIGHT,
+        }
+    }
+
     pub fn rate(&self) -> f64 {
         (self.accepted + 1.0) / (self.proposed + 2.0)
     }
@@ -257,9 +324,9 @@ impl CostModel {
     }
 }
 
-/// Observations an arm of the [`Guard`] needs before it is compared: enough that the
-/// median is past a batch size's first steps, which are slow while their CUDA graphs
-/// are recorded (a shape is recorded on its third step).
+/// Observations an arm of the [`Guard`] needs before it is compared: enough that a few
+/// odd steps do not decide (steps whose shape is still being recorded are not counted
+/// at all, up to [`GUARD_MAX_SKIPPED`]).
 const GUARD_MIN_SAMPLES: u32 = 12;
 /// Every so many steps of a batch size, the guard runs the arm that is losing for
 /// [`GUARD_PROBE_STEPS`] steps (several: a draft model that fell behind while off needs a
@@ -268,6 +335,12 @@ const GUARD_MIN_SAMPLES: u32 = 12;
 /// probe confirms the winner (a probe of a losing draft costs its catch-up).
 const GUARD_PROBE_EVERY: (u64, u64) = (128, 4096);
 const GUARD_PROBE_STEPS: u32 = 8;
+/// At most this share of a batch size's decode time is lost to steps of the losing arm
+/// (their time less what the winner would have taken for their tokens): a probe that
+/// costs much (a draft model that fell behind re-reads every sequence's context, a
+/// prefill of the whole batch) waits until it is paid for, while probes that cost
+/// little, or turn out to gain, keep their schedule.
+const GUARD_PROBE_SHARE: f64 = 0.01;
 /// Speculation must be this much faster to be kept: a coin flip between equals costs
 /// the exploration of both.
 const GUARD_MARGIN: f64 = 1.02;
@@ -278,48 +351,76 @@ fn guard_bucket(n_decode: usize) -> usize {
     n_decode.max(1).ilog2() as usize
 }
 
-/// Recent observations an arm keeps; its rate is their median, so one step that
-/// stalls (a page fault, a graph being recorded) does not decide anything.
+/// Recent steps an arm keeps; its rate is their tokens over their seconds.
 const GUARD_WINDOW: usize = 16;
+/// A step that took this many times the window's median step time stalled (a page
+/// fault, a preempted thread): it is left out of the rate, so one such step does not
+/// decide anything.
+const GUARD_STALL: f64 = 3.0;
+/// Warm-up steps (a shape being recorded) an arm leaves out before it counts them
+/// too: where shapes keep changing, warming up is the steady state.
+const GUARD_MAX_SKIPPED: u32 = 64;
 
 #[derive(Clone, Debug, Default, PartialEq)]
 struct Rate {
-    /// Tokens per second of the last [`GUARD_WINDOW`] steps, oldest overwritten first.
-    recent: Vec<f64>,
+    /// (tokens, seconds) of the last [`GUARD_WINDOW`] steps, oldest overwritten first.
+    recent: Vec<(f64, f64)>,
     next: usize,
     samples: u32,
+    /// Warm-up steps left out so far.
+    skipped: u32,
 }
 
 impl Rate {
-    fn observe(&mut self, x: f64) {
+    fn observe(&mut self, tokens: f64, seconds: f64, warming: bool) {
+        if warming && self.skipped < GUARD_MAX_SKIPPED {
+            self.skipped += 1;
+            return;
+        }
         if self.recent.len() < GUARD_WINDOW {
-            self.recent.push(x);
+            self.recent.push((tokens, seconds));
         } else {
-            self.recent[self.next] = x;
+            self.recent[self.next] = (tokens, seconds);
         }
         self.next = (self.next + 1) % GUARD_WINDOW;
         self.samples = self.samples.saturating_add(1);
     }
 
+    /// The window's tokens over its seconds, stalled steps left out. A ratio of sums,
+    /// not a median of per-step rates: a speculative step's yield varies (a rejected
+    /// proposal emits one token, an accepted run many), and the median of such steps
+    /// says little about their throughput.
     fn tokens_per_second(&self) -> f64 {
-        let mut v = self.recent.clone();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(0.0)
+        let mut secs: Vec<f64> = self.recent.iter().map(|r| r.1).collect();
+        secs.sort_by(f64::total_cmp);
+        let Some(&median) = secs.get(secs.len() / 2) else {
+            return 0.0;
+        };
+        let (tokens, seconds) = self
+            .recent
+            .iter()
+            .filter(|r| r.1 <= GUARD_STALL * median)
+            .fold((0.0, 0.0), |(t, s), r| (t + r.0, s + r.1));
+        if seconds > 0.0 { tokens / seconds } else { 0.0 }
     }
 }
 
 /// The last word on whether a step speculates: per number of decoding sequences (in
 /// powers of two), the tokens per second of whole steps (planning, forward pass,
-/// verification) measured with speculation and without, and the faster one wins. The cost model plans depths from
-/// estimates; the guard checks the result on the clock, so speculation that does not
-/// pay on this machine at this batch size (a verification step that misses a recorded
-/// CUDA graph, proposals that are rarely accepted) is switched off there.
+/// verification) measured with speculation and without, and the faster one wins.
+/// The cost model plans depths from estimates; the guard checks the result on the
+/// clock, so speculation that does not pay on this machine at this batch size (steps
+/// too costly for what they verify, proposals that are rarely accepted) is switched off
+/// there. A batch size not measured yet starts from the nearest measured one's verdict.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Guard {
     /// `[plain, speculative]` per batch-size bucket.
     arms: Vec<[Rate; 2]>,
     /// Per bucket: the probe in progress or the next one.
     probing: Vec<Probe>,
+    /// What [`Guard::allow`] said last: (bucket, speculation allowed, it went against
+    /// the verdict). The step it planned is the next one observed.
+    last_choice: Option<(usize, bool, bool)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -330,6 +431,10 @@ struct Probe {
     every: u64,
     /// Whether speculation was winning when the probe began.
     winner: bool,
+    /// Seconds of decode steps observed at this batch size, and the seconds lost in
+    /// those that ran the arm losing at the time ([`GUARD_PROBE_SHARE`]).
+    seconds: f64,
+    lost_seconds: f64,
 }
 
 impl Default for Probe {
@@ -339,6 +444,8 @@ impl Default for Probe {
             until_next: GUARD_PROBE_EVERY.0,
             every: GUARD_PROBE_EVERY.0,
             winner: false,
+            seconds: 0.0,
+            lost_seconds: 0.0,
         }
     }
 }
@@ -356,60 +463,124 @@ impl Guard {
     /// Whether a step with `n_decode` decoding sequences may speculate.
     pub fn allow(&mut self, n_decode: usize) -> bool {
         let b = self.bucket(n_decode);
+        let (allowed, against) = self.choose(b);
+        self.last_choice = Some((b, allowed, against));
+        allowed
+    }
+
+    /// Whether bucket `b` speculates this step, and whether that goes against the
+    /// verdict (a probe of the losing arm).
+    fn choose(&mut self, b: usize) -> (bool, bool) {
+        let own = self.verdict(b);
+        // A load not measured yet starts with the nearest measured load's verdict and
+        // measures the other arm in probes: exploring both arms at every load costs
+        // the loser's steps at each.
+        let Some(spec_wins) = own.or_else(|| self.nearest_verdict(b)) else {
+            // Nothing is measured at any load: plain decoding first, then speculation.
+            return (self.arms[b][0].samples >= GUARD_MIN_SAMPLES, false);
+        };
         let [plain, spec] = &self.arms[b];
-        if plain.samples < GUARD_MIN_SAMPLES {
-            return false;
-        }
-        if spec.samples < GUARD_MIN_SAMPLES {
-            return true;
-        }
-        let spec_wins = spec.tokens_per_second() >= GUARD_MARGIN * plain.tokens_per_second();
         let p = &mut self.probing[b];
         if p.left > 0 {
             p.left -= 1;
             if p.left == 0 {
-                // The probe is over: the same winner as before backs the next one off.
-                p.every = if spec_wins == p.winner {
+                tracing::debug!(
+                    batch_bucket = 1usize << b,
+                    plain_tokens_per_second = plain.tokens_per_second(),
+                    speculative_tokens_per_second = spec.tokens_per_second(),
+                    measured_here = own.is_some(),
+                    speculation_wins = spec_wins,
+                    "speculation guard probe over"
+                );
+                // The probe is over: the same winner as before, measured at this load,
+                // backs the next one off.
+                p.every = if own.is_some() && spec_wins == p.winner {
                     (p.every * 2).min(GUARD_PROBE_EVERY.1)
                 } else {
                     GUARD_PROBE_EVERY.0
                 };
                 p.until_next = p.every;
             }
-            return !p.winner;
+            return (!p.winner, p.winner == spec_wins);
         }
         p.until_next = p.until_next.saturating_sub(1);
-        if p.until_next == 0 {
+        if p.until_next == 0 && p.lost_seconds <= GUARD_PROBE_SHARE * p.seconds {
             *p = Probe {
                 left: GUARD_PROBE_STEPS - 1,
                 winner: spec_wins,
                 ..*p
             };
-            return !spec_wins;
+            return (!spec_wins, true);
         }
-        spec_wins
+        (spec_wins, false)
     }
 
-    /// A step of only decoding sequences emitted `emitted` tokens in `seconds`.
-    pub fn observe(&mut self, n_decode: usize, speculated: bool, emitted: usize, seconds: f64) {
+    /// A step of only decoding sequences emitted `emitted` tokens in `seconds`;
+    /// `warming`: it ran a shape the backend was still recording, so it is left out
+    /// (up to [`GUARD_MAX_SKIPPED`] such steps per arm).
+    pub fn observe(
+        &mut self,
+        n_decode: usize,
+        speculated: bool,
+        emitted: usize,
+        seconds: f64,
+        warming: bool,
+    ) {
         if seconds <= 0.0 || !seconds.is_finite() {
             return;
         }
         let b = self.bucket(n_decode);
-        self.arms[b][usize::from(speculated)].observe(emitted as f64 / seconds);
+        // A step the guard ran against the verdict (a probe that the planner did not
+        // turn into a plain step): what the winning arm, as measured here, would have
+        // taken for its tokens.
+        let probed = self
+            .last_choice
+            .take()
+            .is_some_and(|(cb, allowed, against)| cb == b && against && allowed == speculated);
+        let par = Some(!speculated)
+            .filter(|_| probed)
+            .map(|w| self.arms[b][usize::from(w)].tokens_per_second())
+            .filter(|&rate| rate > 0.0)
+            .map(|rate| emitted as f64 / rate);
+        let p = &mut self.probing[b];
+        p.seconds += seconds;
+        if let Some(par) = par {
+            // A losing step that did better than par pays back earlier losses.
+            p.lost_seconds = (p.lost_seconds + seconds - par).max(0.0);
+        }
+        self.arms[b][usize::from(speculated)].observe(emitted as f64, seconds, warming);
     }
 
-    /// Whether speculation is expected to pay at `n_decode` sequences: not yet known, or
-    /// measured faster. (A draft model reads prompts along only where it will be used.)
+    /// Whether speculation was measured faster at `n_decode` sequences, or, where that
+    /// load is not measured yet, at the nearest load that is; not where nothing is.
+    #[cfg(test)]
     pub fn prefers_speculation(&self, n_decode: usize) -> bool {
-        match self.arms.get(guard_bucket(n_decode)) {
+        let b = guard_bucket(n_decode);
+        self.verdict(b)
+            .or_else(|| self.nearest_verdict(b))
+            .unwrap_or(false)
+    }
+
+    /// Whether speculation wins at bucket `b`, once both arms are measured there.
+    fn verdict(&self, b: usize) -> Option<bool> {
+        match self.arms.get(b) {
             Some([plain, spec])
                 if plain.samples >= GUARD_MIN_SAMPLES && spec.samples >= GUARD_MIN_SAMPLES =>
             {
-                spec.tokens_per_second() >= GUARD_MARGIN * plain.tokens_per_second()
+                Some(spec.tokens_per_second() >= GUARD_MARGIN * plain.tokens_per_second())
             }
-            _ => true,
+            _ => None,
         }
+    }
+
+    /// The verdict of the measured bucket nearest to `b` (the smaller load of two at
+    /// the same distance).
+    fn nearest_verdict(&self, b: usize) -> Option<bool> {
+        (1..=self.arms.len()).find_map(|d| {
+            b.checked_sub(d)
+                .and_then(|i| self.verdict(i))
+                .or_else(|| self.verdict(b + d))
+        })
     }
 
     /// Measured tokens per second (plain, speculative) at `n_decode` sequences.
@@ -428,6 +599,9 @@ pub struct Candidate {
     /// The most tokens it can propose this step (prompt lookup found fewer, or the
     /// context or the KV blocks end).
     pub max_depth: usize,
+    /// Of those, the proposals worth their rate: prompt lookup's own (fillers past
+    /// them count as gaining nothing), or all of them.
+    pub known: usize,
 }
 
 /// Depths for `candidates` in a step that already computes `base_tokens` target tokens
@@ -490,6 +664,58 @@ pub fn plan_depths(
         out[i] += 1;
     }
     out
+}
+
+/// One depth for every candidate of a step ([`SpecConfig::uniform`]): the `d` up to
+/// the longest known proposal with the best expected tokens per second, where
+/// candidate `i` verifies `min(d, max_depth_i)` tokens and gains `rate_i^k` for its
+/// `k`-th proposal up to `known_i` (fillers are counted as gaining nothing: the
+/// estimate errs towards shallower steps). Ties go to the deeper step, as in
+/// [`plan_depths`].
+pub fn plan_uniform_depth(
+    candidates: &[Candidate],
+    base_tokens: usize,
+    budget: usize,
+    draft: bool,
+    cost: &CostModel,
+) -> usize {
+    // Deeper than any proposal worth its rate gains nothing.
+    let deepest = candidates
+        .iter()
+        .map(|c| c.known.min(c.max_depth))
+        .max()
+        .unwrap_or(0);
+    let mut expected = candidates.len() as f64;
+    let mut gains: Vec<f64> = candidates.iter().map(|c| c.rate).collect();
+    let seconds = |d: usize, extra: usize| {
+        let drafting = candidates.iter().filter(|c| c.max_depth.min(d) > 0).count();
+        cost.step_seconds(base_tokens + extra, if draft { d } else { 0 }, drafting)
+    };
+    let objective = |expected: f64, secs: f64| {
+        if secs > 0.0 {
+            expected / secs
+        } else {
+            f64::INFINITY
+        }
+    };
+    let mut best = (objective(expected, seconds(0, 0)), 0);
+    for d in 1..=deepest {
+        let extra: usize = candidates.iter().map(|c| c.max_depth.min(d)).sum();
+        if extra > budget {
+            break;
+        }
+        for (c, g) in candidates.iter().zip(&mut gains) {
+            if d <= c.known.min(c.max_depth) {
+                expected += *g;
+                *g *= c.rate;
+            }
+        }
+        let value = objective(expected, seconds(d, extra));
+        if value >= best.0 {
+            best = (value, d);
+        }
+    }
+    best.1
 }
 
 /// A token the target emitted, with its logprob and top alternatives when asked for.
@@ -580,6 +806,8 @@ pub fn top_logprobs(logprobs: &[f32], n: usize) -> Vec<TokenLogprob> {
 /// Speculation counters for metrics.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SpecStats {
+    /// Steps that verified proposals.
+    pub steps: u64,
     /// Tokens proposed and accepted.
     pub proposed_tokens: u64,
     pub accepted_tokens: u64,
@@ -611,9 +839,18 @@ mod tests {
         let t = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3];
         // "2 3" occurs at 1 and 5; the latest (5) is followed by 7 8 5 2 3.
         assert_eq!(ngram_proposals(&t, 1, 3, 3, 1 << 10), vec![7, 8, 5]);
-        // A longer suffix wins over a later shorter one: "5 2 3" never occurred
-        // before, "2 3" did.
-        assert_eq!(ngram_proposals(&t, 2, 2, 8, 1 << 10), vec![7, 8, 5, 2, 3]);
+        // Only "2 3" is matched here; its continuation runs into the end of the text
+        // after 5 tokens, and matching again on the text with them appended (the
+        // suffix "2 3" again) goes on with "7 8 5".
+        assert_eq!(
+            ngram_proposals(&t, 2, 2, 8, 1 << 10),
+            vec![7, 8, 5, 2, 3, 7, 8, 5]
+        );
+        // A loop is proposed as deep as asked.
+        assert_eq!(
+            ngram_proposals(&[4, 6, 4, 6, 4], 1, 3, 5, 64),
+            [6, 4, 6, 4, 6]
+        );
         // Nothing repeats: no proposal; the window bounds the search.
         assert!(ngram_proposals(&[1, 2, 3, 4], 1, 3, 4, 1 << 10).is_empty());
         assert!(ngram_proposals(&t, 1, 3, 3, 4).is_empty());
@@ -622,6 +859,9 @@ mod tests {
 
     #[test]
     fn acceptance_tracks_recent_verifications() {
+        let a = Acceptance::starting_at(0.9);
+        assert!((0.8..0.9).contains(&a.rate()), "{}", a.rate());
+        assert_eq!(Acceptance::starting_at(f64::NAN).rate(), 0.5);
         let mut a = Acceptance::default();
         assert_eq!(a.rate(), 0.5);
         for _ in 0..20 {
@@ -666,7 +906,11 @@ mod tests {
 
     #[test]
     fn depth_follows_acceptance_and_cost() {
-        let c = |rate: f64| Candidate { rate, max_depth: 6 };
+        let c = |rate: f64| Candidate {
+            rate,
+            max_depth: 6,
+            known: 6,
+        };
         // Memory-bound (a step costs the same whatever its size): speculate deeply
         // where proposals are accepted, less where they are not.
         let flat = learned(1.0, 0.0);
@@ -689,6 +933,7 @@ mod tests {
                 Candidate {
                     rate: 0.9,
                     max_depth: 2,
+                    known: 2,
                 },
                 c(0.9),
             ],
@@ -706,6 +951,7 @@ mod tests {
         let c = Candidate {
             rate: 0.8,
             max_depth: 6,
+            known: 6,
         };
         let mut m = learned(1.0, 0.0);
         // A draft round as dear as a target step: proposing k tokens costs k steps and
@@ -723,39 +969,206 @@ mod tests {
     }
 
     #[test]
+    fn a_uniform_depth_weighs_every_sequence_of_the_step() {
+        let c = |rate: f64, known: usize| Candidate {
+            rate,
+            max_depth: 6,
+            known,
+        };
+        // Memory-bound: as deep as anyone has proposals (fillers ride along for free).
+        let flat = learned(1.0, 0.0);
+        assert_eq!(
+            plan_uniform_depth(&[c(0.9, 2), c(0.3, 4)], 2, 64, false, &flat),
+            4
+        );
+        // Each step token costs: the depth stops where the likely proposals end.
+        let dear = learned(1.0, 0.2);
+        let d = plan_uniform_depth(&[c(0.9, 6), c(0.9, 6), c(0.2, 6)], 3, 64, false, &dear);
+        assert_eq!(d, 3);
+        // Compute-bound or nothing known: no speculation.
+        let compute = learned(0.0, 1.0);
+        assert_eq!(
+            plan_uniform_depth(&[c(0.9, 6); 4], 4, 64, false, &compute),
+            0
+        );
+        assert_eq!(plan_uniform_depth(&[c(0.9, 0); 4], 4, 64, false, &flat), 0);
+        // The budget holds for the whole step: 4 sequences x 2 = 8 tokens.
+        assert_eq!(plan_uniform_depth(&[c(0.9, 6); 4], 4, 9, false, &flat), 2);
+        // Fillers: the last proposal, else the last token, up to the depth.
+        assert_eq!(fill_proposals(&[1, 2], vec![7], 3), [7, 7, 7]);
+        assert_eq!(fill_proposals(&[1, 2], vec![], 2), [2, 2]);
+        assert_eq!(fill_proposals(&[1, 2], vec![5, 6, 7], 2), [5, 6, 7]);
+    }
+
+    /// Runs `steps` steps of `n` sequences through the guard, each costing its arm's
+    /// (tokens, seconds); how many speculated.
+    fn simulate(
+        g: &mut Guard,
+        n: usize,
+        steps: usize,
+        plain: (usize, f64),
+        spec: (usize, f64),
+    ) -> usize {
+        (0..steps)
+            .filter(|_| {
+                let on = g.allow(n);
+                let (tokens, seconds) = if on { spec } else { plain };
+                g.observe(n, on, tokens, seconds, false);
+                on
+            })
+            .count()
+    }
+
+    #[test]
     fn the_guard_keeps_the_faster_arm_and_probes_the_other() {
         let mut g = Guard::default();
-        // Plain is measured first, then speculation.
+        // At 8 sequences speculation emits twice the tokens in 1.5 times the time. With
+        // nothing measured, plain decoding is measured first, then speculation.
         let n = GUARD_MIN_SAMPLES as usize;
-        let mut first = Vec::new();
-        for _ in 0..2 * n {
-            let on = g.allow(8);
-            first.push(on);
-            // Speculation emits twice the tokens in 1.5 times the time.
+        let first: Vec<bool> = (0..2 * n)
+            .map(|_| simulate(&mut g, 8, 1, (8, 1.0), (16, 1.5)) == 1)
+            .collect();
+        assert_eq!(first, [vec![false; n], vec![true; n]].concat());
+        // Then on, but for 8-step probes of plain decoding, 128 steps apart at first,
+        // then rarer.
+        let on = simulate(&mut g, 8, 1280, (8, 1.0), (16, 1.5));
+        assert!((1280 - 32..=1280 - 16).contains(&on), "{on}");
+        // At 32 speculation is slower (40 tokens in twice the time): the load starts
+        // from the verdict at 8, measures plain decoding in probes, and turns it off.
+        let early = simulate(&mut g, 32, 512, (32, 1.0), (40, 2.0));
+        assert_eq!(g.verdict(guard_bucket(32)), Some(false), "{early}");
+        let later = simulate(&mut g, 32, 1280, (32, 1.0), (40, 2.0));
+        assert!((8..=32).contains(&later), "{later}");
+        // Once speculation gets faster there (80 tokens), probes find out (their
+        // interval has grown to 4096 steps while plain decoding kept winning).
+        let on = simulate(&mut g, 32, 16384, (32, 1.0), (80, 2.0));
+        assert!(on >= 16384 - 2 * 4096, "{on}");
+        assert_eq!(g.verdict(guard_bucket(32)), Some(true));
+    }
+
+    #[test]
+    fn expensive_probes_wait_until_they_are_paid_for() {
+        let mut g = Guard::default();
+        let n = GUARD_MIN_SAMPLES as usize;
+        // Speculation loses at one sequence.
+        simulate(&mut g, 1, 2 * n, (1, 1.0), (1, 2.0));
+        assert_eq!(g.verdict(0), Some(false));
+        // Its probes start with a catch-up as long as 40 plain steps: they come about
+        // every 4000 steps, not every few hundred, so that they cost about 1% of the
+        // time.
+        let mut losing = 0.0;
+        let mut total = 0.0;
+        let mut probes = 0;
+        let mut last = false;
+        for _ in 0..20_000 {
+            let on = g.allow(1);
+            let seconds = match (on, last) {
+                (true, false) => 40.0,
+                (true, true) => 2.0,
+                (false, _) => 1.0,
+            };
+            probes += usize::from(on && !last);
+            last = on;
+            g.observe(1, on, 1, seconds, false);
+            total += seconds;
             if on {
-                g.observe(8, true, 16, 1.5);
-            } else {
-                g.observe(8, false, 8, 1.0);
+                losing += seconds;
             }
         }
-        assert_eq!(first, [vec![false; n], vec![true; n]].concat());
-        // On but for 8-step probes, 128 steps apart at first, then ever rarer.
-        let off = (0..1280).filter(|_| !g.allow(8)).count();
-        assert!((16..=32).contains(&off), "{off}");
-        // Where speculation is slower, it is off but for the probes.
-        for _ in 0..n {
-            g.observe(32, false, 32, 1.0);
-            g.observe(32, true, 40, 2.0);
+        assert!(
+            losing / total <= 2.0 * GUARD_PROBE_SHARE,
+            "{}",
+            losing / total
+        );
+        assert!((3..=8).contains(&probes), "{probes}");
+    }
+
+    #[test]
+    fn the_guard_compares_throughput_not_the_typical_step() {
+        let mut g = Guard::default();
+        for _ in 0..GUARD_MIN_SAMPLES {
+            g.observe(1, false, 1, 1.0, false);
         }
-        let on = (0..1280).filter(|_| g.allow(32)).count();
-        assert!((16..=32).contains(&on), "{on}");
-        // Once the other arm is measured faster, the next probe switches over.
-        for _ in 0..GUARD_WINDOW {
-            g.observe(32, true, 80, 2.0);
+        // Most speculative steps have their proposal rejected (1 token in 1.2 s), one
+        // in three accepts 6 (7 tokens): 9 tokens in 3.6 s beat plain's 3 in 3 s,
+        // although the median step is slower.
+        for i in 0..GUARD_WINDOW {
+            let emitted = if i % 3 == 0 { 7 } else { 1 };
+            g.observe(1, true, emitted, 1.2, false);
         }
-        let on = (0..2048).filter(|_| g.allow(32)).count();
-        assert!(on >= 2048 - 1024 - 32, "{on}");
-        assert_eq!(g.rates(32).map(|r| r.0), Some(32.0));
+        let (plain, spec) = g.rates(1).unwrap();
+        assert_eq!(plain, 1.0);
+        assert!(spec > 2.0, "{spec}");
+        assert!(g.prefers_speculation(1));
+        // A step that stalled (ten times the others) is left out.
+        g.observe(1, false, 1, 10.0, false);
+        assert_eq!(g.rates(1).unwrap().0, 1.0);
+    }
+
+    #[test]
+    fn an_unmeasured_load_takes_the_nearest_measured_verdict() {
+        let mut g = Guard::default();
+        let measure = |g: &mut Guard, n: usize, plain: f64, spec: f64| {
+            for _ in 0..GUARD_MIN_SAMPLES {
+                g.observe(n, false, n, n as f64 / plain, false);
+                g.observe(n, true, n, n as f64 / spec, false);
+            }
+        };
+        assert!(!g.prefers_speculation(8), "nothing is known");
+        measure(&mut g, 8, 1.0, 2.0);
+        assert!(g.prefers_speculation(8) && g.prefers_speculation(12));
+        assert!(g.prefers_speculation(1) && g.prefers_speculation(64));
+        measure(&mut g, 32, 2.0, 1.0);
+        assert!(!g.prefers_speculation(40) && !g.prefers_speculation(200));
+        // Between the two, the smaller load decides.
+        assert!(g.prefers_speculation(20));
+    }
+
+    #[test]
+    fn a_new_load_starts_from_the_nearest_verdict_and_probes() {
+        let mut g = Guard::default();
+        // Speculation loses at one sequence.
+        for _ in 0..GUARD_MIN_SAMPLES {
+            g.observe(1, false, 1, 1.0, false);
+            g.observe(1, true, 1, 2.0, false);
+        }
+        // At 8 it starts off, and only probes try it (there speculation wins: 3 tokens
+        // a step for 1): none in the first 127 steps, then enough within 600 that it is
+        // measured there and turned on.
+        let first: Vec<bool> = (0..600)
+            .map(|_| simulate(&mut g, 8, 1, (8, 1.0), (24, 1.0)) == 1)
+            .collect();
+        assert!(!first[..127].contains(&true));
+        assert_eq!(g.verdict(guard_bucket(8)), Some(true));
+        // Measured now: it stays on but for probes of plain decoding.
+        let on = simulate(&mut g, 8, 1024, (8, 1.0), (24, 1.0));
+        assert!(on >= 1024 - 4 * GUARD_PROBE_STEPS as usize, "{on}");
+        assert!(g.prefers_speculation(8) && !g.prefers_speculation(1));
+    }
+
+    #[test]
+    fn the_guard_leaves_warm_ups_out_until_they_are_the_norm() {
+        let mut g = Guard::default();
+        for _ in 0..GUARD_MIN_SAMPLES {
+            g.observe(1, false, 1, 1.0, false);
+        }
+        // Speculation's first steps record their shapes, ten times slower: left out.
+        for _ in 0..GUARD_MIN_SAMPLES {
+            g.observe(1, true, 3, 10.0, true);
+        }
+        assert_eq!(g.rates(1), Some((1.0, 0.0)), "nothing measured yet");
+        assert!(!g.prefers_speculation(1));
+        for _ in 0..GUARD_MIN_SAMPLES {
+            g.observe(1, true, 3, 1.0, false);
+        }
+        assert_eq!(g.rates(1), Some((1.0, 3.0)));
+        assert!(g.prefers_speculation(1));
+        // A backend that never stops warming up is judged by its warm-ups.
+        for _ in 0..GUARD_MAX_SKIPPED + GUARD_WINDOW as u32 {
+            g.observe(1, true, 3, 10.0, true);
+        }
+        assert_eq!(g.rates(1), Some((1.0, 0.3)));
+        assert!(!g.prefers_speculation(1));
     }
 
     fn input<'a>(sampling: &'a SamplingParams, tokens: &'a [u32]) -> VerifyInput<'a> {

@@ -267,6 +267,7 @@ impl Harness {
                 expert_load: Vec::new(),
                 proposals,
                 draft_seconds: 0.0,
+                warming: false,
             });
         }
         outputs
@@ -352,11 +353,21 @@ impl Harness {
     }
 
     fn complete(&mut self) {
-        let plan = self.in_flight.take().expect("a plan in flight");
-        let outputs = self.execute(&plan);
         // A step costs the same whatever its size here: speculation pays.
-        let events = self.sched.complete_timed(plan, outputs, Some(1e-3));
-        self.sched.step_wall_time(1e-3);
+        self.complete_in(1e-3, 1e-3);
+    }
+
+    /// Completes the step in flight as if it took `plain` seconds, or `speculative`
+    /// if it verified proposals.
+    fn complete_in(&mut self, plain: f64, speculative: f64) {
+        let plan = self.in_flight.take().expect("a plan in flight");
+        let speculated = plan.steps.iter().flat_map(|(_, s)| &s.seqs).any(|s| {
+            (s.all_logits && s.tokens.len() > 1) || s.draft.as_ref().is_some_and(|d| d.depth > 0)
+        });
+        let secs = if speculated { speculative } else { plain };
+        let outputs = self.execute(&plan);
+        let events = self.sched.complete_timed(plan, outputs, Some(secs));
+        self.sched.step_wall_time(secs);
         self.deliver(events);
     }
 
@@ -1077,13 +1088,16 @@ fn a_crowded_engine_generates_what_each_request_would_alone() {
 fn speculation_generates_what_plain_decoding_would() {
     for proposer in [ProposerKind::Ngram, ProposerKind::Draft] {
         for fixed_depth in [Some(3), None] {
-            for make in [req as fn(Vec<u32>, usize) -> GenerateRequest, sampled] {
-                let spec = SpecConfig {
-                    fixed_depth,
-                    max_depth: 4,
-                    ..SpecConfig::new(proposer)
-                };
-                crowded(spec, make);
+            for uniform in [false, true] {
+                for make in [req as fn(Vec<u32>, usize) -> GenerateRequest, sampled] {
+                    let spec = SpecConfig {
+                        fixed_depth,
+                        max_depth: 4,
+                        uniform,
+                        ..SpecConfig::new(proposer)
+                    };
+                    crowded(spec, make);
+                }
             }
         }
     }
@@ -1221,6 +1235,135 @@ fn rejected_proposals_are_rolled_back_at_block_edges() {
         // Fewer steps than tokens: accepted proposals saved steps.
         assert!(steps < 40, "{proposer:?}: {steps} steps for 40 tokens");
     }
+}
+
+/// Under `uniform`, every sequence of a speculating step verifies the same number of
+/// tokens (prompt lookup's proposals are filled up), near max_tokens too, and the
+/// output is still plain decoding's.
+#[test]
+fn uniform_steps_give_every_sequence_one_depth() {
+    for proposer in [ProposerKind::Ngram, ProposerKind::Draft] {
+        let mut h = Harness::new(SchedulerConfig {
+            n_blocks_per_worker: 256,
+            speculation: SpecConfig {
+                uniform: true,
+                max_depth: 4,
+                ..SpecConfig::new(proposer)
+            },
+            ..cfg()
+        });
+        let mut reqs = Vec::new();
+        for id in 1..=6u64 {
+            // Half repeat their prompt (lookup finds proposals), half do not.
+            let p = prompt(id as u32, 9);
+            let p = if id % 2 == 0 {
+                [p.clone(), p].concat()
+            } else {
+                p
+            };
+            // Long enough for the guard to time plain steps first, then speculate.
+            let r = req(p, 60 + 3 * id as usize);
+            h.reqs.insert(id, r.clone());
+            h.sched.add(id, r.clone(), id).unwrap();
+            reqs.push((id, r));
+        }
+        let (mut uniform_steps, mut filled) = (0, 0);
+        while h.schedule().is_some() {
+            let plan = h.in_flight.clone().unwrap();
+            let seqs = &plan.steps[0].1.seqs;
+            let depths: Vec<usize> = seqs
+                .iter()
+                .map(|s| s.tokens.len() - 1 + s.draft.as_ref().map_or(0, |d| d.depth))
+                .collect();
+            let decoding = seqs.iter().all(|s| s.all_logits || s.tokens.len() == 1);
+            if decoding && depths.iter().any(|&d| d > 0) {
+                assert!(depths.iter().all(|&d| d == depths[0]), "{depths:?}");
+                uniform_steps += 1;
+                if seqs.len() > 1 {
+                    filled += 1;
+                }
+            }
+            h.complete();
+        }
+        assert!(
+            uniform_steps >= 10 && filled >= 5,
+            "{uniform_steps} {filled}"
+        );
+        for (id, r) in &reqs {
+            assert_eq!(
+                h.generated(*id),
+                alone(256, r, *id),
+                "{proposer:?} seq {id}"
+            );
+        }
+        let st = h.sched.stats().spec;
+        assert!(st.accepted_tokens > 0, "{st:?}");
+    }
+}
+
+/// A draft model reads prompts along only while recent decode steps use it: not when a
+/// burst of requests starts from a few running sequences at a load where the guard
+/// keeps it off (it would pay a draft pass in every prefill step for proposals the
+/// guard will not ask for).
+#[test]
+fn a_draft_reads_prompts_along_only_while_it_is_used() {
+    let mut h = Harness::new(SchedulerConfig {
+        n_blocks_per_worker: 256,
+        max_running: 8,
+        speculation: SpecConfig::new(ProposerKind::Draft),
+        ..cfg()
+    });
+    let mut id = 0;
+    let mut add = |h: &mut Harness, n: usize, max_tokens: usize| {
+        for _ in 0..n {
+            id += 1;
+            let r = req(prompt(id as u32, 8), max_tokens);
+            h.reqs.insert(id, r.clone());
+            h.sched.add(id, r, id).unwrap();
+        }
+    };
+    let reads = |h: &Harness| {
+        h.last_plan.as_ref().is_some_and(|p| {
+            p.steps.iter().flat_map(|(_, s)| &s.seqs).any(|s| {
+                s.tokens.len() > 1
+                    && !s.all_logits
+                    && s.draft.as_ref().is_some_and(|d| d.depth == 0)
+            })
+        })
+    };
+    // Alone, speculation pays (its steps cost what plain ones do).
+    add(&mut h, 1, 200);
+    while h.schedule().is_some() {
+        h.complete();
+    }
+    assert!(h.sched.guard.prefers_speculation(1));
+    // Eight at a time, its steps cost ten times a plain one: it loses there.
+    add(&mut h, 8, 150);
+    while h.schedule().is_some() {
+        h.complete_in(1e-3, 1e-2);
+    }
+    assert!(!h.sched.guard.prefers_speculation(8));
+    // A new burst: its first request is admitted alone, but the load is eight.
+    add(&mut h, 1, 4);
+    h.schedule().unwrap();
+    assert!(
+        !reads(&h),
+        "the draft read a prompt at a load where it loses"
+    );
+    h.complete();
+    // Where the load stays one, it reads along again.
+    while h.schedule().is_some() {
+        h.complete();
+    }
+    for _ in 0..8 {
+        add(&mut h, 1, 30);
+        while h.schedule().is_some() {
+            h.complete();
+        }
+    }
+    add(&mut h, 1, 4);
+    h.schedule().unwrap();
+    assert!(reads(&h), "the draft did not read along where it pays");
 }
 
 /// Speculative sampling keeps the target distribution: over 3000 seeds, the first two

@@ -256,6 +256,9 @@ struct Recorded {
     graph: GraphCell,
     batch: CudaBatch,
     out: CudaAct,
+    /// When it last ran (the backend's step clock): the least recently used recording
+    /// makes room for a new shape.
+    last_used: u64,
 }
 
 /// A CUDA graph, used only under the backend's `graphs` lock.
@@ -266,8 +269,10 @@ struct GraphCell(cudarc::driver::CudaGraph);
 // which the Mutex around every `GraphCell` guarantees.
 unsafe impl Send for GraphCell {}
 
-/// Most recorded decode graphs kept (one per batch size and context bound).
-const MAX_GRAPHS: usize = 48;
+/// Most recorded steps kept (one per padded batch size, speculation depth and context
+/// bound, for the target and a draft model); past it the least recently used is
+/// dropped.
+pub const MAX_RECORDINGS: usize = 96;
 /// Steps of one recordable shape before it is recorded.
 const RECORD_AFTER: usize = 3;
 
@@ -300,8 +305,21 @@ const SPLIT_K_BELOW_ROWS: usize = 16384;
 /// Rows at or below which a GEMM runs as a GEMV (every weight byte read once).
 const GEMV_MAX_ROWS: usize = 8;
 /// (token, choice) pairs at or below which the routed experts run as GEMVs (a few
-/// tokens per expert: each pass of 8 reads the expert's weights once).
+/// tokens per expert: each pass of 8 reads the expert's weights once): 64, or 8 per
+/// expert where there are more than 8 experts, so that a speculative verification
+/// of a batch (a few rows per sequence) stays on this path, which needs no host
+/// synchronisation and can be recorded.
 const MOE_GEMV_MAX_PAIRS: usize = 64;
+
+fn moe_gemv_max_pairs(n_experts: usize) -> usize {
+    MOE_GEMV_MAX_PAIRS.max(8 * n_experts)
+}
+
+/// Batch sizes recorded steps are padded to (then multiples of 32): a server's batch
+/// drifts as requests come and go, and each size would otherwise be its own
+/// recording: 12 recordings per depth and context bound cover 1 to 64 sequences, at
+/// the cost of up to half as many rows again (launch-bound steps barely notice).
+const RECORDED_BATCHES: [usize; 12] = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64];
 
 /// The CUDA backend on one device.
 pub struct CudaBackend {
@@ -315,7 +333,10 @@ pub struct CudaBackend {
     identity: Mutex<HashMap<usize, Arc<Identity>>>,
     inv_freq: Mutex<HashMap<Vec<u32>, Arc<CudaSlice<f32>>>>,
     graphs: Mutex<HashMap<RecordKey, Recorded>>,
-    /// The last unrecorded decode shape and how many steps in a row had it.
+    /// Recorded steps run so far (the clock of [`Recorded::last_used`]).
+    graph_clock: std::sync::atomic::AtomicU64,
+    /// Recordable steps run without a recording ([`Backend::warm_up_passes`]).
+    warm_ups: std::sync::atomic::AtomicU64,
     /// How often each recordable shape not yet recorded has run.
     graph_seen: Mutex<HashMap<RecordKey, usize>>,
     graphs_enabled: bool,
@@ -399,6 +420,8 @@ impl CudaBackend {
                 identity: Mutex::new(HashMap::new()),
                 inv_freq: Mutex::new(HashMap::new()),
                 graphs: Mutex::new(HashMap::new()),
+                graph_clock: std::sync::atomic::AtomicU64::new(0),
+                warm_ups: std::sync::atomic::AtomicU64::new(0),
                 graph_seen: Mutex::new(HashMap::new()),
                 graphs_enabled,
                 attn_min_chunk: std::env::var("HYSERVE_ATTN_MIN_CHUNK")
@@ -1194,6 +1217,32 @@ impl Backend for CudaBackend {
         out
     }
 
+    fn padded_sequences(
+        &self,
+        n_seqs: usize,
+        rows: usize,
+        top_k: usize,
+        n_experts: usize,
+    ) -> usize {
+        if !self.graphs_enabled || n_seqs == 0 {
+            return n_seqs;
+        }
+        let padded = RECORDED_BATCHES
+            .iter()
+            .copied()
+            .find(|&b| b >= n_seqs)
+            .unwrap_or_else(|| n_seqs.next_multiple_of(32));
+        // Padding must not push the MoE off its recordable path.
+        if padded * rows * top_k > moe_gemv_max_pairs(n_experts) {
+            return n_seqs;
+        }
+        padded
+    }
+
+    fn warm_up_passes(&self) -> u64 {
+        self.warm_ups.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn record_id(&self, kv: &CudaKv, weight: &CudaWeight) -> u64 {
         // Device addresses: a recording embeds them, so equal addresses replay correctly.
         self.ptr(&kv.k).rotate_left(32) ^ self.ptr(&weight.buf)
@@ -1209,7 +1258,7 @@ impl Backend for CudaBackend {
         // Recordable: decode and verification steps (a few rows per sequence, the
         // layout fixed by the key) whose MoE stays on the GEMV path (no host sync).
         let recordable = self.graphs_enabled
-            && key.moe_pairs <= MOE_GEMV_MAX_PAIRS
+            && key.moe_pairs <= moe_gemv_max_pairs(key.moe_experts)
             && key.seq_rows == RecordKey::layout(seqs.iter().map(|s| s.rows.len()))
             && seqs.iter().all(|s| {
                 s.rows.len() <= RecordKey::MAX_SEQ_ROWS
@@ -1220,7 +1269,11 @@ impl Backend for CudaBackend {
             return f(&batch);
         }
         let mut graphs = self.graphs.lock().expect("graphs lock");
+        let now = self
+            .graph_clock
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(g) = graphs.get_mut(&key) {
+            g.last_used = now;
             let h = BatchHost::new(&seqs, tokens, Some(key.ctx_bound));
             self.refill(&mut g.batch, &h);
             g.graph.0.launch().expect("graph launch");
@@ -1229,6 +1282,8 @@ impl Backend for CudaBackend {
             self.copy_bytes(src, dst, 2 * g.out.rows * g.out.cols);
             return out;
         }
+        self.warm_ups
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // A shape seen for the third time is worth recording (serving's batch size
         // drifts while requests come and go, and speculation's depth with acceptance;
         // steady decoding repeats a few shapes). Run the step (its result is this
@@ -1238,15 +1293,25 @@ impl Backend for CudaBackend {
         let batch = self.batch_from(&h);
         let out = f(&batch);
         let mut seen = self.graph_seen.lock().expect("graph_seen lock");
-        if seen.len() >= 4 * MAX_GRAPHS {
+        if seen.len() >= 4 * MAX_RECORDINGS {
             seen.clear(); // bounded: shapes seen once long ago start over
         }
         let count = seen.entry(key).or_insert(0);
         *count += 1;
         let count = *count;
         drop(seen);
-        if count < RECORD_AFTER || graphs.len() >= MAX_GRAPHS {
+        if count < RECORD_AFTER {
             return out;
+        }
+        if graphs.len() >= MAX_RECORDINGS {
+            // A graph still running is freed by the driver once it completes.
+            let oldest = graphs
+                .iter()
+                .min_by_key(|(_, g)| g.last_used)
+                .map(|(k, _)| *k);
+            if let Some(k) = oldest {
+                graphs.remove(&k);
+            }
         }
         self.graph_seen
             .lock()
@@ -1276,6 +1341,7 @@ impl Backend for CudaBackend {
                         graph: GraphCell(graph),
                         batch,
                         out: persist,
+                        last_used: now,
                     },
                 );
             }
@@ -1556,7 +1622,7 @@ impl Backend for CudaBackend {
         }
         let width = experts[0].gate.rows;
         let pairs = n_tokens * k;
-        let decode = pairs <= MOE_GEMV_MAX_PAIRS
+        let decode = pairs <= moe_gemv_max_pairs(n_exp)
             && hidden % 8 == 0
             && width.is_multiple_of(8)
             && shared.is_none_or(|m| m.gate.rows == width);
