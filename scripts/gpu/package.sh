@@ -6,8 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 mkdir -p .dev/gpu
+# Its own target directory: the build without the embedded model must not replace the
+# development build's target/release/hyserve.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/gpu-package}"
 cargo build --release --locked --no-default-features
-cp target/release/hyserve .dev/gpu/hyserve
+cp "$CARGO_TARGET_DIR/release/hyserve" .dev/gpu/hyserve
 test_bin=$(cargo test --release --locked -p hyserve-worker --features gpu-tests --test gpu --no-run \
     --message-format=json 2>/dev/null | python3 -c '
 import json, sys
