@@ -231,15 +231,12 @@ impl ServeConfig {
         }
         Ok(())
     }
-
-    /// Whether speculating steps have one depth for every sequence
-    /// ([`SpecConfig::uniform`](hyserve_coordinator::scheduler::spec::SpecConfig)).
-    pub fn spec_uniform(&self) -> bool {
-        uniform_steps(&self.spec_uniform, &self.device)
-    }
 }
 
-/// `on`, `off`, or `auto`: on for CUDA devices, whose steps replay recorded graphs.
+/// Whether speculating steps have one depth for every sequence
+/// ([`SpecConfig::uniform`](hyserve_coordinator::scheduler::spec::SpecConfig)) under
+/// the `spec_uniform` setting `on`, `off`, or `auto`: on for CUDA devices, whose steps
+/// replay recorded graphs.
 pub fn uniform_steps(setting: &str, device: &str) -> bool {
     match setting {
         "on" => true,

@@ -148,6 +148,15 @@ pub struct SeqChunk {
     pub all_logits: bool,
 }
 
+impl SeqChunk {
+    /// A decode row (one token, its logits) or a verification (a few tokens, logits for
+    /// each): a shape a backend may record and replay.
+    pub fn recordable(&self) -> bool {
+        (self.tokens.len() == 1 && !self.all_logits)
+            || (self.all_logits && self.tokens.len() <= RecordKey::MAX_SEQ_ROWS)
+    }
+}
+
 impl<B: Backend> Model<B> {
     /// Moves the validated checkpoint's tensors onto `backend`.
     pub fn load(
@@ -401,6 +410,15 @@ impl<B: Backend> Model<B> {
         n
     }
 
+    /// What a recorded step's MoE shape depends on: the most experts a token picks in
+    /// any layer, and the fewest routed experts of a layer.
+    pub fn moe_shape(&self) -> (usize, usize) {
+        let layers = &self.cfg.layers;
+        let top_k = layers.iter().map(|l| l.top_k).max().unwrap_or(1);
+        let n_experts = layers.iter().map(|l| l.n_experts).min().unwrap_or(1);
+        (top_k, n_experts)
+    }
+
     /// Runs a batch of sequence chunks; returns, per chunk, its logits rows
     /// (`[rows, vocab]`, every new token's or only the last one's).
     pub fn forward(&self, b: &B, kv: &mut B::Kv, chunks: &[SeqChunk]) -> Vec<Vec<f32>> {
@@ -416,10 +434,7 @@ impl<B: Backend> Model<B> {
         // A decode step (one token per sequence) or a verification step (a few tokens
         // per sequence, logits for each) has shapes that depend only on how many rows
         // each sequence has: a backend may record and replay it.
-        let recordable = chunks.iter().all(|c| {
-            (c.tokens.len() == 1 && !c.all_logits)
-                || (c.all_logits && c.tokens.len() <= RecordKey::MAX_SEQ_ROWS)
-        });
+        let recordable = chunks.iter().all(SeqChunk::recordable);
         let logits = if recordable && !chunks.is_empty() {
             let rows = tokens.len();
             let max_ctx = chunks
@@ -427,14 +442,7 @@ impl<B: Backend> Model<B> {
                 .map(|c| c.first_pos + c.tokens.len())
                 .max()
                 .unwrap_or(1);
-            let top_k = self.cfg.layers.iter().map(|l| l.top_k).max().unwrap_or(1);
-            let moe_experts = self
-                .cfg
-                .layers
-                .iter()
-                .map(|l| l.n_experts)
-                .min()
-                .unwrap_or(1);
+            let (top_k, moe_experts) = self.moe_shape();
             let key = RecordKey {
                 rows,
                 seq_rows: RecordKey::layout(chunks.iter().map(|c| c.tokens.len())),

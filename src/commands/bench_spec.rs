@@ -29,6 +29,7 @@ use hyserve_model::{Checkpoint, ModelConfig};
 use serde::Serialize;
 
 use super::serve::{WeightSource, local_factory, open_draft};
+use crate::config::uniform_steps;
 use crate::load;
 
 #[derive(clap::Args)]
@@ -316,6 +317,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     // One engine per proposer, all started first, so the measurements of one
     // (workload, batch) interleave proposers and repetitions: a machine that drifts
     // (clocks, other load) drifts for all of them alike.
+    let uniform = uniform_steps(&a.spec_uniform, &a.device);
     let mut engines = Vec::new();
     for &proposer in &proposers {
         let engine = rt.block_on(EngineHandle::start(
@@ -333,7 +335,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     speculation: SpecConfig {
                         max_depth: a.spec_max_depth,
                         fixed_depth: a.spec_depth,
-                        uniform: crate::config::uniform_steps(&a.spec_uniform, &a.device),
+                        uniform,
                         ..SpecConfig::new(proposer)
                     },
                 },
@@ -459,7 +461,7 @@ fn write_report(
         max_tokens: a.max_tokens,
         spec_depth: a.spec_depth,
         spec_max_depth: a.spec_max_depth,
-        spec_uniform: crate::config::uniform_steps(&a.spec_uniform, &a.device),
+        spec_uniform: uniform_steps(&a.spec_uniform, &a.device),
         rows: rows.to_vec(),
     };
     std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")

@@ -414,9 +414,6 @@ async fn serve(mut cfg: ServeConfig, cluster: Option<ClusterArgs>) -> anyhow::Re
         };
         let cl = Cluster::start(model_cfg.clone(), opts).await?;
         cfg.workers = cl.engine_workers();
-        if cl.gpu() && cfg.spec_uniform == "auto" {
-            cfg.spec_uniform = "on".into(); // GPU workers record their steps
-        }
         let f = cl.factory();
         running_cluster = Some(cl);
         f
@@ -454,7 +451,15 @@ async fn serve(mut cfg: ServeConfig, cluster: Option<ClusterArgs>) -> anyhow::Re
                 speculation: SpecConfig {
                     max_depth: cfg.spec_max_depth,
                     fixed_depth: cfg.spec_depth,
-                    uniform: cfg.spec_uniform(),
+                    // Where the steps run: a cluster's workers, or this process.
+                    uniform: crate::config::uniform_steps(
+                        &cfg.spec_uniform,
+                        match &running_cluster {
+                            Some(cl) if cl.gpu() => "cuda",
+                            Some(_) => "cpu",
+                            None => &cfg.device,
+                        },
+                    ),
                     ..SpecConfig::new(proposer)
                 },
             },

@@ -51,17 +51,14 @@ fn pad_for_recording<B: Backend>(
         return 0;
     };
     let (rows, all_logits) = (first.tokens.len(), first.all_logits);
-    let recordable = (rows == 1 && !all_logits) || (all_logits && rows <= RecordKey::MAX_SEQ_ROWS);
-    if !recordable
+    if !first.recordable()
         || chunks
             .iter()
             .any(|c| c.tokens.len() != rows || c.all_logits != all_logits)
     {
         return n;
     }
-    let layers = &model.cfg.layers;
-    let top_k = layers.iter().map(|l| l.top_k).max().unwrap_or(1);
-    let n_experts = layers.iter().map(|l| l.n_experts).min().unwrap_or(1);
+    let (top_k, n_experts) = model.moe_shape();
     let padded = backend.padded_sequences(n, rows, top_k, n_experts);
     let scratch = spec.n_blocks * spec.block_size;
     chunks.extend((n..padded).map(|_| SeqChunk {

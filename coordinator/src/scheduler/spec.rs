@@ -116,46 +116,36 @@ pub fn ngram_proposals(
     window: usize,
 ) -> Vec<u32> {
     let mut out = Vec::new();
+    // Only the last `window` tokens are searched; the proposals are appended to them
+    // when a match runs into the end (copied once, and only then).
+    let mut text = std::borrow::Cow::Borrowed(&tokens[tokens.len().saturating_sub(window)..]);
     while out.len() < depth {
-        let text = Joined(tokens, &out);
         let Some(from) = latest_match(&text, min_n, max_n, window) else {
             break;
         };
         let to = (from + depth - out.len()).min(text.len());
-        let more: Vec<u32> = (from..to).map(|i| text.at(i)).collect();
-        out.extend(more);
+        let more = text[from..to].to_vec();
+        out.extend_from_slice(&more);
+        if out.len() < depth {
+            text.to_mut().extend(more);
+        }
     }
     out
 }
 
-/// Two slices read as one text.
-struct Joined<'a>(&'a [u32], &'a [u32]);
-
-impl Joined<'_> {
-    fn len(&self) -> usize {
-        self.0.len() + self.1.len()
-    }
-
-    fn at(&self, i: usize) -> u32 {
-        match self.0.get(i) {
-            Some(&t) => t,
-            None => self.1[i - self.0.len()],
-        }
-    }
-}
-
-/// Where the text after the latest earlier occurrence of the text's last `n` tokens
-/// begins, for the longest `n` in `max_n..=min_n` that occurs within `window`.
-fn latest_match(text: &Joined<'_>, min_n: usize, max_n: usize, window: usize) -> Option<usize> {
+/// Where the text after the latest earlier occurrence of `text`'s last `n` tokens
+/// begins, for the longest `n` in `max_n..=min_n` that occurs within the last `window`.
+fn latest_match(text: &[u32], min_n: usize, max_n: usize, window: usize) -> Option<usize> {
     let len = text.len();
     let lo = len.saturating_sub(window);
     for n in (min_n.max(1)..=max_n).rev() {
         if n >= len {
             continue;
         }
+        let suffix = &text[len - n..];
         // Latest start first; the match must end before the suffix itself begins.
         for start in (lo..len - n).rev() {
-            if (0..n).all(|i| text.at(start + i) == text.at(len - n + i)) {
+            if &text[start..start + n] == suffix {
                 return Some(start + n);
             }
         }
