@@ -114,6 +114,10 @@ struct Row {
     /// recorded (CUDA graphs).
     spec_steps: u64,
     warming_steps: u64,
+    /// Per step: milliseconds from sending the step to the workers to their last reply
+    /// (draft rounds included), and of the scheduler's own work (planning, verifying).
+    model_ms_per_step: f64,
+    scheduler_ms_per_step: f64,
     /// Requests whose output equals plain decoding's.
     same_as_plain: usize,
 }
@@ -179,6 +183,10 @@ fn summarize(
     let delta = |f: fn(&hyserve_coordinator::api::EngineStats) -> u64| -> u64 {
         runs.iter().map(|m| f(&m.after) - f(&m.before)).sum()
     };
+    let steps = delta(|s| s.steps_total).max(1) as f64;
+    let per_step = |f: fn(&hyserve_coordinator::api::EngineStats) -> f64| -> f64 {
+        1e3 * runs.iter().map(|m| f(&m.after) - f(&m.before)).sum::<f64>() / steps
+    };
     let proposed = delta(|s| s.spec.proposed_tokens);
     let accepted = delta(|s| s.spec.accepted_tokens);
     let verifies = delta(|s| s.spec.accepted_length_counts.iter().sum());
@@ -228,6 +236,8 @@ fn summarize(
         steps: delta(|s| s.steps_total),
         spec_steps: delta(|s| s.spec.steps),
         warming_steps: delta(|s| s.steps_warming_total),
+        model_ms_per_step: per_step(|s| s.model_seconds_total),
+        scheduler_ms_per_step: per_step(|s| s.scheduler_seconds_total),
         same_as_plain: same,
     }
 }
@@ -414,7 +424,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     plain_out.as_deref(),
                 );
                 eprintln!(
-                    "  {}: {:.1} tok/s ({:.2}x plain, {:.2}-{:.2}x by repetition), ITL {:.2} ms, acceptance {:.0}%, {} steps ({} speculative, {} warming up), {}/{} outputs as plain",
+                    "  {}: {:.1} tok/s ({:.2}x plain, {:.2}-{:.2}x by repetition), ITL {:.2} ms, acceptance {:.0}%, {} steps ({} speculative, {} warming up; {:.3} ms model + {:.3} ms scheduler per step), {}/{} outputs as plain",
                     row.proposer,
                     row.tokens_per_second,
                     row.speedup,
@@ -425,6 +435,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     row.steps,
                     row.spec_steps,
                     row.warming_steps,
+                    row.model_ms_per_step,
+                    row.scheduler_ms_per_step,
                     row.same_as_plain,
                     row.requests
                 );
@@ -622,12 +634,12 @@ fn device_name(device: &str) -> String {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "| workload | batch | proposer | tok/s | vs plain (range by repetition) | ITL ms (mean / p90) | acceptance | accepted per verify | same as plain |"
+        "| workload | batch | proposer | tok/s | vs plain (range by repetition) | ITL ms (mean / p90) | acceptance | accepted per verify | steps | ms per step (model / scheduler) | same as plain |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
-            "| {} | {} | {} | {:.1} | {:.2}x ({:.2}-{:.2}) | {:.2} / {:.2} | {} | {:.2} | {}/{} |",
+            "| {} | {} | {} | {:.1} | {:.2}x ({:.2}-{:.2}) | {:.2} / {:.2} | {} | {:.2} | {} | {:.3} / {:.3} | {}/{} |",
             r.workload,
             r.batch,
             r.proposer,
@@ -643,6 +655,9 @@ fn print_table(rows: &[Row]) {
                 "-".into()
             },
             r.accepted_per_verify,
+            r.steps,
+            r.model_ms_per_step,
+            r.scheduler_ms_per_step,
             r.same_as_plain,
             r.requests
         );
