@@ -13,6 +13,25 @@ if ! command -v etcd >/dev/null && [ -z "${HYSERVE_ETCD_BIN:-}" ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server >/dev/null
 fi
 
+# Prometheus and promtool for the metrics tests (tests/python/test_metrics.py: the exposition
+# linter, the alert rules' unit tests, and a real server the dashboards' queries run on; they
+# start their own on free ports, so a packaged service that starts on :9090 is harmless).
+if ! { command -v prometheus && command -v promtool; } >/dev/null; then
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
+# kubectl for the deployment tests (tests/python/test_deploy.py renders deploy/k8s with
+# `kubectl kustomize`; no cluster needed): Debian's kubernetes-client if there is none.
+if ! command -v kubectl >/dev/null && [ -z "${KUBECTL:-}" ]; then
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq kubernetes-client >/dev/null
+fi
+
 # NVRTC and the CUDA headers from PyPI (no GPU needed): the kernel sources are compiled
 # for sm_90 by the same compiler the GPU hosts use, so a .cu error fails here, not there.
 NV=target/nvrtc

@@ -20,6 +20,7 @@ mod config;
 #[cfg(feature = "embedded-model")]
 mod embedded;
 mod load;
+mod telemetry;
 
 use clap::{Parser, Subcommand};
 
@@ -54,6 +55,12 @@ enum Command {
     BenchEp(commands::bench_ep::Args),
     BenchSpec(commands::bench_spec::Args),
     Plan(commands::plan::Args),
+    /// Drain the server on this host (stop taking requests, finish those in flight).
+    Drain(commands::drain::Args),
+    /// Print every metric hyserve exports (name, type, help, labels) as JSON.
+    MetricsCatalogue(telemetry::CatalogueArgs),
+    /// Write the Grafana dashboards generated from the metric catalogue.
+    Dashboards(telemetry::DashboardArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,6 +85,9 @@ fn main() -> anyhow::Result<()> {
         Command::BenchEp(a) => commands::bench_ep::run(a),
         Command::BenchSpec(a) => commands::bench_spec::run(a),
         Command::Plan(a) => commands::plan::run(a),
+        Command::Drain(a) => commands::drain::run(a),
+        Command::MetricsCatalogue(a) => telemetry::catalogue(a),
+        Command::Dashboards(a) => telemetry::dashboards(a),
     }
 }
 

@@ -221,6 +221,51 @@ pub struct EngineStats {
     pub scheduler_seconds_total: f64,
     /// Speculative decoding: proposals, acceptances, time saved.
     pub spec: crate::scheduler::spec::SpecStats,
+    /// Waiting sequences that ran before and were preempted.
+    pub preempted_waiting: usize,
+    /// Time from submission to a sequence's first admission.
+    pub queue_seconds: HistogramCounts,
+    pub workers_alive: usize,
+    pub workers_expected: usize,
+    /// The placement epoch in force (expert parallelism; 0 without).
+    pub epoch: u64,
+    pub rebalances_total: u64,
+    pub rebalance_seconds: HistogramCounts,
+}
+
+/// A histogram kept as counts (the engine does not depend on a metrics library; the
+/// fronts turn it into their exposition).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HistogramCounts {
+    /// Upper bounds of the buckets, rising.
+    pub bounds: &'static [f64],
+    /// Observations per bucket (not cumulative), one more than `bounds`: the last
+    /// counts those above every bound.
+    pub counts: Vec<u64>,
+    pub sum: f64,
+}
+
+impl HistogramCounts {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: vec![0; bounds.len() + 1],
+            sum: 0.0,
+        }
+    }
+
+    pub fn observe(&mut self, x: f64) {
+        if self.counts.len() != self.bounds.len() + 1 {
+            self.counts.resize(self.bounds.len() + 1, 0);
+        }
+        let i = self.bounds.partition_point(|&b| b < x);
+        self.counts[i] += 1;
+        self.sum += x;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
 }
 
 /// What a front needs from the engine. Implemented by the actor system

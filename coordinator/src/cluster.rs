@@ -501,6 +501,7 @@ impl Cluster {
             s.record = record.clone();
         }
         engine.set_epoch(record.epoch);
+        engine.record_rebalance(t0.elapsed().as_secs_f64());
         tracing::info!(
             epoch = record.epoch,
             replicas = record.replicas,

@@ -17,7 +17,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent
 use tokio::sync::mpsc;
 
 use crate::api::{
-    Engine, EngineStats, GenerateRequest, Health, ModelInfo, ServeError, TokenEvent, TokenStream,
+    Engine, EngineStats, GenerateRequest, Health, HistogramCounts, ModelInfo, ServeError,
+    TokenEvent, TokenStream,
 };
 use crate::scheduler::{Plan, Scheduler, SchedulerConfig, SeqId};
 
@@ -159,6 +160,8 @@ struct Shared {
     epoch: AtomicU64,
     /// Rows routed per `[layer][expert]` (flattened) since last taken.
     expert_load: Mutex<Vec<u64>>,
+    /// Rebalances done and how long each took.
+    rebalances: Mutex<HistogramCounts>,
 }
 
 fn now_ms() -> u64 {
@@ -527,6 +530,9 @@ impl EngineHandle {
             lockstep: config.lockstep,
             epoch: AtomicU64::new(0),
             expert_load: Mutex::new(Vec::new()),
+            rebalances: Mutex::new(HistogramCounts::new(
+                hyserve_telemetry::catalogue::REBALANCE_DURATION_SECONDS.buckets,
+            )),
         });
         let (actor, _) = Actor::spawn(
             None,
@@ -555,6 +561,13 @@ impl EngineHandle {
 
     pub fn epoch(&self) -> u64 {
         self.shared.epoch.load(Ordering::Acquire)
+    }
+
+    /// A rebalance moved the experts in `seconds` (for the metrics).
+    pub fn record_rebalance(&self, seconds: f64) {
+        if let Ok(mut r) = self.shared.rebalances.lock() {
+            r.observe(seconds);
+        }
     }
 
     /// Stops starting steps and waits until none is in flight (a cluster change that
@@ -669,10 +682,17 @@ impl Engine for EngineHandle {
     }
 
     fn stats(&self) -> EngineStats {
-        self.shared
-            .stats
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_default()
+        let s = &self.shared;
+        let mut stats = s.stats.lock().map(|s| s.clone()).unwrap_or_default();
+        stats.workers_alive = s.workers_alive.load(Ordering::Acquire);
+        stats.workers_expected = s.n_workers;
+        if s.lockstep {
+            stats.epoch = s.epoch.load(Ordering::Acquire);
+        }
+        if let Ok(r) = s.rebalances.lock() {
+            stats.rebalances_total = r.count();
+            stats.rebalance_seconds = r.clone();
+        }
+        stats
     }
 }

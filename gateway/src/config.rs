@@ -24,6 +24,9 @@ pub struct GatewayConfig {
     pub max_n: usize,
     /// Prompts and generated text are logged only when this is set.
     pub log_prompts: bool,
+    /// The registry `/metrics` renders, when other parts of the process (in-process
+    /// workers, the build info) already registered on it; a fresh one otherwise.
+    pub metrics_registry: Option<prometheus::Registry>,
 }
 
 impl Default for GatewayConfig {
@@ -37,6 +40,7 @@ impl Default for GatewayConfig {
             max_prompt_tokens: 1 << 20,
             max_n: 16,
             log_prompts: false,
+            metrics_registry: None,
         }
     }
 }

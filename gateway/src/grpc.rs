@@ -71,6 +71,14 @@ pub(crate) fn service(
 }
 
 /// Keeps the health service's status in step with `Engine::health().ready` until shutdown.
+/// A client's request id from the `x-request-id` metadata.
+fn client_request_id<T>(request: &Request<T>) -> Option<&str> {
+    request
+        .metadata()
+        .get(crate::request::REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+}
+
 pub(crate) async fn report_health(
     state: Arc<State>,
     reporter: HealthReporter,
@@ -79,7 +87,7 @@ pub(crate) async fn report_health(
     let mut shutdown = std::pin::pin!(shutdown);
     let mut last = None;
     loop {
-        let ready = state.engine.health().ready;
+        let ready = state.ready();
         if last != Some(ready) {
             let status = if ready {
                 ServingStatus::Serving
@@ -117,7 +125,12 @@ impl Inference for GrpcInference {
         &self,
         request: Request<v1::GenerateRequest>,
     ) -> Result<Response<v1::GenerateResponse>, Status> {
-        let tracker = Tracker::new(&self.state.metrics, endpoint::GRPC_GENERATE, "grpc");
+        let tracker = Tracker::new(
+            &self.state.metrics,
+            endpoint::GRPC_GENERATE,
+            "grpc",
+            client_request_id(&request),
+        );
         let result = async {
             let mut choice = self.start(request.into_inner(), &tracker)?;
             let mut text = String::new();
@@ -176,7 +189,12 @@ impl Inference for GrpcInference {
         &self,
         request: Request<v1::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let tracker = Tracker::new(&self.state.metrics, endpoint::GRPC_GENERATE_STREAM, "grpc");
+        let tracker = Tracker::new(
+            &self.state.metrics,
+            endpoint::GRPC_GENERATE_STREAM,
+            "grpc",
+            client_request_id(&request),
+        );
         let choice = match self.start(request.into_inner(), &tracker) {
             Ok(c) => c,
             Err(e) => {

@@ -1,144 +1,82 @@
-//! Every metric the gateway exposes on `/metrics`, and the only place their names are
-//! written: `hyserve_` prefix, units as suffixes (`_seconds`, `_tokens`, `_total`).
-//!
-//! Request metrics are updated as requests run; engine metrics are read from
-//! [`Engine::stats`] at scrape time by a custom collector, so counters keep their counter
-//! type instead of being gauges that happen to end in `_total`.
+//! The gateway's `/metrics`: request metrics updated as requests run, and engine metrics
+//! read from [`Engine::stats`] at scrape time by a custom collector, so counters keep
+//! their counter type instead of being gauges that happen to end in `_total`. Names,
+//! help and buckets come from the catalogue (`hyserve_telemetry::catalogue`), the one
+//! place they are written.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use hyserve_coordinator::api::{Engine, EngineStats};
+use hyserve_coordinator::api::{Engine, EngineStats, HistogramCounts};
+use hyserve_telemetry::catalogue::{self as c, MetricDef};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, MetricFamily, MetricType};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramVec, IntCounter, IntCounterVec, Registry, TextEncoder,
 };
 
-pub(crate) const REQUESTS_TOTAL: &str = "hyserve_requests_total";
-pub(crate) const AUTH_FAILURES_TOTAL: &str = "hyserve_auth_failures_total";
-pub(crate) const REQUEST_DURATION_SECONDS: &str = "hyserve_request_duration_seconds";
-pub(crate) const TIME_TO_FIRST_TOKEN_SECONDS: &str = "hyserve_time_to_first_token_seconds";
-pub(crate) const GENERATED_TOKENS_TOTAL: &str = "hyserve_generated_tokens_total";
-pub(crate) const PROMPT_TOKENS_TOTAL: &str = "hyserve_prompt_tokens_total";
-
 /// Engine metrics: (name, help, type, value).
-type EngineMetric = (
-    &'static str,
-    &'static str,
-    MetricType,
-    fn(&EngineStats) -> f64,
-);
+type EngineMetric = (MetricDef, fn(&EngineStats) -> f64);
 
 const ENGINE_METRICS: &[EngineMetric] = &[
-    (
-        "hyserve_kv_blocks_used",
-        "KV cache blocks held by sequences or the prefix cache.",
-        MetricType::GAUGE,
-        |s| s.kv_blocks_used as f64,
-    ),
-    (
-        "hyserve_kv_blocks_total",
-        "KV cache blocks in the pool.",
-        MetricType::GAUGE,
-        |s| s.kv_blocks_total as f64,
-    ),
-    (
-        "hyserve_kv_blocks_cached",
-        "KV cache blocks held only by the prefix cache (evictable).",
-        MetricType::GAUGE,
-        |s| s.kv_blocks_cached as f64,
-    ),
-    (
-        "hyserve_requests_running",
-        "Sequences being generated.",
-        MetricType::GAUGE,
-        |s| s.running as f64,
-    ),
-    (
-        "hyserve_requests_waiting",
-        "Sequences queued for admission.",
-        MetricType::GAUGE,
-        |s| s.waiting as f64,
-    ),
-    (
-        "hyserve_prefix_cache_queries_tokens_total",
-        "Prompt tokens looked up in the prefix cache.",
-        MetricType::COUNTER,
-        |s| s.prefix_cache_queries_tokens as f64,
-    ),
-    (
-        "hyserve_prefix_cache_hits_tokens_total",
-        "Prompt tokens found in the prefix cache.",
-        MetricType::COUNTER,
-        |s| s.prefix_cache_hit_tokens as f64,
-    ),
-    (
-        "hyserve_preemptions_total",
-        "Sequences preempted to free KV blocks.",
-        MetricType::COUNTER,
-        |s| s.preempted_total as f64,
-    ),
-    (
-        "hyserve_steps_total",
-        "Engine steps (batched forward passes) run.",
-        MetricType::COUNTER,
-        |s| s.steps_total as f64,
-    ),
-    (
-        "hyserve_steps_warming_total",
-        "Engine steps that ran a batch shape still being recorded as a CUDA graph.",
-        MetricType::COUNTER,
-        |s| s.steps_warming_total as f64,
-    ),
-    (
-        "hyserve_spec_steps_total",
-        "Engine steps that verified speculative proposals.",
-        MetricType::COUNTER,
-        |s| s.spec.steps as f64,
-    ),
-    (
-        "hyserve_scheduler_seconds_total",
-        "Wall time spent in the scheduler.",
-        MetricType::COUNTER,
-        |s| s.scheduler_seconds_total,
-    ),
-    (
-        "hyserve_model_seconds_total",
-        "Wall time spent in model forward passes.",
-        MetricType::COUNTER,
-        |s| s.model_seconds_total,
-    ),
-    (
-        "hyserve_spec_proposed_tokens_total",
-        "Tokens proposed for speculative verification (prompt lookup or draft model).",
-        MetricType::COUNTER,
-        |s| s.spec.proposed_tokens as f64,
-    ),
-    (
-        "hyserve_spec_accepted_tokens_total",
-        "Proposed tokens the target model accepted.",
-        MetricType::COUNTER,
-        |s| s.spec.accepted_tokens as f64,
-    ),
-    (
-        "hyserve_spec_time_saved_seconds",
-        "Estimated decode time speculation saved so far (negative: it cost time).",
-        MetricType::GAUGE,
-        |s| s.spec.time_saved_seconds,
-    ),
+    (c::KV_BLOCKS_USED, |s| s.kv_blocks_used as f64),
+    (c::KV_BLOCKS_FREE, |s| {
+        s.kv_blocks_total.saturating_sub(s.kv_blocks_used) as f64
+    }),
+    (c::KV_BLOCKS_CAPACITY, |s| s.kv_blocks_total as f64),
+    (c::KV_BLOCKS_CACHED, |s| s.kv_blocks_cached as f64),
+    (c::REQUESTS_RUNNING, |s| s.running as f64),
+    (c::REQUESTS_WAITING, |s| s.waiting as f64),
+    (c::REQUESTS_PREEMPTED, |s| s.preempted_waiting as f64),
+    (c::PREFIX_CACHE_QUERIES_TOKENS_TOTAL, |s| {
+        s.prefix_cache_queries_tokens as f64
+    }),
+    (c::PREFIX_CACHE_HITS_TOKENS_TOTAL, |s| {
+        s.prefix_cache_hit_tokens as f64
+    }),
+    (c::PREEMPTIONS_TOTAL, |s| s.preempted_total as f64),
+    (c::STEPS_TOTAL, |s| s.steps_total as f64),
+    (c::STEPS_WARMING_TOTAL, |s| s.steps_warming_total as f64),
+    (c::SPEC_STEPS_TOTAL, |s| s.spec.steps as f64),
+    (c::SCHEDULER_SECONDS_TOTAL, |s| s.scheduler_seconds_total),
+    (c::MODEL_SECONDS_TOTAL, |s| s.model_seconds_total),
+    (c::SPEC_PROPOSED_TOKENS_TOTAL, |s| {
+        s.spec.proposed_tokens as f64
+    }),
+    (c::SPEC_ACCEPTED_TOKENS_TOTAL, |s| {
+        s.spec.accepted_tokens as f64
+    }),
+    (c::SPEC_TIME_SAVED_SECONDS, |s| s.spec.time_saved_seconds),
+    (c::WORKERS_ALIVE, |s| s.workers_alive as f64),
+    (c::WORKERS_EXPECTED, |s| s.workers_expected as f64),
+    (c::PLACEMENT_EPOCH, |s| s.epoch as f64),
+    (c::REBALANCES_TOTAL, |s| s.rebalances_total as f64),
 ];
 
-/// Accepted proposals per verified sequence-step, as a histogram.
-const SPEC_ACCEPTED_LENGTH: &str = "hyserve_spec_accepted_length_tokens";
-/// Its buckets' upper bounds (the deepest speculation is 15 tokens).
-const SPEC_LENGTH_BUCKETS: &[u64] = &[0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 15];
+/// Engine histograms kept as counts: (metric, its counts).
+type EngineHistogram = (MetricDef, fn(&EngineStats) -> HistogramCounts);
+
+const ENGINE_HISTOGRAMS: &[EngineHistogram] = &[
+    (c::QUEUE_TIME_SECONDS, |s| s.queue_seconds.clone()),
+    (c::REBALANCE_DURATION_SECONDS, |s| {
+        s.rebalance_seconds.clone()
+    }),
+];
 
 /// `outcome` label of a request that completed.
 pub(crate) const OUTCOME_OK: &str = "ok";
 /// `outcome` label of a request whose client went away first.
 pub(crate) const OUTCOME_CANCELLED: &str = "cancelled";
+/// Every `outcome` label value (the others are `crate::error::outcome`'s).
+const OUTCOMES: &[&str] = &[
+    OUTCOME_OK,
+    OUTCOME_CANCELLED,
+    "invalid_request",
+    "unauthorized",
+    "overloaded",
+    "unavailable",
+    "internal_error",
+];
 
 /// `endpoint` label values.
 pub(crate) mod endpoint {
@@ -146,6 +84,12 @@ pub(crate) mod endpoint {
     pub(crate) const CHAT_COMPLETIONS: &str = "chat_completions";
     pub(crate) const GRPC_GENERATE: &str = "grpc_generate";
     pub(crate) const GRPC_GENERATE_STREAM: &str = "grpc_generate_stream";
+    pub(crate) const ALL: &[&str] = &[
+        COMPLETIONS,
+        CHAT_COMPLETIONS,
+        GRPC_GENERATE,
+        GRPC_GENERATE_STREAM,
+    ];
 }
 
 /// The gateway's metrics and the registry that renders them.
@@ -155,48 +99,48 @@ pub(crate) struct Metrics {
     pub(crate) auth_failures: IntCounter,
     request_duration: HistogramVec,
     time_to_first_token: HistogramVec,
+    inter_token: HistogramVec,
+    pub(crate) prompt_length: Histogram,
+    pub(crate) generation_length: Histogram,
     pub(crate) generated_tokens: IntCounter,
     pub(crate) prompt_tokens: IntCounter,
+    /// Generation requests being answered (what `/drain` waits for).
+    pub(crate) in_flight: std::sync::atomic::AtomicUsize,
 }
 
 impl Metrics {
-    pub(crate) fn new(engine: Arc<dyn Engine>) -> Result<Self, prometheus::Error> {
-        let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                REQUESTS_TOTAL,
-                "Generation requests by endpoint and outcome.",
-            ),
-            &["endpoint", "outcome"],
-        )?;
-        let auth_failures = IntCounter::new(
-            AUTH_FAILURES_TOTAL,
-            "Requests refused for a missing or wrong API key (HTTP and gRPC).",
-        )?;
-        let request_duration = HistogramVec::new(
-            HistogramOpts::new(
-                REQUEST_DURATION_SECONDS,
-                "Time from receiving a generation request to its last byte.",
-            )
-            .buckets(prometheus::exponential_buckets(0.01, 2.0, 15)?),
-            &["endpoint"],
-        )?;
-        let time_to_first_token = HistogramVec::new(
-            HistogramOpts::new(
-                TIME_TO_FIRST_TOKEN_SECONDS,
-                "Time from receiving a generation request to its first generated token.",
-            )
-            .buckets(prometheus::exponential_buckets(0.005, 2.0, 15)?),
-            &["endpoint"],
-        )?;
-        let generated_tokens =
-            IntCounter::new(GENERATED_TOKENS_TOTAL, "Tokens generated for clients.")?;
-        let prompt_tokens = IntCounter::new(PROMPT_TOKENS_TOTAL, "Prompt tokens of requests.")?;
-
+    /// The gateway's metrics on `registry` (which may already hold other parts' of the
+    /// process, such as in-process workers'), every label combination it knows
+    /// present from the start.
+    pub(crate) fn new(
+        engine: Arc<dyn Engine>,
+        registry: Registry,
+    ) -> Result<Self, prometheus::Error> {
+        let requests = IntCounterVec::new(c::REQUESTS_TOTAL.opts(), c::REQUESTS_TOTAL.labels)?;
+        let auth_failures = IntCounter::with_opts(c::AUTH_FAILURES_TOTAL.opts())?;
+        let per_endpoint = |m: &MetricDef| HistogramVec::new(m.histogram_opts(), m.labels);
+        let request_duration = per_endpoint(&c::REQUEST_DURATION_SECONDS)?;
+        let time_to_first_token = per_endpoint(&c::TIME_TO_FIRST_TOKEN_SECONDS)?;
+        let inter_token = per_endpoint(&c::INTER_TOKEN_LATENCY_SECONDS)?;
+        let prompt_length = Histogram::with_opts(c::PROMPT_LENGTH_TOKENS.histogram_opts())?;
+        let generation_length = Histogram::with_opts(c::GENERATION_LENGTH_TOKENS.histogram_opts())?;
+        let generated_tokens = IntCounter::with_opts(c::GENERATED_TOKENS_TOTAL.opts())?;
+        let prompt_tokens = IntCounter::with_opts(c::PROMPT_TOKENS_TOTAL.opts())?;
+        for e in endpoint::ALL {
+            for o in OUTCOMES {
+                requests.with_label_values(&[e, o]);
+            }
+            request_duration.with_label_values(&[e]);
+            time_to_first_token.with_label_values(&[e]);
+            inter_token.with_label_values(&[e]);
+        }
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(auth_failures.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(time_to_first_token.clone()))?;
+        registry.register(Box::new(inter_token.clone()))?;
+        registry.register(Box::new(prompt_length.clone()))?;
+        registry.register(Box::new(generation_length.clone()))?;
         registry.register(Box::new(generated_tokens.clone()))?;
         registry.register(Box::new(prompt_tokens.clone()))?;
         registry.register(Box::new(EngineStatsCollector::new(engine)?))?;
@@ -206,8 +150,12 @@ impl Metrics {
             auth_failures,
             request_duration,
             time_to_first_token,
+            inter_token,
+            prompt_length,
+            generation_length,
             generated_tokens,
             prompt_tokens,
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -221,6 +169,10 @@ impl Metrics {
 
     pub(crate) fn time_to_first_token(&self, endpoint: &str) -> Histogram {
         self.time_to_first_token.with_label_values(&[endpoint])
+    }
+
+    pub(crate) fn inter_token(&self, endpoint: &str) -> Histogram {
+        self.inter_token.with_label_values(&[endpoint])
     }
 
     /// The text exposition format (what `/metrics` returns).
@@ -246,20 +198,32 @@ struct EngineStatsCollector {
 
 impl EngineStatsCollector {
     fn new(engine: Arc<dyn Engine>) -> Result<Self, prometheus::Error> {
-        let mut descs: Vec<Desc> = ENGINE_METRICS
+        let defs = ENGINE_METRICS
             .iter()
-            .map(|(name, help, _, _)| {
-                Desc::new(name.to_string(), help.to_string(), vec![], HashMap::new())
+            .map(|(m, _)| m)
+            .chain(ENGINE_HISTOGRAMS.iter().map(|(m, _)| m))
+            .chain([&c::SPEC_ACCEPTED_LENGTH_TOKENS]);
+        let descs = defs
+            .map(|m| {
+                Desc::new(
+                    m.name.to_string(),
+                    m.help.to_string(),
+                    vec![],
+                    HashMap::new(),
+                )
             })
             .collect::<Result<_, _>>()?;
-        descs.push(Desc::new(
-            SPEC_ACCEPTED_LENGTH.to_string(),
-            SPEC_LENGTH_HELP.to_string(),
-            vec![],
-            HashMap::new(),
-        )?);
         Ok(Self { engine, descs })
     }
+}
+
+fn family(m: &MetricDef, kind: MetricType, metric: proto::Metric) -> MetricFamily {
+    let mut family = MetricFamily::default();
+    family.set_name(m.name.to_string());
+    family.set_help(m.help.to_string());
+    family.set_field_type(kind);
+    family.set_metric(vec![metric]);
+    family
 }
 
 impl Collector for EngineStatsCollector {
@@ -271,25 +235,25 @@ impl Collector for EngineStatsCollector {
         let stats = self.engine.stats();
         let mut families: Vec<MetricFamily> = ENGINE_METRICS
             .iter()
-            .map(|&(name, help, kind, value)| {
+            .map(|(m, value)| {
                 let mut metric = proto::Metric::default();
-                if kind == MetricType::COUNTER {
-                    let mut c = proto::Counter::default();
-                    c.set_value(value(&stats));
-                    metric.set_counter(c);
+                let kind = if m.kind == c::Kind::Counter {
+                    let mut x = proto::Counter::default();
+                    x.set_value(value(&stats));
+                    metric.set_counter(x);
+                    MetricType::COUNTER
                 } else {
                     let mut g = proto::Gauge::default();
                     g.set_value(value(&stats));
                     metric.set_gauge(g);
-                }
-                let mut family = MetricFamily::default();
-                family.set_name(name.to_string());
-                family.set_help(help.to_string());
-                family.set_field_type(kind);
-                family.set_metric(vec![metric]);
-                family
+                    MetricType::GAUGE
+                };
+                family(m, kind, metric)
             })
             .collect();
+        for (m, counts) in ENGINE_HISTOGRAMS {
+            families.push(histogram_family(m, &counts(&stats)));
+        }
         families.push(accepted_length_histogram(
             &stats.spec.accepted_length_counts,
         ));
@@ -297,22 +261,46 @@ impl Collector for EngineStatsCollector {
     }
 }
 
-const SPEC_LENGTH_HELP: &str =
-    "Proposed tokens accepted per speculative verification of one sequence.";
+/// A histogram family from bucket counts.
+fn histogram_family(m: &MetricDef, h: &HistogramCounts) -> MetricFamily {
+    let mut p = proto::Histogram::default();
+    p.set_sample_count(h.count());
+    p.set_sample_sum(h.sum);
+    // The counts were kept against the catalogue's bounds (`HistogramCounts::new`).
+    let mut cumulative = 0;
+    let buckets = m
+        .buckets
+        .iter()
+        .enumerate()
+        .map(|(i, &le)| {
+            cumulative += h.counts.get(i).copied().unwrap_or(0);
+            let mut b = proto::Bucket::default();
+            b.set_upper_bound(le);
+            b.set_cumulative_count(cumulative);
+            b
+        })
+        .collect();
+    p.set_bucket(buckets);
+    let mut metric = proto::Metric::default();
+    metric.set_histogram(p);
+    family(m, MetricType::HISTOGRAM, metric)
+}
 
 /// The histogram of accepted lengths from per-length counts (index = length).
 fn accepted_length_histogram(counts: &[u64]) -> MetricFamily {
+    let m = &c::SPEC_ACCEPTED_LENGTH_TOKENS;
     let mut h = proto::Histogram::default();
     let total: u64 = counts.iter().sum();
     let sum: u64 = counts.iter().enumerate().map(|(n, c)| n as u64 * c).sum();
     h.set_sample_count(total);
     h.set_sample_sum(sum as f64);
-    let buckets = SPEC_LENGTH_BUCKETS
+    let buckets = m
+        .buckets
         .iter()
         .map(|&le| {
             let mut b = proto::Bucket::default();
             let below: u64 = counts.iter().take(le as usize + 1).sum();
-            b.set_upper_bound(le as f64);
+            b.set_upper_bound(le);
             b.set_cumulative_count(below);
             b
         })
@@ -320,10 +308,5 @@ fn accepted_length_histogram(counts: &[u64]) -> MetricFamily {
     h.set_bucket(buckets);
     let mut metric = proto::Metric::default();
     metric.set_histogram(h);
-    let mut family = MetricFamily::default();
-    family.set_name(SPEC_ACCEPTED_LENGTH.to_string());
-    family.set_help(SPEC_LENGTH_HELP.to_string());
-    family.set_field_type(MetricType::HISTOGRAM);
-    family.set_metric(vec![metric]);
-    family
+    family(m, MetricType::HISTOGRAM, metric)
 }

@@ -283,6 +283,11 @@ impl Plan {
         state: &State,
         request_id: &str,
     ) -> Result<Vec<TokenStream>, ServeError> {
+        if state.draining.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(ServeError::Unavailable {
+                message: "the server is draining before it stops; retry on another replica".into(),
+            });
+        }
         if state.cfg.log_prompts {
             // Lossy: the prompt may be token ids that are not whole characters.
             let text = String::from_utf8_lossy(&state.tokenizer.decode_bytes_lossy(&self.prompt))

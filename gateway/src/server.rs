@@ -26,6 +26,16 @@ pub(crate) struct State {
     /// Read once: the model does not change under a running gateway.
     pub model: ModelInfo,
     pub metrics: Arc<Metrics>,
+    /// Set by `/drain`: new requests are refused and readiness is lost while the ones
+    /// in flight finish.
+    pub draining: std::sync::atomic::AtomicBool,
+}
+
+impl State {
+    /// Ready for traffic: the engine makes progress and the gateway is not draining.
+    pub(crate) fn ready(&self) -> bool {
+        self.engine.health().ready && !self.draining.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 /// Why [`Gateway::serve`] stopped with an error.
@@ -58,7 +68,8 @@ impl std::fmt::Debug for Gateway {
 
 impl Gateway {
     pub fn new(cfg: GatewayConfig, engine: Arc<dyn Engine>, tokenizer: Arc<Tokenizer>) -> Self {
-        let metrics = Metrics::new(Arc::clone(&engine))
+        let registry = cfg.metrics_registry.clone().unwrap_or_default();
+        let metrics = Metrics::new(Arc::clone(&engine), registry)
             // The metric definitions are constants; a failure is a bug caught by any test.
             .expect("metric definitions are valid and unique");
         let model = engine.model_info();
@@ -69,6 +80,7 @@ impl Gateway {
                 tokenizer,
                 model,
                 metrics: Arc::new(metrics),
+                draining: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -104,10 +116,14 @@ impl Gateway {
 
         let shutdown = shutdown.shared();
         let (reporter, health_service) = tonic_health::server::health_reporter();
-        let http_server = axum::serve(http_listener, self.http_router())
-            .with_graceful_shutdown(shutdown.clone())
-            .into_future()
-            .map(|r| r.map_err(GatewayError::Http));
+        let http_server = axum::serve(
+            http_listener,
+            self.http_router()
+                .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown.clone())
+        .into_future()
+        .map(|r| r.map_err(GatewayError::Http));
         let grpc_server = tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(grpc::service(Arc::clone(&self.state)))

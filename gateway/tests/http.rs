@@ -901,10 +901,16 @@ async fn metrics_parse_with_unique_prefixed_names() {
             assert!(families.insert(name.to_string()), "duplicate family {name}");
             assert!(name.starts_with("hyserve_"), "{name}");
             assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
-            // `kv_blocks_total` is the pool size (a gauge) under the name the spec gives it.
-            if name.ends_with("_total") && name != "hyserve_kv_blocks_total" {
-                assert_eq!(kind, "counter", "{line}");
-            }
+            // Counters and only counters end in `_total`.
+            assert_eq!(name.ends_with("_total"), kind == "counter", "{line}");
+            // Every family is in the catalogue, with its type.
+            let def = hyserve_telemetry::catalogue::find(name)
+                .unwrap_or_else(|| panic!("{name} is not in the catalogue"));
+            assert_eq!(
+                serde_json::to_value(def.kind).unwrap(),
+                serde_json::json!(kind),
+                "{line}"
+            );
         } else if !line.starts_with('#') && !line.is_empty() {
             let (series, value) = line.rsplit_once(' ').unwrap();
             let v: f64 = value
@@ -925,7 +931,8 @@ async fn metrics_parse_with_unique_prefixed_names() {
         "hyserve_generated_tokens_total",
         "hyserve_prompt_tokens_total",
         "hyserve_kv_blocks_used",
-        "hyserve_kv_blocks_total",
+        "hyserve_kv_blocks_free",
+        "hyserve_kv_blocks_capacity",
         "hyserve_kv_blocks_cached",
         "hyserve_requests_running",
         "hyserve_requests_waiting",
@@ -937,6 +944,14 @@ async fn metrics_parse_with_unique_prefixed_names() {
         "hyserve_spec_steps_total",
         "hyserve_scheduler_seconds_total",
         "hyserve_model_seconds_total",
+        "hyserve_inter_token_latency_seconds",
+        "hyserve_queue_time_seconds",
+        "hyserve_prompt_length_tokens",
+        "hyserve_generation_length_tokens",
+        "hyserve_requests_preempted",
+        "hyserve_workers_alive",
+        "hyserve_placement_epoch",
+        "hyserve_rebalance_duration_seconds",
     ] {
         assert!(families.contains(name), "missing {name}");
     }
@@ -955,7 +970,15 @@ async fn metrics_parse_with_unique_prefixed_names() {
     );
     assert_eq!(s("hyserve_generated_tokens_total"), Some(12.0));
     assert_eq!(s("hyserve_prompt_tokens_total"), Some(2.0));
-    assert_eq!(s("hyserve_kv_blocks_total"), Some(100.0));
+    assert_eq!(s("hyserve_kv_blocks_capacity"), Some(100.0));
+    assert_eq!(s("hyserve_kv_blocks_free"), Some(90.0));
+    // Outcomes not seen yet are there at zero (alerts select them).
+    assert_eq!(
+        s(r#"hyserve_requests_total{endpoint="grpc_generate",outcome="internal_error"}"#),
+        Some(0.0)
+    );
+    assert_eq!(s("hyserve_prompt_length_tokens_count"), Some(1.0));
+    assert_eq!(s("hyserve_generation_length_tokens_sum"), Some(12.0));
     assert_eq!(s("hyserve_requests_running"), Some(2.0));
     assert_eq!(s("hyserve_model_seconds_total"), Some(1.5));
     assert_eq!(
@@ -1015,4 +1038,69 @@ async fn prompts_and_outputs_are_logged_only_when_allowed() {
     let logs = logs_of_one_request(true).await;
     assert!(logs.contains("secret question"), "{logs}");
     assert!(logs.contains("classified output"), "{logs}");
+}
+
+/// `/drain` answers only this host: from a caller it cannot place (or a remote one) it
+/// refuses, and the server keeps serving.
+#[tokio::test]
+async fn drain_is_refused_to_callers_not_on_this_host() {
+    let (r, _) = router();
+    let reply = send(&r, Request::post("/drain").body(Body::empty()).unwrap()).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    let mut req = Request::post("/drain").body(Body::empty()).unwrap();
+    req.extensions_mut()
+        .insert(axum::extract::ConnectInfo(std::net::SocketAddr::from((
+            [10, 0, 0, 7],
+            40000,
+        ))));
+    assert_eq!(send(&r, req).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(get(&r, "/ready").await.status, StatusCode::OK);
+    let reply = post(
+        &r,
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": "Hi"}),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    // The response carries the request's id.
+    assert!(
+        reply.headers["x-request-id"]
+            .to_str()
+            .unwrap()
+            .starts_with("cmpl-")
+    );
+}
+
+/// From this host, `/drain` stops admissions and readiness at once (nothing is in
+/// flight, so it returns drained immediately).
+#[tokio::test]
+async fn drain_from_this_host_stops_admissions() {
+    let (r, _) = router();
+    let mut req = Request::post("/drain?timeout_secs=1")
+        .body(Body::empty())
+        .unwrap();
+    req.extensions_mut()
+        .insert(axum::extract::ConnectInfo(std::net::SocketAddr::from((
+            [127, 0, 0, 1],
+            40000,
+        ))));
+    let reply = send(&r, req).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["status"], "drained");
+    assert_eq!(
+        get(&r, "/ready").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let reply = post(
+        &r,
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": "Hi"}),
+    )
+    .await;
+    assert_error(
+        &reply,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "service_unavailable",
+        None,
+    );
 }

@@ -53,8 +53,15 @@ extern "C" __global__ void route_f32(const float* logits, int rows, int e, int k
 //   off[e]..off[e+1]: the positions of expert e's pairs in sorted order;
 //   perm[i]: the pair at sorted position i; inv[p]: the sorted position of pair p;
 //   active[0..n_active): experts with at least one pair, ascending; meta[0] = n_active.
+// With `load` set (expert-load metrics), the pairs of the first real_tokens[0] tokens
+// (a step's own rows, not the padding of a recorded shape) are added to load[expert].
 extern "C" __global__ void moe_permute(const int* experts, int n_pairs, int n_experts, int n_shared,
-                                       int* off, int* perm, int* inv, int* active, int* meta) {
+                                       int* off, int* perm, int* inv, int* active, int* meta,
+                                       unsigned long long* load, const int* real_tokens, int k) {
+    if (load != nullptr) {
+        const int n_real = min(n_pairs, real_tokens[0] * k);
+        for (int i = threadIdx.x; i < n_real; i += blockDim.x) atomicAdd(&load[experts[i]], 1ull);
+    }
     __shared__ int cnt[257];
     __shared__ int base[258];
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, nw = blockDim.x / 32;

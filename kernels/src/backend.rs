@@ -331,34 +331,35 @@ pub trait Backend: Send + Sync + 'static {
         shared: Option<MlpRef<'_, Self::Weight>>,
         experts: &[MlpRef<'_, Self::Weight>],
     ) -> Self::Act {
-        let (n_tokens, hidden) = self.shape(h);
-        let k = routing.top_k;
-        let mut out = match shared {
-            Some(m) => self.mlp(h, m),
-            None => self.zeros(n_tokens, hidden),
-        };
-        let logits = if routing.fp32_logits {
-            self.matmul_fp32(h, router)
-        } else {
-            self.matmul(h, router)
-        };
-        let (chosen, weights) = self.route(&logits, k, routing.renormalize, routing.round_weights);
-        let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); experts.len()];
-        for (i, &e) in chosen.iter().enumerate() {
-            by_expert[e as usize].push(i);
-        }
-        let mut routed = self.zeros(n_tokens * k, hidden);
-        for (e, pairs) in by_expert.iter().enumerate() {
-            if pairs.is_empty() {
-                continue;
-            }
-            let token_rows: Vec<usize> = pairs.iter().map(|&i| i / k).collect();
-            let xe = self.gather_rows(h, &token_rows);
-            let ye = self.mlp(&xe, experts[e]);
-            self.scatter_rows(&mut routed, &ye, pairs);
-        }
-        self.combine(&mut out, &routed, &weights, k);
-        out
+        moe_on_host(self, h, router, routing, shared, experts, None)
+    }
+    /// [`Backend::moe`] of MoE layer `load.layer` that also counts the (token, choice)
+    /// pairs routed to each expert: into `load.counts` (one per expert) where the
+    /// routing is on the host anyway, returning true; or, returning false, on the
+    /// device, for [`Backend::take_expert_load`] to bring back (a host copy per layer
+    /// would cost a synchronisation each). The default counts nothing.
+    fn moe_counted(
+        &self,
+        h: &Self::Act,
+        router: &Self::Weight,
+        routing: Routing,
+        shared: Option<MlpRef<'_, Self::Weight>>,
+        experts: &[MlpRef<'_, Self::Weight>],
+        load: LayerLoad<'_>,
+    ) -> (Self::Act, bool) {
+        let _ = load;
+        (self.moe(h, router, routing, shared, experts), false)
+    }
+    /// The next forward pass's own tokens: the first `n` rows; rows past them pad a
+    /// recorded shape and are not counted by [`Backend::moe_counted`].
+    fn set_counted_tokens(&self, n: usize) {
+        let _ = n;
+    }
+    /// Adds the expert load counted on the device since the last call to `load`
+    /// (`[layer][expert]`) and resets it; false if this backend counts on the host.
+    fn take_expert_load(&self, load: &mut [Vec<u64>]) -> bool {
+        let _ = load;
+        false
     }
     /// Router: fp32 softmax over each row of `logits`, top-`k` (ties to the lowest
     /// index), weights renormalised over the `k` when `renormalize`, and rounded to the
@@ -379,4 +380,58 @@ pub trait Backend: Send + Sync + 'static {
     /// Copies K/V of cache layer `layer` from slots `from` to slots `to` (prefix-cache
     /// copy-on-write and speculative rollback compaction).
     fn copy_kv(&self, kv: &mut Self::Kv, from: &[usize], to: &[usize]);
+}
+
+/// A MoE layer whose routed pairs are counted ([`Backend::moe_counted`]): its index and
+/// its host counts, one per expert.
+#[derive(Debug)]
+pub struct LayerLoad<'a> {
+    pub layer: usize,
+    pub counts: &'a mut [u64],
+}
+
+/// The MoE block with the routing on the host: [`Backend::moe`]'s reference path, which
+/// also counts each expert's routed pairs into `load` when given.
+pub fn moe_on_host<B: Backend + ?Sized>(
+    b: &B,
+    h: &B::Act,
+    router: &B::Weight,
+    routing: Routing,
+    shared: Option<MlpRef<'_, B::Weight>>,
+    experts: &[MlpRef<'_, B::Weight>],
+    load: Option<&mut [u64]>,
+) -> B::Act {
+    let (n_tokens, hidden) = b.shape(h);
+    let k = routing.top_k;
+    let mut out = match shared {
+        Some(m) => b.mlp(h, m),
+        None => b.zeros(n_tokens, hidden),
+    };
+    let logits = if routing.fp32_logits {
+        b.matmul_fp32(h, router)
+    } else {
+        b.matmul(h, router)
+    };
+    let (chosen, weights) = b.route(&logits, k, routing.renormalize, routing.round_weights);
+    let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); experts.len()];
+    for (i, &e) in chosen.iter().enumerate() {
+        by_expert[e as usize].push(i);
+    }
+    if let Some(load) = load {
+        for (n, pairs) in load.iter_mut().zip(&by_expert) {
+            *n += pairs.len() as u64;
+        }
+    }
+    let mut routed = b.zeros(n_tokens * k, hidden);
+    for (e, pairs) in by_expert.iter().enumerate() {
+        if pairs.is_empty() {
+            continue;
+        }
+        let token_rows: Vec<usize> = pairs.iter().map(|&i| i / k).collect();
+        let xe = b.gather_rows(h, &token_rows);
+        let ye = b.mlp(&xe, experts[e]);
+        b.scatter_rows(&mut routed, &ye, pairs);
+    }
+    b.combine(&mut out, &routed, &weights, k);
+    out
 }

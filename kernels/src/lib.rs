@@ -28,6 +28,8 @@ pub mod numeric;
 pub mod sampling;
 pub mod weight;
 
-pub use backend::{AttnSeq, Backend, KvSpec, MlpRef, Precision, RecordKey, Routing, ScoreScale};
+pub use backend::{
+    AttnSeq, Backend, KvSpec, LayerLoad, MlpRef, Precision, RecordKey, Routing, ScoreScale,
+};
 pub use numeric::DType;
 pub use weight::{HostMatrix, SharedBytes};

@@ -422,13 +422,36 @@ impl<B: Backend> Model<B> {
     /// Runs a batch of sequence chunks; returns, per chunk, its logits rows
     /// (`[rows, vocab]`, every new token's or only the last one's).
     pub fn forward(&self, b: &B, kv: &mut B::Kv, chunks: &[SeqChunk]) -> Vec<Vec<f32>> {
+        self.forward_counted(b, kv, chunks, None).0
+    }
+
+    /// [`Model::forward`], adding the rows routed to each expert to `load`
+    /// (`[layer][expert]`, sized by [`Model::expert_load_shape`]) where the backend
+    /// routes on the host. Returns the logits and whether the load was counted.
+    pub fn forward_counted(
+        &self,
+        b: &B,
+        kv: &mut B::Kv,
+        chunks: &[SeqChunk],
+        mut load: Option<&mut [Vec<u64>]>,
+    ) -> (Vec<Vec<f32>>, bool) {
         assert_eq!(
             self.tp.size, 1,
             "a tensor-parallel shard runs with its group: use forward_ep"
         );
         let (tokens, seqs, logit_rows) = flatten(chunks);
+        let mut counted = false;
         let mut hook = |l: usize, h: Hook<'_, B::Act>| match h {
-            Hook::Moe(h) => Ok::<_, Infallible>(self.moe(b, l, h)),
+            Hook::Moe(h) => {
+                Ok::<_, Infallible>(match load.as_deref_mut().and_then(|ld| ld.get_mut(l)) {
+                    Some(ld) => {
+                        let (out, c) = self.moe_counted(b, l, h, ld);
+                        counted |= c;
+                        out
+                    }
+                    None => self.moe(b, l, h),
+                })
+            }
             Hook::Gather(..) => unreachable!("no tensor parallelism"),
         };
         // A decode step (one token per sequence) or a verification step (a few tokens
@@ -460,7 +483,17 @@ impl<B: Backend> Model<B> {
             let Ok(x) = self.device_forward(b, kv, &batch, Some(&logit_rows), &mut hook);
             x.expect("logits wanted")
         };
-        self.split_logits(&b.download(&logits), chunks)
+        (self.split_logits(&b.download(&logits), chunks), counted)
+    }
+
+    /// The shape of an expert-load count: per layer, its routed experts (0 for a dense
+    /// layer).
+    pub fn expert_load_shape(&self) -> Vec<Vec<u64>> {
+        self.cfg
+            .layers
+            .iter()
+            .map(|l| vec![0; l.n_experts])
+            .collect()
     }
 
     /// [`Model::forward`] with the routed experts spread over the workers of `ep`: this
@@ -690,7 +723,33 @@ impl<B: Backend> Model<B> {
     /// Shared MLP + routed experts, combined with the routing weights (every expert local).
     fn moe(&self, b: &B, l: usize, h: &B::Act) -> B::Act {
         let layer = &self.layers[l];
-        let experts: Vec<MlpRef<'_, B::Weight>> = layer
+        b.moe(
+            h,
+            &layer.router,
+            self.routing(l),
+            layer.shared.as_ref().map(Mlp::as_ref),
+            &self.all_experts(l),
+        )
+    }
+
+    /// [`Model::moe`], counting the rows routed to each expert into `load`.
+    fn moe_counted(&self, b: &B, l: usize, h: &B::Act, load: &mut [u64]) -> (B::Act, bool) {
+        let layer = &self.layers[l];
+        b.moe_counted(
+            h,
+            &layer.router,
+            self.routing(l),
+            layer.shared.as_ref().map(Mlp::as_ref),
+            &self.all_experts(l),
+            hyserve_kernels::LayerLoad {
+                layer: l,
+                counts: load,
+            },
+        )
+    }
+
+    fn all_experts(&self, l: usize) -> Vec<MlpRef<'_, B::Weight>> {
+        self.layers[l]
             .experts
             .iter()
             .map(|m| {
@@ -698,14 +757,7 @@ impl<B: Backend> Model<B> {
                     .expect("Model::forward needs every expert; use forward_ep for a shard")
                     .as_ref()
             })
-            .collect();
-        b.moe(
-            h,
-            &layer.router,
-            self.routing(l),
-            layer.shared.as_ref().map(Mlp::as_ref),
-            &experts,
-        )
+            .collect()
     }
 
     /// The MoE block under expert parallelism. `h` is this worker's rows (`None`: it

@@ -18,7 +18,9 @@ STAGES=${*:-tests layer e2e}
 # Carried compressed (.dev/gpuxz, from package.sh): unpack with Python's lzma, which
 # every host with PyTorch has.
 for f in hyserve gpu-tests; do
-    if [ ! -x "$BIN/$f" ] && [ -f ".dev/gpuxz/$f.xz" ]; then
+    # A warm host keeps the last unpacked binaries: unpack again when the carried
+    # archive is newer.
+    if [ -f ".dev/gpuxz/$f.xz" ] && { [ ! -x "$BIN/$f" ] || [ ".dev/gpuxz/$f.xz" -nt "$BIN/$f" ]; }; then
         mkdir -p "$BIN"
         python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
             ".dev/gpuxz/$f.xz" "$BIN/$f" && chmod +x "$BIN/$f"

@@ -2,7 +2,8 @@
 # Speculation through the whole served path on one GPU: `hyserve serve --device cuda` on
 # the trained default model with prompt lookup, held-out edit prompts over the OpenAI
 # chat API, greedy, each sent with speculation on (the default) and off (per request);
-# the two answers must be the same text, and the speculation counters on /metrics move.
+# the two answers must be the same text, and the speculation counters on /metrics move
+# (the whole page is kept: spec_serve_metrics_full.txt).
 #   scripts/gpu/spec_serve.sh BIN_DIR OUT_DIR [N_PROMPTS]      (DEVICE=cpu to try it here)
 set -uo pipefail
 BIN=$1; OUT=$2; N=${3:-16}
@@ -41,5 +42,6 @@ print(f"same text with and without speculation: {same}/{len(prompts)}")
 EOF
 echo "client rc=$?"
 tail -1 "$OUT/spec_serve.txt"
-curl -s "http://127.0.0.1:$PORT/metrics" | grep -E '^hyserve_(spec_|steps_)' | tee "$OUT/spec_serve_metrics.txt"
+curl -s "http://127.0.0.1:$PORT/metrics" > "$OUT/spec_serve_metrics_full.txt"
+grep -E '^hyserve_(spec_|steps_)' "$OUT/spec_serve_metrics_full.txt" | tee "$OUT/spec_serve_metrics.txt"
 kill $SERVE; wait $SERVE 2>/dev/null

@@ -305,6 +305,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         random_seed: None,
         cfg: cfg.clone(),
         draft,
+        metrics: None,
     });
     let threads = rayon::current_num_threads();
     let factory = local_factory(&a.device, precision, source, n_blocks, block_size, threads)?;

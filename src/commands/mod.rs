@@ -5,6 +5,7 @@ pub mod bench_ep;
 pub mod bench_gpu;
 pub mod bench_spec;
 pub mod certs;
+pub mod drain;
 pub mod generate;
 pub mod init_model;
 pub mod plan;

@@ -34,12 +34,15 @@ pub(crate) struct WeightSource {
     pub(crate) random_seed: Option<u64>,
     pub(crate) cfg: ModelConfig,
     pub(crate) draft: Option<(ModelConfig, Checkpoint)>,
+    /// Where in-process workers report their steps (labelled by their index).
+    pub(crate) metrics: Option<Arc<hyserve_telemetry::WorkerMetrics>>,
 }
 
 impl WeightSource {
     /// An executor over `model`, with the draft model beside it if there is one.
     fn executor<B: Backend>(
         &self,
+        worker: usize,
         backend: B,
         model: Model<B>,
         n_blocks: usize,
@@ -53,6 +56,9 @@ impl WeightSource {
         let mut exec = Executor::with_threads(backend, model, n_blocks, block_size, threads);
         if let Some(d) = draft {
             exec.set_draft(d).map_err(std::io::Error::other)?;
+        }
+        if let Some(m) = &self.metrics {
+            exec.set_metrics(Arc::clone(m), worker.to_string());
         }
         Ok(exec)
     }
@@ -382,12 +388,43 @@ async fn serve(mut cfg: ServeConfig, cluster: Option<ClusterArgs>) -> anyhow::Re
         .max_position_embeddings
         .min(n_blocks * cfg.block_size);
 
+    // The process's metrics: the build, and in-process workers' steps.
+    let registry = prometheus::Registry::new();
+    let device_name = match &cluster {
+        Some(_) => "cluster".to_string(),
+        None => cfg.device.clone(),
+    };
+    crate::telemetry::register_build_info(&registry, &device_name)?;
+    crate::telemetry::register_constant(
+        &registry,
+        &hyserve_telemetry::catalogue::KV_CACHE_BYTES_PER_TOKEN,
+        bytes_per_token as f64,
+    )?;
+    let worker_metrics = match &cluster {
+        Some(_) => None,
+        None => {
+            let names: Vec<String> = (0..cfg.workers).map(|i| i.to_string()).collect();
+            let experts = model_cfg
+                .layers
+                .iter()
+                .map(|l| l.n_experts)
+                .max()
+                .unwrap_or(0);
+            Some(Arc::new(hyserve_telemetry::WorkerMetrics::new(
+                &registry,
+                &names,
+                model_cfg.layers.len(),
+                experts,
+            )?))
+        }
+    };
     // One checkpoint, memory-mapped once: every worker's weights borrow the same pages.
     let source = Arc::new(WeightSource {
         ck,
         random_seed: cfg.random_weights,
         cfg: model_cfg.clone(),
         draft,
+        metrics: worker_metrics,
     });
     let block_size = cfg.block_size;
     let mut running_cluster = None;
@@ -513,6 +550,7 @@ async fn serve(mut cfg: ServeConfig, cluster: Option<ClusterArgs>) -> anyhow::Re
             max_prompt_tokens: cfg.max_prompt_tokens.unwrap_or(max_context),
             max_n: cfg.max_n,
             log_prompts: cfg.log_prompts,
+            metrics_registry: Some(registry),
         },
         Arc::new(engine.clone()),
         tokenizer,
@@ -571,14 +609,14 @@ pub(crate) fn local_factory(
                 total_mib = total >> 20,
                 "weights on the GPU"
             );
-            let exec = source.executor(backend, model, n_blocks, block_size, 1)?;
+            let exec = source.executor(i, backend, model, n_blocks, block_size, 1)?;
             Ok(Box::new(ExecutorHandle::spawn(&format!("executor-{i}"), exec)?) as _)
         })
     } else {
         Arc::new(move |i| {
             let backend = CpuBackend::new(precision);
             let model = source.model(&backend);
-            let exec = source.executor(backend, model, n_blocks, block_size, threads)?;
+            let exec = source.executor(i, backend, model, n_blocks, block_size, threads)?;
             Ok(Box::new(ExecutorHandle::spawn(&format!("executor-{i}"), exec)?) as _)
         })
     })

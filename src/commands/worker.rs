@@ -91,6 +91,10 @@ pub struct Args {
     worker_threads: Option<usize>,
     #[arg(long, value_parser = ["f32", "bf16"])]
     dtype: Option<String>,
+    /// Serve `/metrics` (this worker's step, expert-load and all-to-all metrics),
+    /// `/health` and `/ready` (assigned a shard and loaded) over HTTP here.
+    #[arg(long, env = "HYSERVE_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
     /// Seconds of etcd lease: a dead worker's registration expires after this.
     #[arg(long, default_value_t = 5)]
     lease_secs: u64,
@@ -163,6 +167,28 @@ async fn serve(a: Args) -> anyhow::Result<()> {
         Some(d) => Some(super::serve::open_draft(d, &cfg)?),
         None => None,
     };
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("binding {}", a.listen))?;
+    let bound = listener.local_addr()?;
+    let advertise = a.advertise.clone().unwrap_or_else(|| bound.to_string());
+    let name = a
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("worker-{}", advertise.replace([':', '.'], "-")));
+    let registry = prometheus::Registry::new();
+    let layers = cfg.layers.len();
+    let experts = cfg.layers.iter().map(|l| l.n_experts).max().unwrap_or(0);
+    let metrics = Arc::new(
+        hyserve_telemetry::WorkerMetrics::new(
+            &registry,
+            std::slice::from_ref(&name),
+            layers,
+            experts,
+        )
+        .context("worker metrics")?,
+    );
+    crate::telemetry::register_build_info(&registry, &device.name())?;
     let mut node = WorkerNode::new(
         cfg,
         ck,
@@ -174,6 +200,7 @@ async fn serve(a: Args) -> anyhow::Result<()> {
             precision,
             tls: tls.clone(),
             memory_bytes,
+            metrics: Some((metrics, name.clone())),
         },
     );
     if let Some((dcfg, dck)) = draft {
@@ -181,15 +208,12 @@ async fn serve(a: Args) -> anyhow::Result<()> {
         tracing::info!(draft = ?draft_dir, "draft model loaded for speculation");
     }
     let node = Arc::new(node);
-    let listener = tokio::net::TcpListener::bind(a.listen)
-        .await
-        .with_context(|| format!("binding {}", a.listen))?;
-    let bound = listener.local_addr()?;
-    let advertise = a.advertise.clone().unwrap_or_else(|| bound.to_string());
-    let name = a
-        .name
-        .clone()
-        .unwrap_or_else(|| format!("worker-{}", advertise.replace([':', '.'], "-")));
+    if let Some(addr) = a.metrics_addr {
+        let bound = crate::telemetry::serve_worker_http(addr, registry, Arc::clone(&node))
+            .await
+            .with_context(|| format!("serving metrics on {addr}"))?;
+        eprintln!("  metrics: http://{bound}/metrics");
+    }
     let mut server = tonic::transport::Server::builder();
     if let Some(t) = &tls {
         server = server.tls_config(t.server()).context("cluster TLS")?;

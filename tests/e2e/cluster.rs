@@ -16,8 +16,35 @@ use hyserve_proto::v1::inference_client::InferenceClient;
 
 use crate::support::{hyserve, init_model, run_ok};
 
-/// A child process killed when dropped.
-struct Proc(Child);
+/// A child process killed when dropped, and the stderr lines it printed after it
+/// started (kept by [`start`]).
+struct Proc(Child, std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Proc {
+    fn new(child: Child) -> Self {
+        Self(child, Default::default())
+    }
+
+    /// Waits up to `secs` for a stderr line containing every one of `needles`.
+    fn wait_for_log(&self, needles: &[&str], secs: u64) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(l) = self
+                .1
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return Some(l.clone());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -51,9 +78,20 @@ fn start(mut cmd: Command, marker: &str, what: &str) -> (Proc, String, Vec<Strin
             ),
         }
     };
-    // Keep draining stderr so the process never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (Proc(child), found, seen)
+    // Keep draining stderr so the process never blocks on a full pipe (the last
+    // lines are kept for tests that read the logs).
+    let log: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let keep = log.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let mut l = keep.lock().unwrap();
+            if l.len() >= 10_000 {
+                l.drain(..5_000);
+            }
+            l.push(line);
+        }
+    });
+    (Proc(child, log), found, seen)
 }
 
 fn free_port() -> u16 {
@@ -93,7 +131,7 @@ fn etcd(dir: &Path) -> (Proc, String) {
             "etcd did not start ({e}): install etcd-server (.ci/run does) or set HYSERVE_ETCD_BIN"
         )
     });
-    let p = Proc(child);
+    let p = Proc::new(child);
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
         assert!(Instant::now() < deadline, "etcd did not listen on {url}");
@@ -103,7 +141,15 @@ fn etcd(dir: &Path) -> (Proc, String) {
 }
 
 fn worker(model: &Path, extra: &[&str], name: &str) -> (Proc, String) {
+    let (p, addr, _) = worker_metrics(model, extra, name);
+    (p, addr)
+}
+
+/// [`worker`], with the address of its `/metrics`; its step spans are logged
+/// (`hyserve_worker=debug`), so a request can be followed into it.
+fn worker_metrics(model: &Path, extra: &[&str], name: &str) -> (Proc, String, String) {
     let mut cmd = hyserve();
+    cmd.env("HYSERVE_LOG", "warn,hyserve_worker=debug");
     cmd.args([
         "worker",
         "--model",
@@ -116,16 +162,24 @@ fn worker(model: &Path, extra: &[&str], name: &str) -> (Proc, String) {
         "1",
         "--memory-gib",
         "1",
+        "--metrics-addr",
+        "127.0.0.1:0",
     ])
     .args(extra);
-    let (p, line, _) = start(cmd, "listening on", name);
+    let (p, line, before) = start(cmd, "listening on", name);
     let addr = line
         .split("listening on ")
         .nth(1)
         .and_then(|r| r.split_whitespace().next())
         .expect("the worker prints its address")
         .to_string();
-    (p, addr)
+    let metrics = before
+        .iter()
+        .find_map(|l| l.split("metrics: http://").nth(1))
+        .and_then(|r| r.split('/').next())
+        .expect("the worker prints its metrics address")
+        .to_string();
+    (p, addr, metrics)
 }
 
 /// Starts `hyserve <role> ...` and returns its gRPC API address.
@@ -163,21 +217,40 @@ fn front_http(model: &Path, role: &str, extra: &[&str]) -> (Proc, String, String
     (p, addr, http)
 }
 
-/// A counter or gauge from `/metrics` at `http` (a bare HTTP/1.1 GET).
-fn metric(http: &str, name: &str) -> f64 {
+/// `GET path` at `http` (a bare HTTP/1.1 request): the status code and the body.
+fn http_get(http: &str, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(http).expect("connects");
     write!(
         s,
-        "GET /metrics HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} is not on /metrics"))
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, resp)
+}
+
+/// A counter or gauge from `/metrics` at `http`.
+fn metric(http: &str, name: &str) -> f64 {
+    metric_sum(http, &format!("{name} ")).unwrap_or_else(|| panic!("{name} is not on /metrics"))
+}
+
+/// The sum of the `/metrics` samples at `http` whose line starts with `prefix` (a
+/// name and some of its labels); `None` if there is none.
+fn metric_sum(http: &str, prefix: &str) -> Option<f64> {
+    let (_, body) = http_get(http, "/metrics");
+    let values: Vec<f64> = body
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.trim().parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }
 
 fn prompts() -> Vec<Vec<u32>> {
@@ -252,6 +325,8 @@ struct Fixture {
     url: String,
     etcd_args: Vec<String>,
     workers: Vec<Proc>,
+    /// Each worker's `/metrics` address.
+    worker_http: Vec<String>,
 }
 
 fn fixture(seed: u64, max_tokens: u32, cluster: &str, n_workers: usize) -> Fixture {
@@ -272,9 +347,12 @@ fn fixture(seed: u64, max_tokens: u32, cluster: &str, n_workers: usize) -> Fixtu
         cluster.into(),
     ];
     let args: Vec<&str> = etcd_args.iter().map(String::as_str).collect();
-    let workers = (0..n_workers)
-        .map(|i| worker(&m, &args, &format!("w{i}")).0)
-        .collect();
+    let (workers, worker_http) = (0..n_workers)
+        .map(|i| {
+            let (p, _, http) = worker_metrics(&m, &args, &format!("w{i}"));
+            (p, http)
+        })
+        .unzip();
     Fixture {
         _tmp: tmp,
         m,
@@ -285,6 +363,7 @@ fn fixture(seed: u64, max_tokens: u32, cluster: &str, n_workers: usize) -> Fixtu
         url,
         etcd_args,
         workers,
+        worker_http,
     }
 }
 
@@ -293,7 +372,10 @@ fn etcd_cluster_of_three_workers_matches_one_process_while_rebalancing() {
     let f = fixture(21, 12, "e2e", 3);
     let (m, prompts, rt, want, url) = (&f.m, &f.prompts, &f.rt, &f.want, &f.url);
     assert_eq!(f.workers.len(), 3);
-    let (_coord, addr) = front(
+    // Not assigned yet: alive, not ready.
+    assert_eq!(http_get(&f.worker_http[0], "/health").0, 200);
+    assert_eq!(http_get(&f.worker_http[0], "/ready").0, 503);
+    let (_coord, addr, coord_http) = front_http(
         m,
         "coordinator",
         &[
@@ -366,6 +448,47 @@ fn etcd_cluster_of_three_workers_matches_one_process_while_rebalancing() {
     // last switch are still the same.
     assert!(last.replicas > 0, "{last:?}");
     assert_eq!(&rt.block_on(complete(&addr, prompts, 12)), want);
+    // A client's request id reaches every worker process the request's steps ran on
+    // (the coordinator schedules it on one; its tokens visit the others' experts, but
+    // the id is logged where its sequence runs).
+    rt.block_on(async {
+        let mut c = InferenceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let mut req = tonic::Request::new(greedy(&prompts[0], 4));
+        req.metadata_mut()
+            .insert("x-request-id", "e2e-trace-7".parse().unwrap());
+        c.generate(req).await.unwrap();
+    });
+    let logged: Vec<String> = f
+        .workers
+        .iter()
+        .filter_map(|w| w.wait_for_log(&["e2e-trace-7", "step_id"], 5))
+        .collect();
+    assert!(
+        !logged.is_empty(),
+        "no worker logged a step of request e2e-trace-7"
+    );
+    // The operators' view: the coordinator counts the rebalances and shows the epoch,
+    // and every worker process its own steps, routed experts and all-to-all traffic.
+    assert!(metric(&coord_http, "hyserve_placement_epoch") >= (first.epoch + 2) as f64);
+    assert!(metric(&coord_http, "hyserve_rebalances_total") >= 2.0);
+    assert!(metric_sum(&coord_http, "hyserve_rebalance_duration_seconds_count").unwrap() >= 2.0);
+    assert_eq!(metric(&coord_http, "hyserve_workers_alive"), 3.0);
+    for (i, http) in f.worker_http.iter().enumerate() {
+        let w = format!("{{worker=\"w{i}\"}}");
+        assert_eq!(http_get(http, "/ready").0, 200, "w{i} is assigned");
+        let steps = metric(
+            http,
+            &format!("hyserve_worker_step_duration_seconds_count{w}"),
+        );
+        assert!(steps > 0.0, "w{i}: {steps} steps");
+        let sent = metric(http, &format!("hyserve_all_to_all_bytes_total{w}"));
+        assert!(sent > 0.0, "w{i} sent no rows to its peers");
+        let routed = metric_sum(http, "hyserve_expert_routed_tokens_total").unwrap();
+        assert!(routed > 0.0, "w{i} routed nothing");
+        assert!(metric_sum(http, "hyserve_build_info{").unwrap() == 1.0);
+    }
 }
 
 /// Four workers in two tensor-parallel groups of two: each group shards attention

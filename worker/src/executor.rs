@@ -6,8 +6,10 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 
 use hyserve_kernels::{Backend, KvSpec, Precision, RecordKey};
+use hyserve_model::exchange::{Round, Rows};
 use hyserve_model::graph::Mlp;
 use hyserve_model::{Exchange, ExchangeError, ExpertParallel, Model, ModelConfig, SeqChunk};
+use hyserve_telemetry::{StepReport, WorkerMetrics};
 
 /// The KV cache shape for `cfg`: one (K, V) per CLA cache layer.
 pub fn kv_spec(
@@ -74,6 +76,9 @@ fn pad_for_recording<B: Backend>(
 #[derive(Clone, Debug)]
 pub struct SeqStep {
     pub seq_id: u64,
+    /// The client request it belongs to (logged in the step's span; empty for work
+    /// that is not a request's).
+    pub request_id: Arc<str>,
     /// New tokens at positions `first_pos..`.
     pub tokens: Vec<u32>,
     pub first_pos: usize,
@@ -85,6 +90,21 @@ pub struct SeqStep {
     /// verified in the same forward pass (their logits rows follow `tokens`' own). Depth
     /// 0: the draft only reads `tokens` (a prompt chunk), to be current when it proposes.
     pub draft: Option<DraftRequest>,
+}
+
+/// A step's request ids, comma-separated (formatted only when its span is enabled).
+struct RequestIds<'a>(&'a [SeqStep]);
+
+impl std::fmt::Display for RequestIds<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, s) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(&s.request_id)?;
+        }
+        Ok(())
+    }
 }
 
 /// What the draft model proposes for one sequence of a step.
@@ -190,6 +210,60 @@ pub struct Executor<B: Backend> {
     /// parallel kernel calls of a decode step are local work-stealing pushes rather than
     /// cross-thread wake-ups (measured: ~30% of a small model's decode step).
     pool: rayon::ThreadPool,
+    /// Where this worker's step metrics go, and its `worker` label.
+    metrics: Option<(Arc<WorkerMetrics>, String)>,
+    /// `[layer][expert]` rows routed in the current step.
+    load: Vec<Vec<u64>>,
+    /// When the device's expert-load counters were last read.
+    load_read: std::time::Instant,
+}
+
+/// How often an executor reads expert load counted on the device.
+const DEVICE_LOAD_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// An exchange that counts what crosses it: bytes sent and seconds spent sending and
+/// waiting (the all-to-all metrics).
+struct Counted<'a> {
+    inner: &'a mut dyn Exchange,
+    bytes: u64,
+    seconds: f64,
+}
+
+fn rows_bytes(r: &Rows) -> u64 {
+    (r.data.len() * std::mem::size_of::<f32>() + r.blocks.len() * 8) as u64
+}
+
+impl Exchange for Counted<'_> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world(&self) -> usize {
+        self.inner.world()
+    }
+    fn send_to(
+        &mut self,
+        round: Round,
+        peers: &[usize],
+        rows: Vec<Rows>,
+    ) -> Result<(), ExchangeError> {
+        let t = std::time::Instant::now();
+        let me = self.inner.rank();
+        self.bytes += peers
+            .iter()
+            .filter(|&&p| p != me)
+            .filter_map(|&p| rows.get(p))
+            .map(rows_bytes)
+            .sum::<u64>();
+        let r = self.inner.send_to(round, peers, rows);
+        self.seconds += t.elapsed().as_secs_f64();
+        r
+    }
+    fn recv_from(&mut self, round: Round, peers: &[usize]) -> Result<Vec<Rows>, ExchangeError> {
+        let t = std::time::Instant::now();
+        let r = self.inner.recv_from(round, peers);
+        self.seconds += t.elapsed().as_secs_f64();
+        r
+    }
 }
 
 impl<B: Backend> Executor<B> {
@@ -228,7 +302,16 @@ impl<B: Backend> Executor<B> {
             ep: None,
             draft: None,
             pool,
+            metrics: None,
+            load: Vec::new(),
+            load_read: std::time::Instant::now(),
         }
+    }
+
+    /// Reports every step to `metrics` under the label `worker`.
+    pub fn set_metrics(&mut self, metrics: Arc<WorkerMetrics>, worker: String) {
+        self.load = self.model.expert_load_shape();
+        self.metrics = Some((metrics, worker));
     }
 
     /// Gives this executor a draft model for speculation ([`SeqStep::draft`]). It must
@@ -473,6 +556,15 @@ impl<B: Backend> Executor<B> {
     /// Runs one forward pass over every sequence of `step` (after the draft model's
     /// proposals, when the step asks for them).
     pub fn step(&mut self, step: &Step) -> Result<StepOutput, ExecutorError> {
+        // The requests a step serves, so a request's work can be followed from the
+        // gateway through the scheduler into every worker process (`HYSERVE_LOG=debug`).
+        let _span = tracing::debug_span!(
+            "step",
+            step_id = step.step_id,
+            worker = self.metrics.as_ref().map_or("", |m| m.1.as_str()),
+            requests = %RequestIds(&step.seqs),
+        )
+        .entered();
         self.validate(step)?;
         self.switch_epoch(step.epoch)?;
         let warm_ups = self.backend.warm_up_passes();
@@ -502,26 +594,66 @@ impl<B: Backend> Executor<B> {
                 }
             })
             .collect();
+        let n_tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         let (model, backend, kv) = (&self.model, &self.backend, &mut self.kv);
         let Some(ep) = self.ep.as_mut() else {
             let mut chunks = chunks;
             let real = pad_for_recording(backend, model, self.spec, &mut chunks);
-            let mut logits = self.pool.install(|| model.forward(backend, kv, &chunks));
+            let counting = self.metrics.is_some();
+            for l in &mut self.load {
+                l.fill(0);
+            }
+            let load = counting.then_some(&mut self.load[..]);
+            if counting {
+                backend.set_counted_tokens(n_tokens);
+            }
+            let (mut logits, mut counted) = self
+                .pool
+                .install(|| model.forward_counted(backend, kv, &chunks, load));
             logits.truncate(real);
-            return Ok(StepOutput {
+            // A backend counting on the device is read every DEVICE_LOAD_EVERY (the
+            // copy waits for the device); the counts wait there in between.
+            if counting && !counted && self.load_read.elapsed() >= DEVICE_LOAD_EVERY {
+                counted = backend.take_expert_load(&mut self.load);
+                self.load_read = std::time::Instant::now();
+            }
+            let out = StepOutput {
                 logits,
                 vocab_size: self.model.cfg.vocab_size,
                 expert_load: Vec::new(),
                 proposals,
                 draft_seconds,
                 warming: backend.warm_up_passes() != warm_ups,
-            });
+            };
+            tracing::debug!(
+                tokens = n_tokens,
+                ms = t_draft.elapsed().as_secs_f64() * 1e3,
+                "step done"
+            );
+            if let Some((m, worker)) = &self.metrics {
+                let load: &[Vec<u64>] = if counted { &self.load } else { &[] };
+                m.observe_step(
+                    worker,
+                    StepReport {
+                        seconds: t_draft.elapsed().as_secs_f64(),
+                        tokens: n_tokens,
+                        expert_load: load,
+                        ..StepReport::default()
+                    },
+                );
+            }
+            return Ok(out);
         };
         for l in &mut ep.load {
             l.fill(0);
         }
+        let mut counted = Counted {
+            inner: ep.exchange.as_mut(),
+            bytes: 0,
+            seconds: 0.0,
+        };
         let mut ctx = ExpertParallel {
-            exchange: ep.exchange.as_mut(),
+            exchange: &mut counted,
             holders: &ep.holders,
             step: step.step_id,
             load: &mut ep.load,
@@ -531,6 +663,25 @@ impl<B: Backend> Executor<B> {
         let logits = self
             .pool
             .install(|| model.forward_ep(backend, kv, &chunks, &mut ctx))?;
+        let (a2a_bytes, a2a_seconds) = (counted.bytes, counted.seconds);
+        tracing::debug!(
+            tokens = n_tokens,
+            ms = t_draft.elapsed().as_secs_f64() * 1e3,
+            all_to_all_bytes = a2a_bytes,
+            "step done"
+        );
+        if let Some((m, worker)) = &self.metrics {
+            m.observe_step(
+                worker,
+                StepReport {
+                    seconds: t_draft.elapsed().as_secs_f64(),
+                    tokens: n_tokens,
+                    expert_load: &ep.load,
+                    all_to_all_bytes: a2a_bytes,
+                    all_to_all_seconds: a2a_seconds,
+                },
+            );
+        }
         Ok(StepOutput {
             logits,
             vocab_size: self.model.cfg.vocab_size,
@@ -653,6 +804,7 @@ mod tests {
     fn seq(id: u64, tokens: &[u32], first_pos: usize, blocks: &[u32]) -> SeqStep {
         SeqStep {
             seq_id: id,
+            request_id: "".into(),
             tokens: tokens.to_vec(),
             first_pos,
             blocks: blocks.to_vec(),

@@ -74,6 +74,7 @@ pub fn generate(
         let out = exec.run(Step {
             seqs: vec![SeqStep {
                 seq_id: 0,
+                request_id: "".into(),
                 tokens: prompt[pos..end].to_vec(),
                 first_pos: pos,
                 blocks: table.blocks.clone(),
@@ -111,6 +112,7 @@ pub fn generate(
         let out = exec.run(Step {
             seqs: vec![SeqStep {
                 seq_id: 0,
+                request_id: "".into(),
                 tokens: vec![next],
                 first_pos: prompt.len() + generated.len() - 1,
                 blocks: table.blocks.clone(),

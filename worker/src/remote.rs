@@ -191,6 +191,7 @@ pub fn step_to_pb(step: &Step) -> StepRequest {
                 let d = s.draft.clone().unwrap_or_default();
                 PbSeqStep {
                     seq_id: s.seq_id,
+                    request_id: s.request_id.to_string(),
                     tokens: s.tokens.clone(),
                     first_pos: s.first_pos as u64,
                     blocks: s.blocks.clone(),
@@ -213,6 +214,7 @@ fn step_from_pb(r: StepRequest) -> Step {
             .into_iter()
             .map(|s| SeqStep {
                 seq_id: s.seq_id,
+                request_id: s.request_id.into(),
                 tokens: s.tokens,
                 first_pos: s.first_pos as usize,
                 blocks: s.blocks,
@@ -398,6 +400,8 @@ pub struct NodeConfig {
     /// Memory this worker offers the placement (weights and KV); also the largest KV
     /// cache an assignment may ask for.
     pub memory_bytes: u64,
+    /// Where its steps are reported (its `/metrics`), and its `worker` label.
+    pub metrics: Option<(Arc<hyserve_telemetry::WorkerMetrics>, String)>,
 }
 
 struct Assigned {
@@ -456,6 +460,11 @@ pub struct WorkerNode {
 }
 
 impl WorkerNode {
+    /// Whether the coordinator has assigned this worker a shard and it is loaded.
+    pub async fn is_assigned(&self) -> bool {
+        self.state.lock().await.is_some()
+    }
+
     pub fn new(
         cfg: ModelConfig,
         ck: Option<Checkpoint>,
@@ -697,6 +706,9 @@ impl Worker for WorkerService {
                     if let Some(d) = draft {
                         exec.set_draft(d)?;
                     }
+                    if let Some((m, name)) = &node.node.metrics {
+                        exec.set_metrics(m.clone(), name.clone());
+                    }
                     let exchange = GrpcExchange::new(rank, peers, inbox_rx, timeout, rt);
                     let (slot, held) =
                         exec.expert_parallel(Box::new(exchange), epoch, holders.clone());
@@ -729,6 +741,9 @@ impl Worker for WorkerService {
                     let mut exec = Executor::with_threads(backend, model, n_blocks, block_size, 1);
                     if let Some(d) = draft {
                         exec.set_draft(d)?;
+                    }
+                    if let Some((m, name)) = &node.node.metrics {
+                        exec.set_metrics(m.clone(), name.clone());
                     }
                     let (slot, held) = exec.expert_parallel(
                         Box::new(NcclExchange::new(comm)),

@@ -751,6 +751,31 @@ fn recordings_past_the_cap_replace_the_least_recently_used() {
     );
 }
 
+/// Sequence `i` of an executor test's step: four blocks of its own.
+fn seq_step(
+    i: usize,
+    tokens: Vec<u32>,
+    first_pos: usize,
+    all_logits: bool,
+) -> hyserve_worker::SeqStep {
+    hyserve_worker::SeqStep {
+        seq_id: i as u64,
+        request_id: "".into(),
+        tokens,
+        first_pos,
+        blocks: (0..4).map(|b| (8 * i + b) as u32).collect(),
+        all_logits,
+        draft: None,
+    }
+}
+
+/// Distinct prompts of 6, 7, ... tokens for `n` sequences.
+fn step_prompts(n: usize) -> Vec<Vec<u32>> {
+    (0..n)
+        .map(|i| (0..6 + i as u32).map(|t| 40 + 13 * t + i as u32).collect())
+        .collect()
+}
+
 #[test]
 #[cfg_attr(
     not(feature = "gpu-tests"),
@@ -761,7 +786,7 @@ fn steps_padded_for_recording_give_each_sequence_its_own_logits() {
     // sizes (5 decoding sequences run as 6, 7 as 8): every real sequence's logits
     // match the same steps run unpadded and unrecorded, over decode steps and
     // verifications of 3 proposals, while the dummies write only scratch slots.
-    use hyserve_worker::{Executor, SeqStep, Step};
+    use hyserve_worker::{Executor, Step};
     let (_dir, cfg, ck) = tiny_model(Arch::HunyuanLarge, 11);
     let executor = |graphs: bool| {
         let mut b = gpu();
@@ -775,13 +800,8 @@ fn steps_padded_for_recording_give_each_sequence_its_own_logits() {
             padded.backend().padded_sequences(n_seqs, 1, 1, 16),
             n_seqs + 1
         );
-        let seq = |i: usize, tokens: Vec<u32>, first_pos: usize| SeqStep {
-            seq_id: i as u64,
-            tokens,
-            first_pos,
-            blocks: (0..4).map(|b| (8 * i + b) as u32).collect(),
-            all_logits: first_pos > 0,
-            draft: None,
+        let seq = |i: usize, tokens: Vec<u32>, first_pos: usize| {
+            seq_step(i, tokens, first_pos, first_pos > 0)
         };
         let mut worst = 0f32;
         let mut run = |step: &Step| {
@@ -792,9 +812,7 @@ fn steps_padded_for_recording_give_each_sequence_its_own_logits() {
                 worst = worst.max(rel_err(a, b));
             }
         };
-        let prompts: Vec<Vec<u32>> = (0..n_seqs)
-            .map(|i| (0..6 + i as u32).map(|t| 40 + 13 * t + i as u32).collect())
-            .collect();
+        let prompts = step_prompts(n_seqs);
         run(&Step {
             seqs: (0..n_seqs).map(|i| seq(i, prompts[i].clone(), 0)).collect(),
             ..Step::default()
@@ -820,6 +838,119 @@ fn steps_padded_for_recording_give_each_sequence_its_own_logits() {
         assert!(worst <= 5e-3, "{n_seqs} sequences: {worst:.3e}");
     }
     assert!(padded.backend().recorded_graphs() >= 2);
+}
+
+/// Routed tokens per expert from a registry's `hyserve_expert_routed_tokens_total`.
+fn routed_per_expert(r: &prometheus::Registry) -> Vec<u64> {
+    let mut out = vec![0u64; 16];
+    for f in r.gather() {
+        if f.name() != "hyserve_expert_routed_tokens_total" {
+            continue;
+        }
+        for m in f.get_metric() {
+            let e: usize = m.get_label()[0].value().parse().unwrap();
+            out[e] = m.get_counter().get_value() as u64;
+        }
+    }
+    out
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a GPU: run with --features gpu-tests on a GPU host"
+)]
+fn expert_load_counted_on_the_device_matches_the_host() {
+    // The same steps (prefills, then decode steps of 5 sequences, which the GPU
+    // executor pads to 6 and records) through a CPU and a GPU executor reporting to
+    // metrics: the GPU counts on the device, leaves the padding out, and its totals are
+    // the CPU's exactly (tokens x top-k x MoE layers); per expert they agree up to
+    // routing near-ties under bf16.
+    use hyserve_telemetry::WorkerMetrics;
+    use hyserve_worker::{Executor, Step};
+    use std::sync::Arc;
+    let (_dir, cfg, ck) = tiny_model(Arch::HunyuanLarge, 13);
+    let n_moe_layers = cfg.layers.iter().filter(|l| l.n_experts > 0).count() as u64;
+    let top_k = cfg.layers.iter().map(|l| l.top_k).max().unwrap() as u64;
+    let layers = cfg.layers.len();
+    let experts = cfg.layers.iter().map(|l| l.n_experts).max().unwrap();
+    assert_eq!(experts, 16);
+    let registry = |_: ()| prometheus::Registry::new();
+    let (rg, rc) = (registry(()), registry(()));
+    let mut on_gpu = {
+        let b = gpu();
+        let m = Model::load(&b, cfg.clone(), &ck, &mut |_| {});
+        Executor::new(b, m, 64, 16)
+    };
+    let mut on_cpu = {
+        let b = cpu();
+        let m = Model::load(&b, cfg.clone(), &ck, &mut |_| {});
+        Executor::new(b, m, 64, 16)
+    };
+    let wm = |r: &prometheus::Registry| {
+        Arc::new(WorkerMetrics::new(r, &["0".to_string()], layers, experts).unwrap())
+    };
+    on_gpu.set_metrics(wm(&rg), "0".into());
+    on_cpu.set_metrics(wm(&rc), "0".into());
+    let n_seqs = 5;
+    assert_eq!(
+        on_gpu.backend().padded_sequences(n_seqs, 1, 1, 16),
+        n_seqs + 1
+    );
+    let seq = |i: usize, tokens: Vec<u32>, first_pos: usize| seq_step(i, tokens, first_pos, false);
+    let prompts = step_prompts(n_seqs);
+    let mut steps = vec![Step {
+        seqs: (0..n_seqs).map(|i| seq(i, prompts[i].clone(), 0)).collect(),
+        ..Step::default()
+    }];
+    for k in 0..12u32 {
+        steps.push(Step {
+            seqs: (0..n_seqs)
+                .map(|i| {
+                    seq(
+                        i,
+                        vec![300 + 7 * k + i as u32],
+                        prompts[i].len() + k as usize,
+                    )
+                })
+                .collect(),
+            ..Step::default()
+        });
+    }
+    let mut tokens = 0u64;
+    for s in &steps {
+        tokens += s.seqs.iter().map(|q| q.tokens.len() as u64).sum::<u64>();
+        on_gpu.step(s).unwrap();
+        on_cpu.step(s).unwrap();
+    }
+    // The device's counters are read at most every 250 ms: one more step after that
+    // brings the rest back.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let last = Step {
+        seqs: vec![seq(0, vec![5], prompts[0].len() + 12)],
+        ..Step::default()
+    };
+    tokens += 1;
+    on_gpu.step(&last).unwrap();
+    on_cpu.step(&last).unwrap();
+    let (g, c) = (routed_per_expert(&rg), routed_per_expert(&rc));
+    let want = tokens * top_k * n_moe_layers;
+    println!("expert load: gpu {g:?}, cpu {c:?}, {want} pairs");
+    assert_eq!(c.iter().sum::<u64>(), want, "the host counts every pair");
+    assert_eq!(
+        g.iter().sum::<u64>(),
+        want,
+        "the device counts every real pair, no padding"
+    );
+    // Per expert: a random tiny model's router is near uniform, so bf16 differences in
+    // the hidden states flip near-ties (4% of the pairs on an H200); counters at the
+    // wrong layer or expert would differ by far more.
+    let l1: u64 = g.iter().zip(&c).map(|(a, b)| a.abs_diff(*b)).sum();
+    assert!(l1 * 10 <= want, "per expert: gpu {g:?} against cpu {c:?}");
+    assert!(
+        on_gpu.backend().recorded_graphs() >= 1,
+        "the decode steps were recorded"
+    );
 }
 
 #[test]

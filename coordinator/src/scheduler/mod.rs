@@ -36,8 +36,11 @@ use std::time::Duration;
 use hyserve_kernels::sampling::SamplingParams;
 use hyserve_worker::{DraftRequest, SeqStep, Step, StepOutput};
 
-use crate::api::{EngineStats, FinishReason, GenerateRequest, ServeError, TokenEvent, Usage};
+use crate::api::{
+    EngineStats, FinishReason, GenerateRequest, HistogramCounts, ServeError, TokenEvent, Usage,
+};
 use blocks::{BlockHash, BlockPool, PrefixMatch};
+use hyserve_telemetry::catalogue::QUEUE_TIME_SECONDS;
 use spec::{
     Acceptance, CostModel, Guard, ProposerKind, Sampled, SpecConfig, SpecStats, VerifyInput,
 };
@@ -207,6 +210,10 @@ struct Seq {
     acceptance: Acceptance,
     /// Positions `0..draft_computed` are in the draft model's cache.
     draft_computed: usize,
+    /// The client request it belongs to (for the logs).
+    request_id: std::sync::Arc<str>,
+    /// When it was submitted; taken at its first admission (queue time).
+    queued_at: Option<std::time::Instant>,
 }
 
 impl Seq {
@@ -253,6 +260,7 @@ pub struct Scheduler {
     next_plan_id: u64,
     next_admission: u64,
     preempted_total: u64,
+    queue_seconds: HistogramCounts,
     prefix_cache_queries_tokens: u64,
     prefix_cache_hit_tokens: u64,
     steps_total: u64,
@@ -298,6 +306,7 @@ impl Scheduler {
             next_plan_id: 0,
             next_admission: 0,
             preempted_total: 0,
+            queue_seconds: HistogramCounts::new(QUEUE_TIME_SECONDS.buckets),
             prefix_cache_queries_tokens: 0,
             prefix_cache_hit_tokens: 0,
             steps_total: 0,
@@ -339,6 +348,7 @@ impl Scheduler {
         self.seqs.insert(
             id,
             Seq {
+                request_id: req.request_id.as_str().into(),
                 tokens: req.prompt,
                 prompt_len,
                 sampling: req.sampling,
@@ -357,6 +367,7 @@ impl Scheduler {
                 speculate: req.speculate,
                 acceptance: Acceptance::starting_at(self.acceptance.rate()),
                 draft_computed: 0,
+                queued_at: Some(std::time::Instant::now()),
             },
         );
         self.waiting.push_back(id);
@@ -489,6 +500,7 @@ impl Scheduler {
                 s.draft_reads = draft_reads;
                 step.seqs.push(SeqStep {
                     seq_id: s.id,
+                    request_id: seq.request_id.clone(),
                     tokens,
                     first_pos: seq.n_computed,
                     blocks: seq.blocks.clone(),
@@ -740,6 +752,7 @@ impl Scheduler {
         if let Some(pool) = self.pools.get_mut(w) {
             pool.release(&seq.blocks);
         }
+        tracing::debug!(request_id = %seq.request_id, seq_id = id, worker = w, "sequence preempted");
         seq.reset_to_waiting();
         self.running[w].retain(|&x| x != id);
         self.waiting.push_front(id);
@@ -804,6 +817,16 @@ impl Scheduler {
             if seq.cached_tokens.is_none() {
                 seq.cached_tokens = Some(c.n_hit_tokens.min(seq.prompt_len));
             }
+            if let Some(t) = seq.queued_at.take() {
+                self.queue_seconds.observe(t.elapsed().as_secs_f64());
+            }
+            tracing::debug!(
+                request_id = %seq.request_id,
+                seq_id = id,
+                worker = w,
+                cached_tokens = c.n_hit_tokens,
+                "sequence admitted"
+            );
             if self.cfg.enable_prefix_cache {
                 self.prefix_cache_queries_tokens += seq.tokens.len() as u64;
                 self.prefix_cache_hit_tokens += c.n_hit_tokens as u64;
@@ -1081,6 +1104,14 @@ impl Scheduler {
                 completion_tokens: seq.n_generated(),
                 cached_tokens: seq.cached_tokens.unwrap_or(0),
             };
+            tracing::debug!(
+                request_id = %seq.request_id,
+                seq_id = s.id,
+                ?reason,
+                prompt_tokens = usage.prompt_tokens,
+                completion_tokens = usage.completion_tokens,
+                "sequence finished"
+            );
             events.push((s.id, TokenEvent::Finished { reason, usage }));
             self.remove(s.id);
             return;
@@ -1217,6 +1248,12 @@ impl Scheduler {
             steps_warming_total: self.steps_warming_total,
             step_tokens_total: self.step_tokens_total,
             spec: self.spec_stats.clone(),
+            preempted_waiting: self
+                .waiting
+                .iter()
+                .filter(|id| self.seqs.get(id).is_some_and(|s| s.cached_tokens.is_some()))
+                .count(),
+            queue_seconds: self.queue_seconds.clone(),
             ..EngineStats::default()
         }
     }

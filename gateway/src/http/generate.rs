@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::State as Extract;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Json, Response};
 use futures::{Stream, StreamExt};
@@ -13,6 +14,7 @@ use hyserve_coordinator::api::{FinishReason, ServeError};
 use hyserve_model::tokenizer::ChatMessage;
 use serde::Serialize;
 use serde_json::Value;
+use tracing::Instrument;
 
 use super::json::{JsonObject, decode};
 use super::openai::*;
@@ -20,7 +22,7 @@ use crate::choice::{Choice, ChoiceEvent, TokenOut};
 use crate::error::{ApiError, outcome};
 use crate::metrics::{OUTCOME_OK, endpoint};
 use crate::plan::{DefaultMaxTokens, FieldNames, Options, Plan};
-use crate::request::Tracker;
+use crate::request::{REQUEST_ID_HEADER, Tracker};
 use crate::server::State;
 
 /// OpenAI's default `max_tokens` for completions.
@@ -30,28 +32,60 @@ const LOGPROB_FLOOR: f32 = -9999.0;
 
 pub(crate) async fn completions(
     Extract(state): Extract<Arc<State>>,
+    headers: HeaderMap,
     JsonObject(body): JsonObject,
 ) -> Response {
-    let tracker = Tracker::new(&state.metrics, endpoint::COMPLETIONS, "cmpl");
-    respond(&tracker, completions_inner(&state, &body, &tracker).await)
+    let tracker = Tracker::new(
+        &state.metrics,
+        endpoint::COMPLETIONS,
+        "cmpl",
+        client_request_id(&headers),
+    );
+    let span = tracing::info_span!("request", request_id = %tracker.request_id, endpoint = endpoint::COMPLETIONS);
+    respond(
+        &tracker,
+        completions_inner(&state, &body, &tracker)
+            .instrument(span)
+            .await,
+    )
 }
 
 pub(crate) async fn chat_completions(
     Extract(state): Extract<Arc<State>>,
+    headers: HeaderMap,
     JsonObject(body): JsonObject,
 ) -> Response {
-    let tracker = Tracker::new(&state.metrics, endpoint::CHAT_COMPLETIONS, "chatcmpl");
-    respond(&tracker, chat_inner(&state, &body, &tracker).await)
+    let tracker = Tracker::new(
+        &state.metrics,
+        endpoint::CHAT_COMPLETIONS,
+        "chatcmpl",
+        client_request_id(&headers),
+    );
+    let span = tracing::info_span!("request", request_id = %tracker.request_id, endpoint = endpoint::CHAT_COMPLETIONS);
+    respond(
+        &tracker,
+        chat_inner(&state, &body, &tracker).instrument(span).await,
+    )
 }
 
+fn client_request_id(headers: &HeaderMap) -> Option<&str> {
+    headers.get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok())
+}
+
+/// The response, with the request's id in `x-request-id` (the client's own, or the
+/// one its log lines carry).
 fn respond(tracker: &Tracker, result: Result<Response, ServeError>) -> Response {
-    match result {
+    let mut resp = match result {
         Ok(resp) => resp,
         Err(e) => {
             tracker.done(outcome(&e));
             ApiError::Serve(e).into_response()
         }
+    };
+    if let Ok(v) = HeaderValue::from_str(&tracker.request_id) {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
+    resp
 }
 
 /// What the two endpoints have in common once their own fields are read.

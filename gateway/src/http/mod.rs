@@ -35,6 +35,7 @@ pub(crate) fn router(state: Arc<State>) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/drain", post(drain))
         .merge(api)
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -90,9 +91,74 @@ async fn health(Extract(state): Extract<Arc<State>>) -> Response {
     probe(state.engine.health().live, "ok", "unhealthy")
 }
 
-/// Readiness: the engine accepts requests and makes progress.
+/// Readiness: the engine accepts requests and makes progress, and the gateway is not
+/// draining.
 async fn ready(Extract(state): Extract<Arc<State>>) -> Response {
-    probe(state.engine.health().ready, "ready", "not ready")
+    probe(state.ready(), "ready", "not ready")
+}
+
+#[derive(serde::Deserialize)]
+struct DrainQuery {
+    timeout_secs: Option<u64>,
+}
+
+/// Longest wait `/drain` accepts.
+const MAX_DRAIN_SECS: u64 = 3600;
+
+/// Starts draining (readiness lost, new generation requests refused with 503) and
+/// waits until the requests in flight have finished, or `timeout_secs` (default 30)
+/// passed: 200 when drained, 504 when some are still running. Only from this host
+/// (`hyserve drain`, a Kubernetes preStop hook): anyone else gets 403, so a client that
+/// can reach the API cannot take the server out of rotation.
+async fn drain(
+    Extract(state): Extract<Arc<State>>,
+    axum::extract::Query(q): axum::extract::Query<DrainQuery>,
+    req: Request,
+) -> Response {
+    let local = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .is_some_and(|c| c.0.ip().is_loopback());
+    if !local {
+        return (
+            StatusCode::FORBIDDEN,
+            Json(serde_json::json!({"status": "refused", "reason": "/drain is only served to this host"})),
+        )
+            .into_response();
+    }
+    let timeout = std::time::Duration::from_secs(q.timeout_secs.unwrap_or(30).min(MAX_DRAIN_SECS));
+    if !state
+        .draining
+        .swap(true, std::sync::atomic::Ordering::AcqRel)
+    {
+        tracing::info!(
+            ?timeout,
+            "draining: refusing new requests, waiting for those in flight"
+        );
+    }
+    let start = std::time::Instant::now();
+    let in_flight = || {
+        state
+            .metrics
+            .in_flight
+            .load(std::sync::atomic::Ordering::Acquire)
+    };
+    while in_flight() > 0 && start.elapsed() < timeout {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let left = in_flight();
+    let body = serde_json::json!({
+        "status": if left == 0 { "drained" } else { "timeout" },
+        "in_flight": left,
+        "waited_ms": start.elapsed().as_millis() as u64,
+    });
+    if left == 0 {
+        tracing::info!("drained");
+        Json(body).into_response()
+    } else {
+        tracing::warn!(in_flight = left, "drain timed out with requests in flight");
+        (StatusCode::GATEWAY_TIMEOUT, Json(body)).into_response()
+    }
 }
 
 fn probe(ok: bool, yes: &str, no: &str) -> Response {

@@ -187,6 +187,7 @@ pub fn config() -> GatewayConfig {
         max_prompt_tokens: 200,
         max_n: 16,
         log_prompts: false,
+        metrics_registry: None,
     }
 }
 

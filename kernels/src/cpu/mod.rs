@@ -517,6 +517,20 @@ impl Backend for CpuBackend {
         out
     }
 
+    fn moe_counted(
+        &self,
+        h: &Self::Act,
+        router: &Self::Weight,
+        routing: crate::backend::Routing,
+        shared: Option<crate::backend::MlpRef<'_, Self::Weight>>,
+        experts: &[crate::backend::MlpRef<'_, Self::Weight>],
+        load: crate::backend::LayerLoad<'_>,
+    ) -> (Self::Act, bool) {
+        let counts = Some(load.counts);
+        let out = crate::backend::moe_on_host(self, h, router, routing, shared, experts, counts);
+        (out, true)
+    }
+
     fn route(
         &self,
         logits: &CpuTensor,

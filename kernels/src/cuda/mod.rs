@@ -347,7 +347,20 @@ pub struct CudaBackend {
     n_sms: usize,
     /// cuBLAS's workspace (set explicitly, so recording a GEMM allocates nothing).
     _blas_workspace: CudaSlice<u8>,
+    /// Expert-load counters, `[layer][expert]` with a stride of [`MAX_EXPERTS`], added to
+    /// by the routing of counted MoE blocks and drained by [`Backend::take_expert_load`];
+    /// and the number of a step's own tokens (the rest is a recorded shape's padding).
+    /// Both persistent, so recordings embed their addresses.
+    expert_load: Mutex<CudaSlice<u64>>,
+    expert_load_ptr: u64,
+    counted_tokens: Mutex<(CudaSlice<i32>, Option<usize>)>,
+    counted_tokens_ptr: u64,
 }
+
+/// Experts per layer the routing supports (and the expert-load counters' stride).
+const MAX_EXPERTS: usize = 256;
+/// Layers whose expert load is counted on the device.
+const MAX_COUNTED_LAYERS: usize = 256;
 
 /// Facts about the started backend, for logs and benchmark records.
 #[derive(Clone, Debug)]
@@ -385,6 +398,12 @@ impl CudaBackend {
         let k = Kernels::load(&module)?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Blas(format!("{e:?}")))?;
         let workspace = stream.alloc_zeros::<u8>(BLAS_WORKSPACE).map_err(drv)?;
+        let expert_load = stream
+            .alloc_zeros::<u64>(MAX_COUNTED_LAYERS * MAX_EXPERTS)
+            .map_err(drv)?;
+        let counted_tokens = stream.alloc_zeros::<i32>(1).map_err(drv)?;
+        let expert_load_ptr = expert_load.device_ptr(&stream).0;
+        let counted_tokens_ptr = counted_tokens.device_ptr(&stream).0;
         {
             let (wp, _sync) = workspace.device_ptr(&stream);
             // SAFETY: the workspace is a live allocation of BLAS_WORKSPACE bytes owned
@@ -430,6 +449,10 @@ impl CudaBackend {
                     .map_or(64, |c| c.max(ATT_TILE).div_ceil(ATT_TILE) * ATT_TILE),
                 n_sms,
                 _blas_workspace: workspace,
+                expert_load: Mutex::new(expert_load),
+                expert_load_ptr,
+                counted_tokens: Mutex::new((counted_tokens, None)),
+                counted_tokens_ptr,
             },
             info,
         ))
@@ -1613,6 +1636,116 @@ impl Backend for CudaBackend {
         shared: Option<MlpRef<'_, CudaWeight>>,
         experts: &[MlpRef<'_, CudaWeight>],
     ) -> CudaAct {
+        self.moe_with(h, router, routing, shared, experts, None)
+    }
+
+    /// Counts on the device, into the layer's counters, without a host copy (it would
+    /// cost a synchronisation per layer and could not be recorded):
+    /// [`Backend::take_expert_load`] brings them back.
+    fn moe_counted(
+        &self,
+        h: &CudaAct,
+        router: &CudaWeight,
+        routing: Routing,
+        shared: Option<MlpRef<'_, CudaWeight>>,
+        experts: &[MlpRef<'_, CudaWeight>],
+        load: crate::backend::LayerLoad<'_>,
+    ) -> (CudaAct, bool) {
+        let out = self.moe_with(h, router, routing, shared, experts, Some(load.layer));
+        (out, false)
+    }
+
+    fn set_counted_tokens(&self, n: usize) {
+        let Ok(mut c) = self.counted_tokens.lock() else {
+            return;
+        };
+        // Steady decoding repeats one batch size: copy only when it changes.
+        let n = n.min(i32::MAX as usize);
+        if c.1 == Some(n) {
+            return;
+        }
+        self.stream
+            .memcpy_htod(&[n as i32], &mut c.0)
+            .expect("host to device copy");
+        c.1 = Some(n);
+    }
+
+    fn take_expert_load(&self, load: &mut [Vec<u64>]) -> bool {
+        let n_layers = load.len().min(MAX_COUNTED_LAYERS);
+        if n_layers == 0 {
+            return false;
+        }
+        let Ok(mut counters) = self.expert_load.lock() else {
+            return false;
+        };
+        let mut used = counters.slice_mut(..n_layers * MAX_EXPERTS);
+        let host = self.stream.clone_dtoh(&used).expect("device to host copy");
+        self.stream.memset_zeros(&mut used).expect("device memset");
+        for (l, row) in load.iter_mut().take(n_layers).enumerate() {
+            for (e, n) in row.iter_mut().enumerate().take(MAX_EXPERTS) {
+                *n += host[l * MAX_EXPERTS + e];
+            }
+        }
+        true
+    }
+}
+
+impl CudaBackend {
+    /// Routing on the device: `(experts, weights)`, `k` per row, as `route` defines.
+    fn route_device(
+        &self,
+        logits: &CudaAct,
+        k: usize,
+        renormalize: bool,
+        round_weights: bool,
+    ) -> (CudaSlice<i32>, CudaSlice<f32>) {
+        let e = logits.cols;
+        assert!(
+            k >= 1 && k <= e && e <= 256,
+            "route: k={k} with {e} experts"
+        );
+        let n = logits.rows * k;
+        let experts = self
+            .stream
+            .alloc_zeros::<i32>(n.max(1))
+            .expect("device alloc");
+        let weights = self.alloc_f32(n);
+        if logits.rows == 0 {
+            return (experts, weights);
+        }
+        let (lp, ep, wp) = (self.act_ptr(logits), self.ptr(&experts), self.ptr(&weights));
+        let (rows, ei, ki, rn, rw) = (
+            logits.rows as i32,
+            e as i32,
+            k as i32,
+            renormalize as i32,
+            round_weights as i32,
+        );
+        let grid = (logits.rows.div_ceil(128) as u32, 1, 1);
+        match logits.buf {
+            ActBuf::Bf16(_) => {
+                launch!(self, route_bf16, grid, 128, 0; &lp, &rows, &ei, &ki, &rn, &rw, &ep, &wp)
+            }
+            ActBuf::F32(_) => {
+                launch!(self, route_f32, grid, 128, 0; &lp, &rows, &ei, &ki, &rn, &rw, &ep, &wp)
+            }
+        }
+        (experts, weights)
+    }
+}
+
+impl CudaBackend {
+    /// The MoE block; with `count_layer`, its routed pairs are added to that layer's
+    /// expert-load counters on the device.
+    fn moe_with(
+        &self,
+        h: &CudaAct,
+        router: &CudaWeight,
+        routing: Routing,
+        shared: Option<MlpRef<'_, CudaWeight>>,
+        experts: &[MlpRef<'_, CudaWeight>],
+        count_layer: Option<usize>,
+    ) -> CudaAct {
         let (n_tokens, hidden) = (h.rows, h.cols);
         let k = routing.top_k;
         let n_exp = experts.len();
@@ -1659,10 +1792,14 @@ impl Backend for CudaBackend {
             self.ptr(&active),
             self.ptr(&meta),
         );
-        let (np, ne, ns) = (pairs as i32, n_exp as i32, n_shared as i32);
-        launch!(self, moe_permute, (1, 1, 1), 1024, 0; &cp, &np, &ne, &ns, &offp, &pp, &ip, &ap, &mp);
+        let (np, ne, ns, ki) = (pairs as i32, n_exp as i32, n_shared as i32, k as i32);
+        let load_ptr = count_layer
+            .filter(|&l| l < MAX_COUNTED_LAYERS)
+            .map_or(0, |l| self.expert_load_ptr + (l * MAX_EXPERTS * 8) as u64);
+        let real_ptr = self.counted_tokens_ptr;
+        launch!(self, moe_permute, (1, 1, 1), 1024, 0; &cp, &np, &ne, &ns, &offp, &pp, &ip, &ap, &mp, &load_ptr, &real_ptr, &ki);
         let wp = self.ptr(&weights);
-        let (ki, cols) = (k as i32, hidden as i32);
+        let cols = hidden as i32;
         if decode {
             // Everything stays on the device: routed outputs in pair order, then the
             // shared expert's rows; one combine writes the block's output.
@@ -1751,50 +1888,6 @@ impl Backend for CudaBackend {
         let op = self.bf16_ptr(&out);
         launch!(self, combine_perm, (n_tokens as u32, 1, 1), 256, 0; &op, &rp, &wp, &ip, &ki, &cols);
         out
-    }
-}
-
-impl CudaBackend {
-    /// Routing on the device: `(experts, weights)`, `k` per row, as `route` defines.
-    fn route_device(
-        &self,
-        logits: &CudaAct,
-        k: usize,
-        renormalize: bool,
-        round_weights: bool,
-    ) -> (CudaSlice<i32>, CudaSlice<f32>) {
-        let e = logits.cols;
-        assert!(
-            k >= 1 && k <= e && e <= 256,
-            "route: k={k} with {e} experts"
-        );
-        let n = logits.rows * k;
-        let experts = self
-            .stream
-            .alloc_zeros::<i32>(n.max(1))
-            .expect("device alloc");
-        let weights = self.alloc_f32(n);
-        if logits.rows == 0 {
-            return (experts, weights);
-        }
-        let (lp, ep, wp) = (self.act_ptr(logits), self.ptr(&experts), self.ptr(&weights));
-        let (rows, ei, ki, rn, rw) = (
-            logits.rows as i32,
-            e as i32,
-            k as i32,
-            renormalize as i32,
-            round_weights as i32,
-        );
-        let grid = (logits.rows.div_ceil(128) as u32, 1, 1);
-        match logits.buf {
-            ActBuf::Bf16(_) => {
-                launch!(self, route_bf16, grid, 128, 0; &lp, &rows, &ei, &ki, &rn, &rw, &ep, &wp)
-            }
-            ActBuf::F32(_) => {
-                launch!(self, route_f32, grid, 128, 0; &lp, &rows, &ei, &ki, &rn, &rw, &ep, &wp)
-            }
-        }
-        (experts, weights)
     }
 }
 
