@@ -403,12 +403,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     let before = engine.stats();
                     let t0 = Instant::now();
                     let done = rt.block_on(run_batch(engine, w, batch, n, &req))?;
-                    runs[i].push(Measured {
+                    let m = Measured {
                         seconds: t0.elapsed().as_secs_f64(),
                         done,
                         before,
                         after: engine.stats(),
-                    });
+                    };
+                    let (b, a) = (&m.before, &m.after);
+                    eprintln!(
+                        "  {:.1} tok/s: {} steps, {} speculative ({} catching up, {} probing the losing arm), {} warming up",
+                        m.tokens() as f64 / m.seconds,
+                        a.steps_total - b.steps_total,
+                        a.spec.steps - b.spec.steps,
+                        a.spec.catch_up_steps - b.spec.catch_up_steps,
+                        a.spec.probe_steps - b.spec.probe_steps,
+                        a.steps_warming_total - b.steps_warming_total,
+                    );
+                    runs[i].push(m);
                 }
             }
             let plain_idx = engines.iter().position(|(p, _, _)| *p == ProposerKind::Off);

@@ -944,6 +944,8 @@ impl Scheduler {
             self.spec_share += SPEC_SHARE_EWMA * (x - self.spec_share);
         }
         self.spec_stats.steps += u64::from(speculated);
+        self.spec_stats.catch_up_steps +=
+            u64::from(speculated && results.iter().any(|r| r.s.draft_context > 1));
         self.last_step = Some(StepRecord {
             pure_decode: n_decode == results.len(),
             n_decode,
@@ -1247,7 +1249,10 @@ impl Scheduler {
             steps_total: self.steps_total,
             steps_warming_total: self.steps_warming_total,
             step_tokens_total: self.step_tokens_total,
-            spec: self.spec_stats.clone(),
+            spec: SpecStats {
+                probe_steps: self.guard.probe_steps(),
+                ..self.spec_stats.clone()
+            },
             preempted_waiting: self
                 .waiting
                 .iter()

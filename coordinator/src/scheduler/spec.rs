@@ -341,7 +341,7 @@ fn guard_bucket(n_decode: usize) -> usize {
     n_decode.max(1).ilog2() as usize
 }
 
-/// Recent steps an arm keeps; its rate is their tokens over their seconds.
+/// Recent steps an arm keeps; its rate is their tokens over their sequence-seconds.
 const GUARD_WINDOW: usize = 16;
 /// A step that took this many times the window's median step time stalled (a page
 /// fault, a preempted thread): it is left out of the rate, so one such step does not
@@ -353,8 +353,9 @@ const GUARD_MAX_SKIPPED: u32 = 64;
 
 #[derive(Clone, Debug, Default, PartialEq)]
 struct Rate {
-    /// (tokens, seconds) of the last [`GUARD_WINDOW`] steps, oldest overwritten first.
-    recent: Vec<(f64, f64)>,
+    /// (tokens, seconds, sequences) of the last [`GUARD_WINDOW`] steps, oldest
+    /// overwritten first.
+    recent: Vec<(f64, f64, f64)>,
     next: usize,
     samples: u32,
     /// Warm-up steps left out so far.
@@ -362,42 +363,56 @@ struct Rate {
 }
 
 impl Rate {
-    fn observe(&mut self, tokens: f64, seconds: f64, warming: bool) {
+    fn observe(&mut self, n_decode: usize, tokens: f64, seconds: f64, warming: bool) {
         if warming && self.skipped < GUARD_MAX_SKIPPED {
             self.skipped += 1;
             return;
         }
+        let step = (tokens, seconds, n_decode.max(1) as f64);
         if self.recent.len() < GUARD_WINDOW {
-            self.recent.push((tokens, seconds));
+            self.recent.push(step);
         } else {
-            self.recent[self.next] = (tokens, seconds);
+            self.recent[self.next] = step;
         }
         self.next = (self.next + 1) % GUARD_WINDOW;
         self.samples = self.samples.saturating_add(1);
     }
 
-    /// The window's tokens over its seconds, stalled steps left out. A ratio of sums,
-    /// not a median of per-step rates: a speculative step's yield varies (a rejected
-    /// proposal emits one token, an accepted run many), and the median of such steps
-    /// says little about their throughput.
-    fn tokens_per_second(&self) -> f64 {
+    /// The window's tokens per sequence and second: its tokens over the sum of its
+    /// steps' seconds times their sequences, stalled steps left out.
+    ///
+    /// A ratio of sums, not a median of per-step rates: a speculative step's yield
+    /// varies (a rejected proposal emits one token, an accepted run many), and the
+    /// median of such steps says little about their throughput. Per sequence, not per
+    /// step: a bucket spans loads up to twice each other (a batch draining from 7
+    /// sequences to 4), and tokens per second fall with the load, so an arm measured
+    /// last, on the smaller load, would look slower than the other for that alone (and
+    /// the arms would take turns); tokens per sequence-second hardly change with the
+    /// load where a step's time hardly does, and still rank the arms as tokens per
+    /// second do at any one load.
+    fn tokens_per_sequence_second(&self) -> f64 {
         let mut secs: Vec<f64> = self.recent.iter().map(|r| r.1).collect();
         secs.sort_by(f64::total_cmp);
         let Some(&median) = secs.get(secs.len() / 2) else {
             return 0.0;
         };
-        let (tokens, seconds) = self
+        let (tokens, seq_seconds) = self
             .recent
             .iter()
             .filter(|r| r.1 <= GUARD_STALL * median)
-            .fold((0.0, 0.0), |(t, s), r| (t + r.0, s + r.1));
-        if seconds > 0.0 { tokens / seconds } else { 0.0 }
+            .fold((0.0, 0.0), |(t, s), r| (t + r.0, s + r.1 * r.2));
+        if seq_seconds > 0.0 {
+            tokens / seq_seconds
+        } else {
+            0.0
+        }
     }
 }
 
 /// The last word on whether a step speculates: per number of decoding sequences (in
-/// powers of two), the tokens per second of whole steps (planning, forward pass,
-/// verification) measured with speculation and without, and the faster one wins.
+/// powers of two), the tokens per sequence and second of whole steps (planning,
+/// forward pass, verification) measured with speculation and without, and the faster
+/// one wins.
 /// The cost model plans depths from estimates; the guard checks the result on the
 /// clock, so speculation that does not pay on this machine at this batch size (steps
 /// too costly for what they verify, proposals that are rarely accepted) is switched off
@@ -411,6 +426,8 @@ pub struct Guard {
     /// What [`Guard::allow`] said last: (bucket, speculation allowed, it went against
     /// the verdict). The step it planned is the next one observed.
     last_choice: Option<(usize, bool, bool)>,
+    /// Steps allowed against the verdict so far.
+    probe_steps: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -455,6 +472,7 @@ impl Guard {
         let b = self.bucket(n_decode);
         let (allowed, against) = self.choose(b);
         self.last_choice = Some((b, allowed, against));
+        self.probe_steps += u64::from(against);
         allowed
     }
 
@@ -476,8 +494,8 @@ impl Guard {
             if p.left == 0 {
                 tracing::debug!(
                     batch_bucket = 1usize << b,
-                    plain_tokens_per_second = plain.tokens_per_second(),
-                    speculative_tokens_per_second = spec.tokens_per_second(),
+                    plain_tokens_per_sequence_second = plain.tokens_per_sequence_second(),
+                    speculative_tokens_per_sequence_second = spec.tokens_per_sequence_second(),
                     measured_here = own.is_some(),
                     speculation_wins = spec_wins,
                     "speculation guard probe over"
@@ -529,16 +547,33 @@ impl Guard {
             .is_some_and(|(cb, allowed, against)| cb == b && against && allowed == speculated);
         let par = Some(!speculated)
             .filter(|_| probed)
-            .map(|w| self.arms[b][usize::from(w)].tokens_per_second())
+            .map(|w| self.arms[b][usize::from(w)].tokens_per_sequence_second())
             .filter(|&rate| rate > 0.0)
-            .map(|rate| emitted as f64 / rate);
+            .map(|rate| emitted as f64 / (rate * n_decode.max(1) as f64));
         let p = &mut self.probing[b];
         p.seconds += seconds;
         if let Some(par) = par {
             // A losing step that did better than par pays back earlier losses.
             p.lost_seconds = (p.lost_seconds + seconds - par).max(0.0);
         }
-        self.arms[b][usize::from(speculated)].observe(emitted as f64, seconds, warming);
+        let before = self.verdict(b);
+        self.arms[b][usize::from(speculated)].observe(n_decode, emitted as f64, seconds, warming);
+        let after = self.verdict(b);
+        if after != before {
+            let [plain, spec] = &self.arms[b];
+            tracing::debug!(
+                batch_bucket = 1usize << b,
+                plain_tokens_per_sequence_second = plain.tokens_per_sequence_second(),
+                speculative_tokens_per_sequence_second = spec.tokens_per_sequence_second(),
+                speculation_wins = after,
+                "speculation guard verdict changed"
+            );
+        }
+    }
+
+    /// Steps allowed against the verdict so far (probes).
+    pub fn probe_steps(&self) -> u64 {
+        self.probe_steps
     }
 
     /// Whether speculation was measured faster at `n_decode` sequences, or, where that
@@ -557,7 +592,10 @@ impl Guard {
             Some([plain, spec])
                 if plain.samples >= GUARD_MIN_SAMPLES && spec.samples >= GUARD_MIN_SAMPLES =>
             {
-                Some(spec.tokens_per_second() >= GUARD_MARGIN * plain.tokens_per_second())
+                Some(
+                    spec.tokens_per_sequence_second()
+                        >= GUARD_MARGIN * plain.tokens_per_sequence_second(),
+                )
             }
             _ => None,
         }
@@ -573,11 +611,15 @@ impl Guard {
         })
     }
 
-    /// Measured tokens per second (plain, speculative) at `n_decode` sequences.
+    /// Measured tokens per sequence and second (plain, speculative) at `n_decode`
+    /// sequences' bucket.
     pub fn rates(&self, n_decode: usize) -> Option<(f64, f64)> {
-        self.arms
-            .get(guard_bucket(n_decode))
-            .map(|[p, s]| (p.tokens_per_second(), s.tokens_per_second()))
+        self.arms.get(guard_bucket(n_decode)).map(|[p, s]| {
+            (
+                p.tokens_per_sequence_second(),
+                s.tokens_per_sequence_second(),
+            )
+        })
     }
 }
 
@@ -807,6 +849,11 @@ pub struct SpecStats {
     /// per step, the extra tokens at the plain step's estimated cost per token, less
     /// the step's measured extra time.
     pub time_saved_seconds: f64,
+    /// Speculative steps in which a draft model first caught up on context it had not
+    /// read (it was off, or the sequence is new to it).
+    pub catch_up_steps: u64,
+    /// Steps the guard ran against its verdict (probes of the losing arm).
+    pub probe_steps: u64,
 }
 
 impl SpecStats {
@@ -1034,6 +1081,31 @@ mod tests {
         let on = simulate(&mut g, 32, 16384, (32, 1.0), (80, 2.0));
         assert!(on >= 16384 - 2 * 4096, "{on}");
         assert_eq!(g.verdict(guard_bucket(32)), Some(true));
+    }
+
+    #[test]
+    fn a_draining_batch_does_not_make_the_arms_take_turns() {
+        // Waves of 7 sequences finishing one by one down to 4 (one guard bucket), each
+        // load for 10 steps; a step costs 1 s at any load (launch-bound). Speculation
+        // is 5% slower per sequence. Whichever arm ran last ran on the smaller load, so
+        // by tokens per second it would look slower, and the arms would take turns.
+        let mut g = Guard::default();
+        let mut spec_steps = 0;
+        let mut steps = 0;
+        for _wave in 0..60 {
+            for n in (4..=7).rev() {
+                for _ in 0..10 {
+                    let on = g.allow(n);
+                    let seconds = if on { 1.05 } else { 1.0 };
+                    g.observe(n, on, n, seconds, false);
+                    spec_steps += usize::from(on);
+                    steps += 1;
+                }
+            }
+        }
+        assert_eq!(g.verdict(guard_bucket(7)), Some(false));
+        // The first measurement of speculation, then probes.
+        assert!(spec_steps <= steps / 20, "{spec_steps} of {steps}");
     }
 
     #[test]
