@@ -411,7 +411,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     };
                     let (b, a) = (&m.before, &m.after);
                     eprintln!(
-                        "  {:.1} tok/s: {} steps, {} speculative ({} catching up, {} probing the losing arm), {} warming up",
+                        "  {:.1} tok/s: {} steps, {} speculative ({} with a draft catching up), {} where the guard probed its losing arm, {} warming up",
                         m.tokens() as f64 / m.seconds,
                         a.steps_total - b.steps_total,
                         a.spec.steps - b.spec.steps,
