@@ -411,13 +411,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     };
                     let (b, a) = (&m.before, &m.after);
                     eprintln!(
-                        "  {:.1} tok/s: {} steps, {} speculative ({} with a draft catching up), {} where the guard probed its losing arm, {} warming up",
+                        "  {:.1} tok/s: {} steps, {} speculative ({} with a draft catching up), {} where the guard probed its losing arm, {} warming up; the guard's verdict changed {} times",
                         m.tokens() as f64 / m.seconds,
                         a.steps_total - b.steps_total,
                         a.spec.steps - b.spec.steps,
                         a.spec.catch_up_steps - b.spec.catch_up_steps,
                         a.spec.probe_steps - b.spec.probe_steps,
                         a.steps_warming_total - b.steps_warming_total,
+                        a.spec.verdict_changes - b.spec.verdict_changes,
                     );
                     runs[i].push(m);
                 }

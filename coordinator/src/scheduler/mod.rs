@@ -1251,6 +1251,7 @@ impl Scheduler {
             step_tokens_total: self.step_tokens_total,
             spec: SpecStats {
                 probe_steps: self.guard.probe_steps(),
+                verdict_changes: self.guard.verdict_changes(),
                 ..self.spec_stats.clone()
             },
             preempted_waiting: self

@@ -428,6 +428,8 @@ pub struct Guard {
     last_choice: Option<(usize, bool, bool)>,
     /// Steps allowed against the verdict so far.
     probe_steps: u64,
+    /// Times a measured verdict turned over so far.
+    verdict_changes: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -560,6 +562,8 @@ impl Guard {
         self.arms[b][usize::from(speculated)].observe(n_decode, emitted as f64, seconds, warming);
         let after = self.verdict(b);
         if after != before {
+            // The first verdict at a load is not a change of mind.
+            self.verdict_changes += u64::from(before.is_some());
             let [plain, spec] = &self.arms[b];
             tracing::debug!(
                 batch_bucket = 1usize << b,
@@ -574,6 +578,12 @@ impl Guard {
     /// Steps allowed against the verdict so far (probes).
     pub fn probe_steps(&self) -> u64 {
         self.probe_steps
+    }
+
+    /// Times a batch size's measured verdict turned over so far (its first verdict
+    /// not counted): a guard that keeps changing its mind is measuring noise.
+    pub fn verdict_changes(&self) -> u64 {
+        self.verdict_changes
     }
 
     /// Whether speculation was measured faster at `n_decode` sequences, or, where that
@@ -854,6 +864,8 @@ pub struct SpecStats {
     pub catch_up_steps: u64,
     /// Steps the guard ran against its verdict (probes of the losing arm).
     pub probe_steps: u64,
+    /// Times the guard's measured verdict at a batch size turned over.
+    pub verdict_changes: u64,
 }
 
 impl SpecStats {
@@ -1106,6 +1118,7 @@ mod tests {
         assert_eq!(g.verdict(guard_bucket(7)), Some(false));
         // The first measurement of speculation, then probes.
         assert!(spec_steps <= steps / 20, "{spec_steps} of {steps}");
+        assert!(g.verdict_changes() <= 2, "{}", g.verdict_changes());
     }
 
     #[test]
