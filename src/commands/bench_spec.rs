@@ -95,8 +95,12 @@ struct Row {
     tokens_per_second: f64,
     /// Median over repetitions, over plain decoding's median in the same run.
     speedup: f64,
-    /// The lowest and highest of the repetitions' own ratios (each repetition's
-    /// tokens per second over the plain measurement of the same repetition).
+    /// The median of the repetitions' own ratios: each repetition's tokens per second
+    /// over its plain runs' (the geometric mean of `off` and `off-again` where both
+    /// ran, `off` alone for `off-again` itself). A drift of the machine's speed over
+    /// the run, which moves whole repetitions, cancels here and not in `speedup`.
+    speedup_paired: f64,
+    /// The lowest and highest of those ratios.
     speedup_min: f64,
     speedup_max: f64,
     /// Mean over requests (of every repetition) of (last token time - first token
@@ -149,11 +153,15 @@ impl Measured {
     fn tokens(&self) -> usize {
         self.done.iter().map(|d| d.tokens.len()).sum()
     }
+
+    fn tokens_per_second(&self) -> f64 {
+        self.tokens() as f64 / self.seconds
+    }
 }
 
 /// The median tokens per second of repeated runs.
 fn median_tps(runs: &[Measured]) -> f64 {
-    let mut t: Vec<f64> = runs.iter().map(|m| m.tokens() as f64 / m.seconds).collect();
+    let mut t: Vec<f64> = runs.iter().map(|m| m.tokens_per_second()).collect();
     t.sort_by(f64::total_cmp);
     percentile(&t, 0.5)
 }
@@ -166,14 +174,17 @@ fn summarize(
     label: &str,
     runs: &[Measured],
     plain: Option<&[Measured]>,
+    reference: &[f64],
     plain_out: Option<&[Vec<u32>]>,
 ) -> Row {
     let tps = median_tps(runs);
     let plain_tps = plain.map(median_tps);
-    let rate = |m: &Measured| m.tokens() as f64 / m.seconds;
-    let paired: Vec<f64> = plain
-        .map(|p| runs.iter().zip(p).map(|(m, q)| rate(m) / rate(q)).collect())
-        .unwrap_or_default();
+    let mut paired: Vec<f64> = runs
+        .iter()
+        .zip(reference)
+        .map(|(m, r)| m.tokens_per_second() / r)
+        .collect();
+    paired.sort_by(f64::total_cmp);
     let all: Vec<&Done> = runs.iter().flat_map(|m| &m.done).collect();
     let mut itl: Vec<f64> = all
         .iter()
@@ -212,8 +223,13 @@ fn summarize(
         seconds: runs.iter().map(|m| m.seconds).sum(),
         tokens_per_second: tps,
         speedup: plain_tps.map_or(1.0, |p| tps / p),
-        speedup_min: paired.iter().copied().reduce(f64::min).unwrap_or(1.0),
-        speedup_max: paired.iter().copied().reduce(f64::max).unwrap_or(1.0),
+        speedup_paired: match paired.len() {
+            0 => 1.0,
+            n if n % 2 == 0 => (paired[n / 2 - 1] + paired[n / 2]) / 2.0,
+            n => paired[n / 2],
+        },
+        speedup_min: paired.first().copied().unwrap_or(1.0),
+        speedup_max: paired.last().copied().unwrap_or(1.0),
         itl_ms_mean: mean(&itl),
         itl_ms_p90: percentile(&itl, 0.9),
         ttft_ms_mean: mean(
@@ -412,7 +428,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     let (b, a) = (&m.before, &m.after);
                     eprintln!(
                         "  {:.1} tok/s: {} steps, {} speculative ({} with a draft catching up), {} where the guard probed its losing arm, {} warming up; the guard's verdict changed {} times",
-                        m.tokens() as f64 / m.seconds,
+                        m.tokens_per_second(),
                         a.steps_total - b.steps_total,
                         a.spec.steps - b.spec.steps,
                         a.spec.catch_up_steps - b.spec.catch_up_steps,
@@ -423,24 +439,49 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     runs[i].push(m);
                 }
             }
-            let plain_idx = engines.iter().position(|(p, _, _)| *p == ProposerKind::Off);
-            let plain_runs = plain_idx.map(|i| runs[i].clone());
-            let plain_out: Option<Vec<Vec<u32>>> =
-                plain_idx.map(|i| runs[i][0].done.iter().map(|d| d.tokens.clone()).collect());
-            for ((_, label, _), m) in engines.iter().zip(&runs) {
+            let plain_idx: Vec<usize> = (0..engines.len())
+                .filter(|&i| engines[i].0 == ProposerKind::Off)
+                .collect();
+            let plain_runs = plain_idx.first().map(|&i| runs[i].clone());
+            let plain_out: Option<Vec<Vec<u32>>> = plain_idx
+                .first()
+                .map(|&i| runs[i][0].done.iter().map(|d| d.tokens.clone()).collect());
+            // Per repetition: the plain runs' tokens per second (geometric mean), the
+            // first plain engine's alone for the other plain engines.
+            let reference = |among: &[usize]| -> Vec<f64> {
+                (0..a.reps)
+                    .map(|r| {
+                        let logs: f64 = among
+                            .iter()
+                            .map(|&i| runs[i][r].tokens_per_second().ln())
+                            .sum();
+                        (logs / among.len() as f64).exp()
+                    })
+                    .collect()
+            };
+            let all_plain = reference(&plain_idx);
+            let first_plain = reference(&plain_idx[..plain_idx.len().min(1)]);
+            for (i, ((_, label, _), m)) in engines.iter().zip(&runs).enumerate() {
+                let own = if plain_idx.contains(&i) {
+                    &first_plain
+                } else {
+                    &all_plain
+                };
                 let row = summarize(
                     wname,
                     batch,
                     label,
                     m,
                     plain_runs.as_deref(),
+                    if plain_idx.is_empty() { &[] } else { own },
                     plain_out.as_deref(),
                 );
                 eprintln!(
-                    "  {}: {:.1} tok/s ({:.2}x plain, {:.2}-{:.2}x by repetition), ITL {:.2} ms, acceptance {:.0}%, {} steps ({} speculative, {} warming up; {:.3} ms model + {:.3} ms scheduler per step), {}/{} outputs as plain",
+                    "  {}: {:.1} tok/s ({:.2}x plain; paired by repetition {:.2}x, {:.2}-{:.2}x), ITL {:.2} ms, acceptance {:.0}%, {} steps ({} speculative, {} warming up; {:.3} ms model + {:.3} ms scheduler per step), {}/{} outputs as plain",
                     row.proposer,
                     row.tokens_per_second,
                     row.speedup,
+                    row.speedup_paired,
                     row.speedup_min,
                     row.speedup_max,
                     row.itl_ms_mean,
@@ -647,17 +688,18 @@ fn device_name(device: &str) -> String {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "| workload | batch | proposer | tok/s | vs plain (range by repetition) | ITL ms (mean / p90) | acceptance | accepted per verify | steps | ms per step (model / scheduler) | same as plain |"
+        "| workload | batch | proposer | tok/s | vs plain: medians; paired (range) | ITL ms (mean / p90) | acceptance | accepted per verify | steps | ms per step (model / scheduler) | same as plain |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
-            "| {} | {} | {} | {:.1} | {:.2}x ({:.2}-{:.2}) | {:.2} / {:.2} | {} | {:.2} | {} | {:.3} / {:.3} | {}/{} |",
+            "| {} | {} | {} | {:.1} | {:.2}x; {:.2}x ({:.2}-{:.2}) | {:.2} / {:.2} | {} | {:.2} | {} | {:.3} / {:.3} | {}/{} |",
             r.workload,
             r.batch,
             r.proposer,
             r.tokens_per_second,
             r.speedup,
+            r.speedup_paired,
             r.speedup_min,
             r.speedup_max,
             r.itl_ms_mean,

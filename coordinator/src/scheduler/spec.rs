@@ -334,6 +334,15 @@ const GUARD_PROBE_SHARE: f64 = 0.01;
 /// Speculation must be this much faster to be kept: a coin flip between equals costs
 /// the exploration of both.
 const GUARD_MARGIN: f64 = 1.02;
+/// Once plain decoding has won at a load, speculation must be this much faster to win
+/// it back. Speculation's rate is only refreshed by its own steps, so while plain
+/// decoding wins it is an old measurement; plain decoding's rate, refreshed every step,
+/// wanders by a few percent around it. With one threshold for both directions the
+/// verdict would follow that wander (on an H100, 30 changes in 1679 steps at one
+/// sequence), and each change to speculation pays a draft's catch-up. Turning
+/// speculation off keeps the lower threshold, so a kept verdict is never one that
+/// loses time.
+const GUARD_SWITCH_ON: f64 = 1.05;
 
 /// The guard's batch-size buckets: powers of two (1, 2-3, 4-7, 8-15, ...), coarse so
 /// that each is learned from many steps.
@@ -430,6 +439,9 @@ pub struct Guard {
     probe_steps: u64,
     /// Times a measured verdict turned over so far.
     verdict_changes: u64,
+    /// Per bucket: the verdict once both arms are measured there (it depends on the
+    /// previous one: [`GUARD_SWITCH_ON`]).
+    verdicts: Vec<Option<bool>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -465,6 +477,7 @@ impl Guard {
         if self.arms.len() <= b {
             self.arms.resize(b + 1, Default::default());
             self.probing.resize(b + 1, Probe::default());
+            self.verdicts.resize(b + 1, None);
         }
         b
     }
@@ -560,7 +573,8 @@ impl Guard {
         }
         let before = self.verdict(b);
         self.arms[b][usize::from(speculated)].observe(n_decode, emitted as f64, seconds, warming);
-        let after = self.verdict(b);
+        let after = self.judge(b, before);
+        self.verdicts[b] = after;
         if after != before {
             // The first verdict at a load is not a change of mind.
             self.verdict_changes += u64::from(before.is_some());
@@ -598,13 +612,25 @@ impl Guard {
 
     /// Whether speculation wins at bucket `b`, once both arms are measured there.
     fn verdict(&self, b: usize) -> Option<bool> {
+        self.verdicts.get(b).copied().flatten()
+    }
+
+    /// The verdict at bucket `b` from its arms' measurements, given the one before:
+    /// speculation wins by [`GUARD_MARGIN`], and by [`GUARD_SWITCH_ON`] where plain
+    /// decoding was winning.
+    fn judge(&self, b: usize, before: Option<bool>) -> Option<bool> {
         match self.arms.get(b) {
             Some([plain, spec])
                 if plain.samples >= GUARD_MIN_SAMPLES && spec.samples >= GUARD_MIN_SAMPLES =>
             {
+                let margin = if before == Some(false) {
+                    GUARD_SWITCH_ON
+                } else {
+                    GUARD_MARGIN
+                };
                 Some(
                     spec.tokens_per_sequence_second()
-                        >= GUARD_MARGIN * plain.tokens_per_sequence_second(),
+                        >= margin * plain.tokens_per_sequence_second(),
                 )
             }
             _ => None,
@@ -1119,6 +1145,38 @@ mod tests {
         // The first measurement of speculation, then probes.
         assert!(spec_steps <= steps / 20, "{spec_steps} of {steps}");
         assert!(g.verdict_changes() <= 2, "{}", g.verdict_changes());
+    }
+
+    #[test]
+    fn an_old_measurement_of_speculation_does_not_make_the_verdict_flicker() {
+        // Speculation was measured once, at 1 token a second; plain decoding's rate
+        // then wanders between 1/1.03 and 1/1.01 (speculation 3% and 1% faster).
+        let mut g = Guard::default();
+        for _ in 0..GUARD_WINDOW {
+            g.observe(1, true, 1, 1.0, false);
+        }
+        for block in 0..40 {
+            let seconds = if block % 2 == 0 { 1.01 } else { 1.03 };
+            for _ in 0..GUARD_WINDOW {
+                g.observe(1, false, 1, seconds, false);
+            }
+        }
+        // Plain decoding won first (speculation was not 2% faster), and the wander
+        // does not win speculation back.
+        assert_eq!(g.verdict(0), Some(false));
+        assert_eq!(g.verdict_changes(), 0);
+        // A real gain does: plain decoding slows to 1/1.1.
+        for _ in 0..GUARD_WINDOW {
+            g.observe(1, false, 1, 1.1, false);
+        }
+        assert_eq!(g.verdict(0), Some(true));
+        assert_eq!(g.verdict_changes(), 1);
+        // And speculation that falls 1% short of its margin over plain decoding is
+        // turned off again.
+        for _ in 0..GUARD_WINDOW {
+            g.observe(1, false, 1, 0.99 * GUARD_MARGIN, false);
+        }
+        assert_eq!(g.verdict(0), Some(false));
     }
 
     #[test]
