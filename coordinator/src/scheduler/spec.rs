@@ -338,7 +338,7 @@ const GUARD_MARGIN: f64 = 1.02;
 /// it back. Speculation's rate is only refreshed by its own steps, so while plain
 /// decoding wins it is an old measurement; plain decoding's rate, refreshed every step,
 /// wanders by a few percent around it. With one threshold for both directions the
-/// verdict would follow that wander (on an H100, 30 changes in 1679 steps at one
+/// verdict would follow that wander (on an H100, 30 changes in 1666 steps at one
 /// sequence), and each change to speculation pays a draft's catch-up. Turning
 /// speculation off keeps the lower threshold, so a kept verdict is never one that
 /// loses time.
