@@ -223,11 +223,7 @@ fn summarize(
         seconds: runs.iter().map(|m| m.seconds).sum(),
         tokens_per_second: tps,
         speedup: plain_tps.map_or(1.0, |p| tps / p),
-        speedup_paired: match paired.len() {
-            0 => 1.0,
-            n if n % 2 == 0 => (paired[n / 2 - 1] + paired[n / 2]) / 2.0,
-            n => paired[n / 2],
-        },
+        speedup_paired: median(&paired).unwrap_or(1.0),
         speedup_min: paired.first().copied().unwrap_or(1.0),
         speedup_max: paired.last().copied().unwrap_or(1.0),
         itl_ms_mean: mean(&itl),
@@ -442,13 +438,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let plain_idx: Vec<usize> = (0..engines.len())
                 .filter(|&i| engines[i].0 == ProposerKind::Off)
                 .collect();
-            let plain_runs = plain_idx.first().map(|&i| runs[i].clone());
+            let plain_runs = plain_idx.first().map(|&i| runs[i].as_slice());
             let plain_out: Option<Vec<Vec<u32>>> = plain_idx
                 .first()
                 .map(|&i| runs[i][0].done.iter().map(|d| d.tokens.clone()).collect());
             // Per repetition: the plain runs' tokens per second (geometric mean), the
-            // first plain engine's alone for the other plain engines.
+            // first plain engine's alone for the other plain engines; none without one.
             let reference = |among: &[usize]| -> Vec<f64> {
+                if among.is_empty() {
+                    return Vec::new();
+                }
                 (0..a.reps)
                     .map(|r| {
                         let logs: f64 = among
@@ -472,8 +471,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     batch,
                     label,
                     m,
-                    plain_runs.as_deref(),
-                    if plain_idx.is_empty() { &[] } else { own },
+                    plain_runs,
+                    own,
                     plain_out.as_deref(),
                 );
                 eprintln!(
@@ -663,6 +662,16 @@ fn mean(xs: &[f64]) -> f64 {
 }
 
 /// Of sorted `xs`.
+/// The median of sorted `xs` (the mean of the middle two of an even count).
+fn median(xs: &[f64]) -> Option<f64> {
+    let n = xs.len();
+    match n {
+        0 => None,
+        _ if n.is_multiple_of(2) => Some((xs[n / 2 - 1] + xs[n / 2]) / 2.0),
+        _ => Some(xs[n / 2]),
+    }
+}
+
 fn percentile(xs: &[f64], q: f64) -> f64 {
     if xs.is_empty() {
         return 0.0;
