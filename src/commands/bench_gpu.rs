@@ -10,6 +10,11 @@
 //!   over C cached tokens each; bytes = the K and V read.
 //! - `layer_decode_b1_ctx2048`: a whole decoder layer's decode step at batch 1 over 2048
 //!   cached tokens; bytes = every weight read plus the KV read.
+//! - `graph_churn_*`: one small launch-bound recorded step (a stack of 24 norm + GEMV
+//!   blocks, like a tiny model's decode step) replayed before and after hundreds of other
+//!   shapes are recorded and dropped (the cache's least recently used make room), on
+//!   this backend and then on a second one (another stream): whether recording churn
+//!   makes the replays that stay dearer.
 //!
 //! Each case is timed as the median of `--iters` calls, each between stream
 //! synchronisations (launch overhead counts, as it does in serving).
@@ -93,6 +98,113 @@ fn median_ms(b: &CudaBackend, warmup: usize, iters: usize, mut f: impl FnMut()) 
     t[t.len() / 2]
 }
 
+/// The `graph_churn` cases' step: a stack of norm + GEMV blocks, launch-bound like a
+/// tiny model's decode step, on one backend's weights.
+struct ChurnStep {
+    w: Vec<CudaWeight>,
+    norm: hyserve_kernels::cuda::CudaVector,
+    x0: CudaAct,
+}
+
+impl ChurnStep {
+    const D: usize = 1024;
+    const BLOCKS: usize = 24;
+
+    fn new(b: &CudaBackend) -> Self {
+        ChurnStep {
+            w: (0..Self::BLOCKS)
+                .map(|i| b.random_weight(Self::D, Self::D, 900 + i as u64, 0.02))
+                .collect(),
+            norm: b.load_vector(&vec![1.0; Self::D]),
+            x0: b.random_act(1, Self::D, 899, 1.0),
+        }
+    }
+
+    fn run(&self, b: &CudaBackend) -> CudaAct {
+        let mut x = b.matmul(&self.x0, &self.w[0]);
+        for wi in &self.w[1..] {
+            let h = b.rms_norm(&x, &self.norm, EPS);
+            let y = b.matmul(&h, wi);
+            b.add_assign(&mut x, &y);
+        }
+        x
+    }
+}
+
+/// The `graph_churn` cases: a step replayed before and after churn, here and on a
+/// second backend; recorded as milliseconds per replay (wall, each between stream
+/// synchronisations) with the device's time and the graph memory.
+fn graph_churn(
+    b: &CudaBackend,
+    args: &Args,
+    record: &mut impl FnMut(String, f64, f64, f64, serde_json::Value),
+) -> anyhow::Result<()> {
+    eprintln!("graph_churn ...");
+    let seqs = vec![AttnSeq {
+        rows: 0..1,
+        first_pos: 0,
+        slots: vec![0],
+    }];
+    let key = |ctx_bound: usize| RecordKey {
+        rows: 1,
+        seq_rows: RecordKey::layout([1]),
+        ctx_bound,
+        moe_pairs: 1,
+        moe_experts: EXPERTS,
+        buffers: 0,
+    };
+    // The bound sizes the step's slot table, not the work (which ignores it here).
+    let hot = key(256);
+    let here = ChurnStep::new(b);
+    let iters = args.iters.max(200);
+    let replay = || {
+        let before = b.graph_stats();
+        let ms = median_ms(b, 3, iters, || {
+            let _ = b.forward_recorded(hot, seqs.clone(), &[0], &mut |_| here.run(b));
+        });
+        (ms, b.graph_stats().since(&before).replay_micros().1 * 1e-3)
+    };
+    // Churn: each shape run until it is recorded (and dropped in its turn), the hot
+    // step replayed between them so that it stays.
+    let churn = |on: &CudaBackend, work: &ChurnStep| {
+        for i in 0..400 {
+            for _ in 0..3 {
+                let _ =
+                    on.forward_recorded(key(257 + i), seqs.clone(), &[0], &mut |_| work.run(on));
+            }
+            let _ = b.forward_recorded(hot, seqs.clone(), &[0], &mut |_| here.run(b));
+        }
+        on.synchronize();
+        b.synchronize();
+    };
+    let mut report = |name: &str, (ms, device_ms): (f64, f64), base: f64| {
+        let (used, reserved) = b.graph_memory();
+        eprintln!(
+            "    {name}: {ms:.3} ms per replay ({:.2}x before), {device_ms:.3} ms on the device; graph memory {} MiB used, {} MiB reserved; {:?}",
+            ms / base,
+            used >> 20,
+            reserved >> 20,
+            b.graph_stats()
+        );
+        record(
+            format!("graph_churn_{name}"),
+            ms,
+            0.0,
+            0.0,
+            json!({"vs_before": ms / base, "device_ms": device_ms,
+                   "graph_memory_used": used, "graph_memory_reserved": reserved}),
+        );
+    };
+    let before = replay();
+    report("before", before, before.0);
+    churn(b, &here);
+    report("after_own", replay(), before.0);
+    let (other, _) = CudaBackend::new(args.gpu, Precision::Bf16).context("a second backend")?;
+    churn(&other, &ChurnStep::new(&other));
+    report("after_other", replay(), before.0);
+    Ok(())
+}
+
 const ROUTING: Routing = Routing {
     top_k: 1,
     renormalize: false,
@@ -127,19 +239,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut record = |name: String, ms: f64, bytes: f64, flops: f64, extra: serde_json::Value| {
         let (ratio, bound) = if flops > 0.0 {
             (flops / (ms * 1e-3) / 1e12 / peak, "compute")
-        } else {
+        } else if bytes > 0.0 {
             (bytes / (ms * 1e-3) / 1e9 / hbm, "memory")
+        } else {
+            // A case compared with itself (graph_churn), not with a ceiling.
+            (0.0, "none")
         };
-        eprintln!(
-            "  {name:<28} {ms:9.3} ms  {:5.1}% of the {bound} ceiling",
-            100.0 * ratio
-        );
+        if bound == "none" {
+            eprintln!("  {name:<28} {ms:9.3} ms");
+        } else {
+            eprintln!(
+                "  {name:<28} {ms:9.3} ms  {:5.1}% of the {bound} ceiling",
+                100.0 * ratio
+            );
+        }
         let mut c = json!({"name": name, "ms": ms, "bytes": bytes, "flops": flops, "bound": bound, "ratio": ratio});
         if let (Some(o), Some(e)) = (c.as_object_mut(), extra.as_object()) {
             o.extend(e.clone());
         }
         cases.push(c);
     };
+
+    if want("graph_churn") {
+        graph_churn(&b, &args, &mut record)?;
+    }
 
     // Attention first, before the layer's 12 GB of weights.
     for &batch in &[1usize, 16, 64] {

@@ -271,8 +271,78 @@ unsafe impl Send for GraphCell {}
 
 /// Most recorded steps kept (one per padded batch size, speculation depth and context
 /// bound, for the target and a draft model); past it the least recently used is
-/// dropped.
+/// dropped. `HYSERVE_GRAPH_CACHE` sets another bound (experiments on recording churn).
 pub const MAX_RECORDINGS: usize = 96;
+/// Forward passes between two `cuda graphs` log lines of a backend.
+const GRAPH_LOG_EVERY: u64 = 1024;
+/// One recorded step in this many is timed on the device (two events around its
+/// launch), so timing costs next to nothing.
+const GRAPH_TIME_EVERY: u64 = 8;
+
+/// Numbers a backend was started with, to tell backends of one process apart in logs.
+static NEXT_BACKEND_ID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// What a backend's forward passes did with recordings: how many replayed one and what
+/// that cost (on the host, and on the device for a sample), how many ran unrecorded,
+/// how many recordings were made, dropped for room, or failed. Counted since the start.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GraphStats {
+    /// Forward passes that replayed a recording.
+    pub replays: u64,
+    /// Host seconds those replays took to refill their inputs and launch.
+    pub replay_host_seconds: f64,
+    /// Replays timed on the device, and their device seconds.
+    pub replays_timed: u64,
+    pub replay_device_seconds: f64,
+    /// Forward passes run without a recording (prefill, shapes not recordable, shapes
+    /// being warmed up).
+    pub unrecorded: u64,
+    /// Host seconds of the passes that warmed a recordable shape up (run unrecorded,
+    /// then recorded and instantiated on its third run): launches, capture and
+    /// instantiation, not the device's run of the work.
+    pub warm_up_seconds: f64,
+    /// Recordings made, dropped to make room for another, and captures that failed.
+    pub recorded: u64,
+    pub dropped: u64,
+    pub failed: u64,
+}
+
+impl GraphStats {
+    /// Mean host and device microseconds per replay (0 where none ran or was timed).
+    pub fn replay_micros(&self) -> (f64, f64) {
+        let per = |s: f64, n: u64| if n == 0 { 0.0 } else { 1e6 * s / n as f64 };
+        (
+            per(self.replay_host_seconds, self.replays),
+            per(self.replay_device_seconds, self.replays_timed),
+        )
+    }
+
+    /// What happened between `before` and `self`.
+    pub fn since(&self, before: &GraphStats) -> GraphStats {
+        GraphStats {
+            replays: self.replays - before.replays,
+            replay_host_seconds: self.replay_host_seconds - before.replay_host_seconds,
+            replays_timed: self.replays_timed - before.replays_timed,
+            replay_device_seconds: self.replay_device_seconds - before.replay_device_seconds,
+            unrecorded: self.unrecorded - before.unrecorded,
+            warm_up_seconds: self.warm_up_seconds - before.warm_up_seconds,
+            recorded: self.recorded - before.recorded,
+            dropped: self.dropped - before.dropped,
+            failed: self.failed - before.failed,
+        }
+    }
+}
+
+/// [`GraphStats`] being counted, and the device timing of one replay in flight.
+struct GraphTally {
+    stats: GraphStats,
+    /// The counts at the last log line.
+    logged: GraphStats,
+    /// Start and end events of the device timing; `timing` while a timed replay has not
+    /// been read back yet.
+    events: Option<(cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>,
+    timing: bool,
+}
 /// Steps of one recordable shape before it is recorded.
 const RECORD_AFTER: usize = 3;
 
@@ -333,6 +403,13 @@ pub struct CudaBackend {
     identity: Mutex<HashMap<usize, Arc<Identity>>>,
     inv_freq: Mutex<HashMap<Vec<u32>, Arc<CudaSlice<f32>>>>,
     graphs: Mutex<HashMap<RecordKey, Recorded>>,
+    /// Most recordings kept ([`MAX_RECORDINGS`] unless `HYSERVE_GRAPH_CACHE` says).
+    max_recordings: usize,
+    /// This backend's number in the process (log lines name it).
+    id: usize,
+    /// Recordings kept (the length of `graphs`, read without its lock).
+    kept: std::sync::atomic::AtomicUsize,
+    tally: Mutex<GraphTally>,
     /// Recorded steps run so far (the clock of [`Recorded::last_used`]).
     graph_clock: std::sync::atomic::AtomicU64,
     /// Recordable steps run without a recording ([`Backend::warm_up_passes`]).
@@ -416,10 +493,15 @@ impl CudaBackend {
             }
         }
         let graphs_enabled = std::env::var("HYSERVE_CUDA_GRAPHS").map_or(true, |v| v != "0");
+        // Timing is a diagnostic: a backend whose events cannot be made times nothing.
+        let timed = || ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT));
+        let timing_events = timed().and_then(|a| Ok((a, timed()?))).ok();
         let device = ctx.name().map_err(drv)?;
         let sm_count =
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
         let n_sms = ctx.attribute(sm_count).map_err(drv)? as usize;
+        let id = NEXT_BACKEND_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(backend = id, ordinal, %device, "CUDA backend started");
         let info = CudaInfo {
             device: device.clone(),
             arch: arch.clone(),
@@ -439,6 +521,18 @@ impl CudaBackend {
                 identity: Mutex::new(HashMap::new()),
                 inv_freq: Mutex::new(HashMap::new()),
                 graphs: Mutex::new(HashMap::new()),
+                max_recordings: std::env::var("HYSERVE_GRAPH_CACHE")
+                    .ok()
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .map_or(MAX_RECORDINGS, |n| n.max(1)),
+                id,
+                kept: std::sync::atomic::AtomicUsize::new(0),
+                tally: Mutex::new(GraphTally {
+                    stats: GraphStats::default(),
+                    logged: GraphStats::default(),
+                    events: timing_events,
+                    timing: false,
+                }),
                 graph_clock: std::sync::atomic::AtomicU64::new(0),
                 warm_ups: std::sync::atomic::AtomicU64::new(0),
                 graph_seen: Mutex::new(HashMap::new()),
@@ -482,12 +576,97 @@ impl CudaBackend {
         self.graphs_enabled = on;
         if !on {
             self.graphs.lock().expect("graphs lock").clear();
+            self.kept.store(0, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
     /// Decode steps recorded so far.
     pub fn recorded_graphs(&self) -> usize {
         self.graphs.lock().expect("graphs lock").len()
+    }
+
+    /// What this backend's forward passes did with recordings so far.
+    pub fn graph_stats(&self) -> GraphStats {
+        let mut t = self.tally.lock().expect("tally lock");
+        self.read_timing(&mut t);
+        t.stats
+    }
+
+    /// Reads the device time of the timed replay in flight once it is done (every
+    /// step downloads its logits, so by the next pass it is).
+    fn read_timing(&self, t: &mut GraphTally) {
+        if !t.timing {
+            return;
+        }
+        let Some((start, end)) = &t.events else {
+            return;
+        };
+        // SAFETY: a valid event of this backend's context.
+        let done = unsafe { cudarc::driver::result::event::query(end.cu_event()) }.is_ok();
+        if !done {
+            return;
+        }
+        t.timing = false;
+        if let Ok(ms) = start.elapsed_ms(end) {
+            t.stats.replays_timed += 1;
+            t.stats.replay_device_seconds += f64::from(ms) * 1e-3;
+        }
+    }
+
+    /// Counts one forward pass; every [`GRAPH_LOG_EVERY`] passes, logs what the last
+    /// ones did with recordings, with the device's graph memory.
+    fn count_pass(&self, f: impl FnOnce(&mut GraphStats)) {
+        let mut t = self.tally.lock().expect("tally lock");
+        self.read_timing(&mut t);
+        f(&mut t.stats);
+        let d = t.stats.since(&t.logged);
+        if d.replays + d.unrecorded < GRAPH_LOG_EVERY {
+            return;
+        }
+        t.logged = t.stats;
+        let (host_us, device_us) = d.replay_micros();
+        let (used, reserved) = self.graph_memory();
+        tracing::info!(
+            backend = self.id,
+            replays = d.replays,
+            replay_host_us = format!("{host_us:.1}"),
+            replay_device_us = format!("{device_us:.1}"),
+            unrecorded = d.unrecorded,
+            warm_up_ms = format!("{:.1}", 1e3 * d.warm_up_seconds),
+            recorded = d.recorded,
+            dropped = d.dropped,
+            failed = d.failed,
+            kept = self.kept.load(std::sync::atomic::Ordering::Relaxed),
+            graph_memory_used_mib = used >> 20,
+            graph_memory_reserved_mib = reserved >> 20,
+            "cuda graphs"
+        );
+    }
+
+    /// The device's memory in use by recordings' own allocations, and reserved for
+    /// them (0 where the driver does not say).
+    pub fn graph_memory(&self) -> (u64, u64) {
+        use cudarc::driver::sys::{self, CUgraphMem_attribute as A};
+        let get = |attr: A| {
+            let mut v = 0u64;
+            // SAFETY: valid device handle; these attributes write one u64.
+            let r = unsafe {
+                sys::cuDeviceGetGraphMemAttribute(
+                    self.ctx.cu_device(),
+                    attr,
+                    &mut v as *mut u64 as *mut c_void,
+                )
+            };
+            if r == sys::CUresult::CUDA_SUCCESS {
+                v
+            } else {
+                0
+            }
+        };
+        (
+            get(A::CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT),
+            get(A::CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT),
+        )
     }
 
     fn batch_from(&self, h: &BatchHost) -> CudaBatch {
@@ -1222,6 +1401,8 @@ impl Backend for CudaBackend {
     }
 
     fn batch(&self, seqs: Vec<AttnSeq>, tokens: &[u32]) -> CudaBatch {
+        // Every unrecorded forward pass makes its batch here.
+        self.count_pass(|s| s.unrecorded += 1);
         self.batch_from(&BatchHost::new(&seqs, tokens, None))
     }
 
@@ -1296,10 +1477,31 @@ impl Backend for CudaBackend {
             .graph_clock
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(g) = graphs.get_mut(&key) {
+            let t0 = std::time::Instant::now();
             g.last_used = now;
             let h = BatchHost::new(&seqs, tokens, Some(key.ctx_bound));
             self.refill(&mut g.batch, &h);
+            let mut tally = self.tally.lock().expect("tally lock");
+            self.read_timing(&mut tally);
+            let timed = match &tally.events {
+                Some((start, _)) if !tally.timing && now.is_multiple_of(GRAPH_TIME_EVERY) => {
+                    start.record(&self.stream).is_ok()
+                }
+                _ => false,
+            };
+            drop(tally);
             g.graph.0.launch().expect("graph launch");
+            let host = t0.elapsed().as_secs_f64();
+            self.count_pass(|s| {
+                s.replays += 1;
+                s.replay_host_seconds += host;
+            });
+            if timed {
+                let mut tally = self.tally.lock().expect("tally lock");
+                if let Some((_, end)) = &tally.events {
+                    tally.timing = end.record(&self.stream).is_ok();
+                }
+            }
             let out = self.alloc_act(g.out.rows, g.out.cols);
             let (src, dst) = (self.bf16_ptr(&g.out), self.bf16_ptr(&out));
             self.copy_bytes(src, dst, 2 * g.out.rows * g.out.cols);
@@ -1307,6 +1509,11 @@ impl Backend for CudaBackend {
         }
         self.warm_ups
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let t0 = std::time::Instant::now();
+        let warmed = |s: &mut GraphStats| {
+            s.unrecorded += 1;
+            s.warm_up_seconds += t0.elapsed().as_secs_f64();
+        };
         // A shape seen for the third time is worth recording (serving's batch size
         // drifts while requests come and go, and speculation's depth with acceptance;
         // steady decoding repeats a few shapes). Run the step (its result is this
@@ -1316,7 +1523,7 @@ impl Backend for CudaBackend {
         let batch = self.batch_from(&h);
         let out = f(&batch);
         let mut seen = self.graph_seen.lock().expect("graph_seen lock");
-        if seen.len() >= 4 * MAX_RECORDINGS {
+        if seen.len() >= 4 * self.max_recordings {
             seen.clear(); // bounded: shapes seen once long ago start over
         }
         let count = seen.entry(key).or_insert(0);
@@ -1324,9 +1531,10 @@ impl Backend for CudaBackend {
         let count = *count;
         drop(seen);
         if count < RECORD_AFTER {
+            self.count_pass(warmed);
             return out;
         }
-        if graphs.len() >= MAX_RECORDINGS {
+        if graphs.len() >= self.max_recordings {
             // A graph still running is freed by the driver once it completes.
             let oldest = graphs
                 .iter()
@@ -1334,6 +1542,9 @@ impl Backend for CudaBackend {
                 .map(|(k, _)| *k);
             if let Some(k) = oldest {
                 graphs.remove(&k);
+                self.kept
+                    .store(graphs.len(), std::sync::atomic::Ordering::Relaxed);
+                self.count_pass(|s| s.dropped += 1);
             }
         }
         self.graph_seen
@@ -1358,6 +1569,9 @@ impl Backend for CudaBackend {
                     ctx_bound = key.ctx_bound,
                     "recorded a decode graph"
                 );
+                self.count_pass(|s| s.recorded += 1);
+                self.kept
+                    .store(graphs.len() + 1, std::sync::atomic::Ordering::Relaxed);
                 graphs.insert(
                     key,
                     Recorded {
@@ -1368,9 +1582,16 @@ impl Backend for CudaBackend {
                     },
                 );
             }
-            Ok(None) => tracing::warn!(rows = key.rows, "decode graph capture was empty"),
-            Err(e) => tracing::warn!(rows = key.rows, error = ?e, "decode graph not recorded"),
+            Ok(None) => {
+                self.count_pass(|s| s.failed += 1);
+                tracing::warn!(rows = key.rows, "decode graph capture was empty")
+            }
+            Err(e) => {
+                self.count_pass(|s| s.failed += 1);
+                tracing::warn!(rows = key.rows, error = ?e, "decode graph not recorded")
+            }
         }
+        self.count_pass(warmed);
         out
     }
 
