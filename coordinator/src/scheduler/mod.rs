@@ -148,6 +148,8 @@ struct StepRecord {
     /// A forward pass ran a shape the backend was still recording (a warm-up).
     warming: bool,
     emitted: usize,
+    /// The workers' round trip, where the step was timed.
+    model_seconds: Option<f64>,
 }
 
 /// What one worker's step is taking shape as during `schedule`.
@@ -952,6 +954,7 @@ impl Scheduler {
             speculated,
             warming,
             emitted: emitted.iter().flatten().map(Vec::len).sum(),
+            model_seconds: seconds,
         });
         let mut events = Vec::new();
         for (r, e) in results.into_iter().zip(emitted) {
@@ -1015,6 +1018,15 @@ impl Scheduler {
             && r.pure_decode
             && r.n_decode > 0
         {
+            tracing::trace!(
+                n_decode = r.n_decode,
+                speculated = r.speculated,
+                emitted = r.emitted,
+                warming = r.warming,
+                wall_ms = 1e3 * seconds,
+                model_ms = r.model_seconds.map_or(0.0, |m| 1e3 * m),
+                "guard step"
+            );
             self.guard
                 .observe(r.n_decode, r.speculated, r.emitted, seconds, r.warming);
         }

@@ -325,11 +325,13 @@ const GUARD_MIN_SAMPLES: u32 = 12;
 /// probe confirms the winner (a probe of a losing draft costs its catch-up).
 const GUARD_PROBE_EVERY: (u64, u64) = (128, 4096);
 const GUARD_PROBE_STEPS: u32 = 8;
-/// At most this share of a batch size's decode time is lost to steps of the losing arm
-/// (their time less what the winner would have taken for their tokens): a probe that
-/// costs much (a draft model that fell behind re-reads every sequence's context, a
-/// prefill of the whole batch) waits until it is paid for, while probes that cost
-/// little, or turn out to gain, keep their schedule.
+/// At most this share of a batch size's decode time is lost to each arm where it was
+/// not the better one (its steps' time less what the other arm would have taken for
+/// their tokens): a probe that costs much (a draft model that fell behind re-reads
+/// every sequence's context, a prefill of the whole batch) waits until its arm's losses
+/// are paid for, while probes that cost little, or turn out to gain, keep their
+/// schedule. Speculation is charged for all its steps, not only its probes, so a
+/// verdict for it that its costs then overturn delays its next probe too.
 const GUARD_PROBE_SHARE: f64 = 0.01;
 /// Speculation must be this much faster to be kept: a coin flip between equals costs
 /// the exploration of both.
@@ -350,8 +352,17 @@ fn guard_bucket(n_decode: usize) -> usize {
     n_decode.max(1).ilog2() as usize
 }
 
-/// Recent steps an arm keeps; its rate is their tokens over their sequence-seconds.
+/// Recent steps an arm keeps, at least; its rate is their tokens over their
+/// sequence-seconds.
 const GUARD_WINDOW: usize = 16;
+/// ... and as many more as [`GUARD_WINDOW_SECONDS`] of steps take (up to
+/// [`GUARD_WINDOW_MAX`]): on a GPU a plain step of a small model takes half a
+/// millisecond, and 16 of them (8 ms) fall inside one stretch of host jitter (runs of
+/// steps two to four times slower, measured on H100 hosts), so a window of steps alone
+/// would compare the arms' luck; a window of time averages the stretches out. Where a
+/// step takes longer (a CPU, a large model) the 16 steps are the window.
+const GUARD_WINDOW_SECONDS: f64 = 0.1;
+const GUARD_WINDOW_MAX: usize = 512;
 /// A step that took this many times the window's median step time stalled (a page
 /// fault, a preempted thread): it is left out of the rate, so one such step does not
 /// decide anything.
@@ -362,10 +373,11 @@ const GUARD_MAX_SKIPPED: u32 = 64;
 
 #[derive(Clone, Debug, Default, PartialEq)]
 struct Rate {
-    /// (tokens, seconds, sequences) of the last [`GUARD_WINDOW`] steps, oldest
-    /// overwritten first.
-    recent: Vec<(f64, f64, f64)>,
-    next: usize,
+    /// (tokens, seconds, sequences) of the recent steps, oldest first: at least
+    /// [`GUARD_WINDOW`], more up to [`GUARD_WINDOW_SECONDS`] of them.
+    recent: std::collections::VecDeque<(f64, f64, f64)>,
+    /// The seconds of `recent`.
+    recent_seconds: f64,
     samples: u32,
     /// Warm-up steps left out so far.
     skipped: u32,
@@ -378,12 +390,17 @@ impl Rate {
             return;
         }
         let step = (tokens, seconds, n_decode.max(1) as f64);
-        if self.recent.len() < GUARD_WINDOW {
-            self.recent.push(step);
-        } else {
-            self.recent[self.next] = step;
+        self.recent.push_back(step);
+        self.recent_seconds += step.1;
+        while let Some(&(_, oldest, _)) = self.recent.front() {
+            let enough = self.recent.len() > GUARD_WINDOW
+                && self.recent_seconds - oldest >= GUARD_WINDOW_SECONDS;
+            if !enough && self.recent.len() <= GUARD_WINDOW_MAX {
+                break;
+            }
+            self.recent.pop_front();
+            self.recent_seconds -= oldest;
         }
-        self.next = (self.next + 1) % GUARD_WINDOW;
         self.samples = self.samples.saturating_add(1);
     }
 
@@ -452,10 +469,10 @@ struct Probe {
     every: u64,
     /// Whether speculation was winning when the probe began.
     winner: bool,
-    /// Seconds of decode steps observed at this batch size, and the seconds lost in
-    /// those that ran the arm losing at the time ([`GUARD_PROBE_SHARE`]).
+    /// Seconds of decode steps observed at this batch size, and per arm (plain,
+    /// speculative) the seconds it lost against the other ([`GUARD_PROBE_SHARE`]).
     seconds: f64,
-    lost_seconds: f64,
+    lost_seconds: [f64; 2],
 }
 
 impl Default for Probe {
@@ -466,7 +483,7 @@ impl Default for Probe {
             every: GUARD_PROBE_EVERY.0,
             winner: false,
             seconds: 0.0,
-            lost_seconds: 0.0,
+            lost_seconds: [0.0; 2],
         }
     }
 }
@@ -527,7 +544,9 @@ impl Guard {
             return (!p.winner, p.winner == spec_wins);
         }
         p.until_next = p.until_next.saturating_sub(1);
-        if p.until_next == 0 && p.lost_seconds <= GUARD_PROBE_SHARE * p.seconds {
+        if p.until_next == 0
+            && p.lost_seconds[usize::from(!spec_wins)] <= GUARD_PROBE_SHARE * p.seconds
+        {
             *p = Probe {
                 left: GUARD_PROBE_STEPS - 1,
                 winner: spec_wins,
@@ -553,15 +572,22 @@ impl Guard {
             return;
         }
         let b = self.bucket(n_decode);
-        // A step the guard ran against the verdict (a probe that the planner did not
-        // turn into a plain step): what the winning arm, as measured here, would have
-        // taken for its tokens.
+        // What the other arm, as measured here, would have taken for this step's
+        // tokens, for a step the guard ran against the verdict (a probe that the
+        // planner did not turn into a plain step) and, once both arms are measured at
+        // this load, for every speculative step: speculation's rate leaves out its
+        // warm-ups (new shapes recorded), a draft's catch-ups and stalls, and a verdict
+        // for speculation can be a lucky measurement; all of that is charged against
+        // plain decoding here, so the probes that follow wait until it is paid for.
+        // (The steps a new load runs on the nearest load's verdict before its own is
+        // measured are exploration, not charged.)
         let probed = self
             .last_choice
             .take()
             .is_some_and(|(cb, allowed, against)| cb == b && against && allowed == speculated);
+        let measured = self.verdict(b).is_some();
         let par = Some(!speculated)
-            .filter(|_| probed)
+            .filter(|_| probed || (speculated && measured))
             .map(|w| self.arms[b][usize::from(w)].tokens_per_sequence_second())
             .filter(|&rate| rate > 0.0)
             .map(|rate| emitted as f64 / (rate * n_decode.max(1) as f64));
@@ -569,7 +595,8 @@ impl Guard {
         p.seconds += seconds;
         if let Some(par) = par {
             // A losing step that did better than par pays back earlier losses.
-            p.lost_seconds = (p.lost_seconds + seconds - par).max(0.0);
+            let lost = &mut p.lost_seconds[usize::from(speculated)];
+            *lost = (*lost + seconds - par).max(0.0);
         }
         let before = self.verdict(b);
         self.arms[b][usize::from(speculated)].observe(n_decode, emitted as f64, seconds, warming);
@@ -1214,6 +1241,68 @@ mod tests {
             losing / total
         );
         assert!((3..=8).contains(&probes), "{probes}");
+    }
+
+    #[test]
+    fn speculation_pays_for_what_its_rate_leaves_out_before_it_is_probed_again() {
+        // Plain decoding takes 1 s a token; speculation 1.1 s, but its probes are
+        // lucky (0.7 s), enough to win it the verdict; the step after a probe then
+        // catches the draft up (40 s, a warm-up, so left out of its rate), and the
+        // steps after that lose until the verdict turns back. Counting only the probes'
+        // own steps, the next probe would come 128 steps later and the cycle repeat
+        // (a quarter of the time lost); charging every speculative step makes the next
+        // probe wait until the catch-up is paid for.
+        let mut g = Guard::default();
+        let n = GUARD_MIN_SAMPLES as usize;
+        simulate(&mut g, 1, 2 * n, (1, 1.0), (1, 1.1));
+        assert_eq!(g.verdict(0), Some(false));
+        let (mut total, mut tokens, mut stretch, mut flips) = (0.0, 0.0, 0, 0);
+        for _ in 0..50_000 {
+            let on = g.allow(1);
+            stretch = if on { stretch + 1 } else { 0 };
+            let (seconds, warming) = match stretch {
+                0 => (1.0, false),
+                1..=8 => (0.7, false),
+                9 => (40.0, true),
+                _ => (1.1, false),
+            };
+            let before = g.verdict(0);
+            g.observe(1, on, 1, seconds, warming);
+            flips += usize::from(before == Some(false) && g.verdict(0) == Some(true));
+            total += seconds;
+            tokens += 1.0;
+        }
+        assert!(flips >= 1, "the lucky probes never won the verdict");
+        assert!(
+            total / tokens <= 1.0 + 3.0 * GUARD_PROBE_SHARE,
+            "{} s a token against plain decoding's 1.0 ({flips} turns to speculation)",
+            total / tokens
+        );
+    }
+
+    #[test]
+    fn stretches_of_slow_steps_do_not_make_the_verdict_flicker() {
+        // A GPU-like host: plain steps take 0.5 ms, speculative ones 1 ms for two
+        // tokens (equal rates), and every step is three times slower in the first
+        // 10 ms of every 40 (host jitter). Windows of 16 steps (8 ms) see either a slow
+        // stretch or a fast one and the verdict follows the luck of the arm measured
+        // last (58 changes); windows of 100 ms see about the same mix for both.
+        let mut g = Guard::default();
+        let (mut clock, mut spec_steps) = (0.0f64, 0);
+        for _ in 0..40_000 {
+            let on = g.allow(1);
+            let slow = (clock % 0.040) < 0.010;
+            let (tokens, base) = if on { (2, 0.001) } else { (1, 0.0005) };
+            let seconds = if slow { 3.0 * base } else { base };
+            g.observe(1, on, tokens, seconds, false);
+            clock += seconds;
+            spec_steps += usize::from(on);
+        }
+        assert!(
+            g.verdict_changes() <= 4,
+            "{} verdict changes ({spec_steps} speculative steps)",
+            g.verdict_changes()
+        );
     }
 
     #[test]
