@@ -219,6 +219,16 @@ pub struct EngineStats {
     pub model_seconds_total: f64,
     /// Wall time spent in the scheduler itself (planning and post-processing steps).
     pub scheduler_seconds_total: f64,
+    /// Of the model time, per step the slowest worker's own time running it (the rest
+    /// is messaging: the actors' mailboxes, the executor's queue, gRPC)...
+    pub worker_seconds_total: f64,
+    /// ...and of that worker's time, the target model's forward pass.
+    pub forward_seconds_total: f64,
+    /// Of the model time, that worker's step waiting in its executor's queue.
+    pub worker_queued_seconds_total: f64,
+    /// Steps' wall time, from planning each to applying its results: the time
+    /// decoding takes per step, host overheads included.
+    pub step_seconds_total: f64,
     /// Speculative decoding: proposals, acceptances, time saved.
     pub spec: crate::scheduler::spec::SpecStats,
     /// Waiting sequences that ran before and were preempted.

@@ -18,7 +18,7 @@ use hyserve_proto::cluster::{
 use hyserve_worker::remote::{
     ClusterTls, MAX_MESSAGE_BYTES, endpoint, f32_from_bytes, placement_to_pb, step_to_pb,
 };
-use hyserve_worker::{Holders, Step, StepOutput};
+use hyserve_worker::{Holders, Step, StepOutput, StepTiming};
 use tonic::transport::Channel;
 
 use crate::engine::{EngineHandle, ExecutorFactory, Reply, WorkerLink};
@@ -697,6 +697,11 @@ async fn run_on_rank(
                         proposals,
                         draft_seconds: r.draft_seconds,
                         warming: r.warming,
+                        timing: StepTiming {
+                            queued_seconds: r.queued_seconds,
+                            worker_seconds: r.worker_seconds,
+                            forward_seconds: r.forward_seconds,
+                        },
                     })
                 }
                 _ => Err(format!("worker {rank} sent malformed logits")),

@@ -325,10 +325,17 @@ impl SchedulerActor {
     fn publish_stats(&self, st: &SchedulerState) {
         let s = st.scheduler.stats();
         if let Ok(mut g) = st.shared.stats.lock() {
-            let (sched, model) = (g.scheduler_seconds_total, g.model_seconds_total);
-            *g = s;
-            g.scheduler_seconds_total = sched;
-            g.model_seconds_total = model;
+            // The engine's own timing totals are kept; the rest is the scheduler's.
+            let timing = g.clone();
+            *g = EngineStats {
+                scheduler_seconds_total: timing.scheduler_seconds_total,
+                model_seconds_total: timing.model_seconds_total,
+                worker_seconds_total: timing.worker_seconds_total,
+                forward_seconds_total: timing.forward_seconds_total,
+                worker_queued_seconds_total: timing.worker_queued_seconds_total,
+                step_seconds_total: timing.step_seconds_total,
+                ..s
+            };
         }
     }
 }
@@ -408,6 +415,12 @@ impl Actor for SchedulerActor {
             } => {
                 st.in_flight = false;
                 let t0 = Instant::now();
+                // The step lasted as long as its slowest worker.
+                let worker = outputs.as_ref().ok().and_then(|o| {
+                    o.iter()
+                        .map(|o| o.timing)
+                        .max_by(|a, b| a.worker_seconds.total_cmp(&b.worker_seconds))
+                });
                 match outputs {
                     Ok(outputs) => {
                         let events =
@@ -429,6 +442,12 @@ impl Actor for SchedulerActor {
                 }
                 if let Ok(mut s) = st.shared.stats.lock() {
                     s.model_seconds_total += model_seconds;
+                    if let Some(w) = worker {
+                        s.worker_seconds_total += w.worker_seconds;
+                        s.forward_seconds_total += w.forward_seconds;
+                        s.worker_queued_seconds_total += w.queued_seconds;
+                    }
+                    s.step_seconds_total += st.planned_at.elapsed().as_secs_f64();
                 }
                 self.add_scheduler_time(st, t0);
                 self.publish_stats(st);

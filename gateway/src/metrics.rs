@@ -40,6 +40,9 @@ const ENGINE_METRICS: &[EngineMetric] = &[
     (c::SPEC_STEPS_TOTAL, |s| s.spec.steps as f64),
     (c::SCHEDULER_SECONDS_TOTAL, |s| s.scheduler_seconds_total),
     (c::MODEL_SECONDS_TOTAL, |s| s.model_seconds_total),
+    (c::WORKER_SECONDS_TOTAL, |s| s.worker_seconds_total),
+    (c::FORWARD_SECONDS_TOTAL, |s| s.forward_seconds_total),
+    (c::STEP_SECONDS_TOTAL, |s| s.step_seconds_total),
     (c::SPEC_PROPOSED_TOKENS_TOTAL, |s| {
         s.spec.proposed_tokens as f64
     }),

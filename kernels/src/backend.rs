@@ -268,6 +268,13 @@ pub trait Backend: Send + Sync + 'static {
         let _ = (rows, top_k, n_experts);
         n_seqs
     }
+    /// Whether the kernels spread host work over rayon's threads (the executor then
+    /// runs each forward pass inside a pool of its own). A backend whose host side only
+    /// launches device work says no, and its passes run on the executor's thread: a
+    /// pool would add two thread wake-ups to every pass for nothing.
+    fn uses_thread_pool(&self) -> bool {
+        true
+    }
     /// How many recordable forward passes so far ran without a recording to replay
     /// (their shape was new, or being recorded): slower than the same shape will run
     /// once it is recorded. Timing a step that includes one measures a warm-up, not

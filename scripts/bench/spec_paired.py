@@ -5,7 +5,11 @@ For each workload and batch size: the median over repetitions of each proposer's
 per second over the geometric mean of the same repetition's `off` and `off-again` runs
 (the ratio `bench-spec` itself reports from 2026-12-05 on), the A/A median (`off-again`
 over `off`), and the draft engine's speculative steps, probes, warm-ups and verdict
-changes summed over the repetitions. Works on logs of builds before the paired ratio too.
+changes summed over the repetitions. Where the log has each repetition's time per step
+(builds from 2026-12-06 on), a second line per proposer: the median over repetitions of
+its step's parts (scheduler, worker, of it the forward pass, the rest: messaging) minus
+the plain runs' (their mean in the same repetition), in microseconds. Works on logs of
+builds before the paired ratio too.
 
     python3 scripts/bench/spec_paired.py docs/bench/gpu/h100-spec-run15-long.log
 """
@@ -18,7 +22,9 @@ HEAD = re.compile(r"bench-spec: (\w+) batch (\d+), ([\w-]+) .*repetition (\d+)/"
 LINE = re.compile(
     r"\s+([\d.]+) tok/s: (\d+) steps, (\d+) speculative .*?(\d+) where the guard probed"
     r".*?(\d+) warming up(?:; the guard's verdict changed (\d+) times)?"
+    r"(?:; per step ([\d.]+) ms: ([\d.]+) scheduler, ([\d.]+) worker \(([\d.]+) forward\), (-?[\d.]+) the rest)?"
 )
+PARTS = ("step", "scheduler", "worker", "forward", "rest")
 
 
 def parse(text):
@@ -37,6 +43,7 @@ def parse(text):
                 "probes": int(m[4]),
                 "warming": int(m[5]),
                 "changes": int(m[6] or 0),
+                "ms": [float(x) for x in m.groups()[6:11]] if m[7] else None,
             }
             head = None
     return runs
@@ -65,6 +72,16 @@ def main(path):
                 f"warm-ups {total('warming')}, verdict changes {total('changes')})"
             )
         print(f"{w} {b}: " + "; ".join(parts))
+        for p in labels:
+            if p == "off" or any(runs[(w, b, q, r)]["ms"] is None for q in ("off", "off-again", p) for r in reps):
+                continue
+            base = {r: [(x + y) / 2 for x, y in zip(runs[(w, b, "off", r)]["ms"], runs[(w, b, "off-again", r)]["ms"])] for r in reps}
+            diffs = [median(runs[(w, b, p, r)]["ms"][i] - base[r][i] for r in reps) for i in range(len(PARTS))]
+            step = median(runs[(w, b, p, r)]["ms"][0] for r in reps)
+            print(
+                f"  {p}: {1e3 * step:.0f} us a step; against plain "
+                + ", ".join(f"{name} {1e3 * d:+.0f}" for name, d in zip(PARTS, diffs))
+            )
 
 
 if __name__ == "__main__":

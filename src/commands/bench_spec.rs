@@ -122,6 +122,12 @@ struct Row {
     /// (draft rounds included), and of the scheduler's own work (planning, verifying).
     model_ms_per_step: f64,
     scheduler_ms_per_step: f64,
+    /// Per step: its wall time (planning to results applied), and of the model time
+    /// the slowest worker's own (of which its forward pass) and its executor queue's.
+    step_ms_per_step: f64,
+    worker_ms_per_step: f64,
+    forward_ms_per_step: f64,
+    queued_ms_per_step: f64,
     /// Requests whose output equals plain decoding's.
     same_as_plain: usize,
 }
@@ -250,6 +256,10 @@ fn summarize(
         warming_steps: delta(|s| s.steps_warming_total),
         model_ms_per_step: per_step(|s| s.model_seconds_total),
         scheduler_ms_per_step: per_step(|s| s.scheduler_seconds_total),
+        step_ms_per_step: per_step(|s| s.step_seconds_total),
+        worker_ms_per_step: per_step(|s| s.worker_seconds_total),
+        forward_ms_per_step: per_step(|s| s.forward_seconds_total),
+        queued_ms_per_step: per_step(|s| s.worker_queued_seconds_total),
         same_as_plain: same,
     }
 }
@@ -422,8 +432,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         after: engine.stats(),
                     };
                     let (b, a) = (&m.before, &m.after);
+                    let n_steps = (a.steps_total - b.steps_total).max(1) as f64;
+                    let ms = |f: fn(&hyserve_coordinator::api::EngineStats) -> f64| {
+                        1e3 * (f(a) - f(b)) / n_steps
+                    };
                     eprintln!(
-                        "  {:.1} tok/s: {} steps, {} speculative ({} with a draft catching up), {} where the guard probed its losing arm, {} warming up; the guard's verdict changed {} times",
+                        "  {:.1} tok/s: {} steps, {} speculative ({} with a draft catching up), {} where the guard probed its losing arm, {} warming up; the guard's verdict changed {} times; per step {:.3} ms: {:.3} scheduler, {:.3} worker ({:.3} forward), {:.3} the rest",
                         m.tokens_per_second(),
                         a.steps_total - b.steps_total,
                         a.spec.steps - b.spec.steps,
@@ -431,6 +445,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         a.spec.probe_steps - b.spec.probe_steps,
                         a.steps_warming_total - b.steps_warming_total,
                         a.spec.verdict_changes - b.spec.verdict_changes,
+                        ms(|s| s.step_seconds_total),
+                        ms(|s| s.scheduler_seconds_total),
+                        ms(|s| s.worker_seconds_total),
+                        ms(|s| s.forward_seconds_total),
+                        ms(|s| s.step_seconds_total
+                            - s.scheduler_seconds_total
+                            - s.worker_seconds_total),
                     );
                     runs[i].push(m);
                 }
@@ -492,6 +513,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     row.scheduler_ms_per_step,
                     row.same_as_plain,
                     row.requests
+                );
+                eprintln!(
+                    "    {}: a step took {:.3} ms: {:.3} scheduler, {:.3} model ({:.3} on the worker, {:.3} of it the forward pass; {:.3} queued), {:.3} messaging",
+                    row.proposer,
+                    row.step_ms_per_step,
+                    row.scheduler_ms_per_step,
+                    row.model_ms_per_step,
+                    row.worker_ms_per_step,
+                    row.forward_ms_per_step,
+                    row.queued_ms_per_step,
+                    row.step_ms_per_step - row.scheduler_ms_per_step - row.worker_ms_per_step
                 );
                 rows.push(row);
             }
@@ -697,12 +729,12 @@ fn device_name(device: &str) -> String {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "| workload | batch | proposer | tok/s | vs plain: medians; paired (range) | ITL ms (mean / p90) | acceptance | accepted per verify | steps | ms per step (model / scheduler) | same as plain |"
+        "| workload | batch | proposer | tok/s | vs plain: medians; paired (range) | ITL ms (mean / p90) | acceptance | accepted per verify | steps | ms per step (all / model / worker / scheduler) | same as plain |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
-            "| {} | {} | {} | {:.1} | {:.2}x; {:.2}x ({:.2}-{:.2}) | {:.2} / {:.2} | {} | {:.2} | {} | {:.3} / {:.3} | {}/{} |",
+            "| {} | {} | {} | {:.1} | {:.2}x; {:.2}x ({:.2}-{:.2}) | {:.2} / {:.2} | {} | {:.2} | {} | {:.3} / {:.3} / {:.3} / {:.3} | {}/{} |",
             r.workload,
             r.batch,
             r.proposer,
@@ -720,7 +752,9 @@ fn print_table(rows: &[Row]) {
             },
             r.accepted_per_verify,
             r.steps,
+            r.step_ms_per_step,
             r.model_ms_per_step,
+            r.worker_ms_per_step,
             r.scheduler_ms_per_step,
             r.same_as_plain,
             r.requests

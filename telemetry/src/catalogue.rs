@@ -274,6 +274,27 @@ pub const MODEL_SECONDS_TOTAL: MetricDef = def(
     Coordinator,
 )
 .counter();
+pub const WORKER_SECONDS_TOTAL: MetricDef = def(
+    "hyserve_worker_seconds_total",
+    "Of the model time: the slowest worker's own time running each step.",
+    &[],
+    Coordinator,
+)
+.counter();
+pub const FORWARD_SECONDS_TOTAL: MetricDef = def(
+    "hyserve_forward_seconds_total",
+    "Of the worker time: the target model's forward pass (device work and logits download on a GPU).",
+    &[],
+    Coordinator,
+)
+.counter();
+pub const STEP_SECONDS_TOTAL: MetricDef = def(
+    "hyserve_step_seconds_total",
+    "Wall time of engine steps, from planning each to applying its results.",
+    &[],
+    Coordinator,
+)
+.counter();
 
 // Speculative decoding.
 pub const SPEC_PROPOSED_TOKENS_TOTAL: MetricDef = def(
@@ -440,6 +461,9 @@ pub const ALL: &[MetricDef] = &[
     STEPS_WARMING_TOTAL,
     SCHEDULER_SECONDS_TOTAL,
     MODEL_SECONDS_TOTAL,
+    WORKER_SECONDS_TOTAL,
+    FORWARD_SECONDS_TOTAL,
+    STEP_SECONDS_TOTAL,
     SPEC_PROPOSED_TOKENS_TOTAL,
     SPEC_ACCEPTED_TOKENS_TOTAL,
     SPEC_STEPS_TOTAL,

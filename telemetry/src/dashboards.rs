@@ -369,12 +369,38 @@ fn latency() -> Value {
             vec![
                 q(
                     format!(
-                        "sum({}) / (sum({}) + sum({}))",
+                        "sum({}) / clamp_min(sum({}), 1e-9)",
                         rate(&c::SCHEDULER_SECONDS_TOTAL),
-                        rate(&c::SCHEDULER_SECONDS_TOTAL),
-                        rate(&c::MODEL_SECONDS_TOTAL)
+                        rate(&c::STEP_SECONDS_TOTAL)
                     ),
                     "scheduler",
+                ),
+                q(
+                    format!(
+                        "sum({}) / clamp_min(sum({}), 1e-9)",
+                        rate(&c::FORWARD_SECONDS_TOTAL),
+                        rate(&c::STEP_SECONDS_TOTAL)
+                    ),
+                    "forward pass",
+                ),
+                q(
+                    format!(
+                        "(sum({}) - sum({})) / clamp_min(sum({}), 1e-9)",
+                        rate(&c::WORKER_SECONDS_TOTAL),
+                        rate(&c::FORWARD_SECONDS_TOTAL),
+                        rate(&c::STEP_SECONDS_TOTAL)
+                    ),
+                    "worker, besides the forward pass",
+                ),
+                q(
+                    format!(
+                        "(sum({}) - sum({}) - sum({})) / clamp_min(sum({}), 1e-9)",
+                        rate(&c::STEP_SECONDS_TOTAL),
+                        rate(&c::SCHEDULER_SECONDS_TOTAL),
+                        rate(&c::WORKER_SECONDS_TOTAL),
+                        rate(&c::STEP_SECONDS_TOTAL)
+                    ),
+                    "messaging",
                 ),
                 q(
                     format!(

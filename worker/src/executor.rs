@@ -146,6 +146,21 @@ pub struct StepOutput {
     /// A forward pass of the step (target's or draft's) ran a new shape that is being
     /// recorded ([`Backend::warm_up_passes`]): its time is a warm-up's.
     pub warming: bool,
+    /// Where the step's time went on the worker's side.
+    pub timing: StepTiming,
+}
+
+/// A step's time on the worker, for the host-overhead accounting of benchmarks and
+/// `/metrics` (what the caller waited for beyond these is messaging).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepTiming {
+    /// From the step's submission to the executor thread taking it up.
+    pub queued_seconds: f64,
+    /// From taking it up to its output: the step as the executor ran it.
+    pub worker_seconds: f64,
+    /// Of which the target model's forward pass (with the device's work and the logits'
+    /// download on a GPU; the expert exchange under expert parallelism).
+    pub forward_seconds: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -208,8 +223,10 @@ pub struct Executor<B: Backend> {
     draft: Option<Draft<B>>,
     /// The kernels' threads. A forward pass runs inside this pool, so the hundred or so
     /// parallel kernel calls of a decode step are local work-stealing pushes rather than
-    /// cross-thread wake-ups (measured: ~30% of a small model's decode step).
-    pool: rayon::ThreadPool,
+    /// cross-thread wake-ups (measured: ~30% of a small model's decode step). None for
+    /// a backend that does not use rayon ([`Backend::uses_thread_pool`]): its passes
+    /// run on the executor's thread.
+    pool: Option<rayon::ThreadPool>,
     /// Where this worker's step metrics go, and its `worker` label.
     metrics: Option<(Arc<WorkerMetrics>, String)>,
     /// `[layer][expert]` rows routed in the current step.
@@ -289,11 +306,13 @@ impl<B: Backend> Executor<B> {
         // A tensor-parallel shard caches its own KV heads only.
         spec.n_kv_heads = model.local_heads().1;
         let kv = backend.alloc_kv(with_scratch(spec));
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads.max(1))
-            .thread_name(|i| format!("kernels-{i}"))
-            .build()
-            .expect("spawning kernel threads");
+        let pool = backend.uses_thread_pool().then(|| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads.max(1))
+                .thread_name(|i| format!("kernels-{i}"))
+                .build()
+                .expect("spawning kernel threads")
+        });
         Self {
             backend,
             model,
@@ -541,7 +560,7 @@ impl<B: Backend> Executor<B> {
                 })
                 .collect();
             pad_for_recording(backend, model, self.spec, &mut chunks);
-            let logits = self.pool.install(|| model.forward(backend, kv, &chunks));
+            let logits = in_pool(&self.pool, || model.forward(backend, kv, &chunks));
             let vocab = model.cfg.vocab_size;
             for (&i, row) in rows.iter().zip(&logits) {
                 if step.seqs[i].draft.as_ref().is_some_and(|d| d.depth > round) {
@@ -565,6 +584,7 @@ impl<B: Backend> Executor<B> {
             requests = %RequestIds(&step.seqs),
         )
         .entered();
+        let t_step = std::time::Instant::now();
         self.validate(step)?;
         self.switch_epoch(step.epoch)?;
         let warm_ups = self.backend.warm_up_passes();
@@ -607,9 +627,11 @@ impl<B: Backend> Executor<B> {
             if counting {
                 backend.set_counted_tokens(n_tokens);
             }
-            let (mut logits, mut counted) = self
-                .pool
-                .install(|| model.forward_counted(backend, kv, &chunks, load));
+            let t_forward = std::time::Instant::now();
+            let (mut logits, mut counted) = in_pool(&self.pool, || {
+                model.forward_counted(backend, kv, &chunks, load)
+            });
+            let forward_seconds = t_forward.elapsed().as_secs_f64();
             logits.truncate(real);
             // A backend counting on the device is read every DEVICE_LOAD_EVERY (the
             // copy waits for the device); the counts wait there in between.
@@ -624,6 +646,10 @@ impl<B: Backend> Executor<B> {
                 proposals,
                 draft_seconds,
                 warming: backend.warm_up_passes() != warm_ups,
+                timing: StepTiming {
+                    forward_seconds,
+                    ..StepTiming::default()
+                },
             };
             tracing::debug!(
                 tokens = n_tokens,
@@ -642,7 +668,7 @@ impl<B: Backend> Executor<B> {
                     },
                 );
             }
-            return Ok(out);
+            return Ok(out.timed(t_step));
         };
         for l in &mut ep.load {
             l.fill(0);
@@ -660,9 +686,11 @@ impl<B: Backend> Executor<B> {
             timing: None,
             fence: None,
         };
-        let logits = self
-            .pool
-            .install(|| model.forward_ep(backend, kv, &chunks, &mut ctx))?;
+        let t_forward = std::time::Instant::now();
+        let logits = in_pool(&self.pool, || {
+            model.forward_ep(backend, kv, &chunks, &mut ctx)
+        })?;
+        let forward_seconds = t_forward.elapsed().as_secs_f64();
         let (a2a_bytes, a2a_seconds) = (counted.bytes, counted.seconds);
         tracing::debug!(
             tokens = n_tokens,
@@ -689,14 +717,35 @@ impl<B: Backend> Executor<B> {
             proposals,
             draft_seconds,
             warming: backend.warm_up_passes() != warm_ups,
-        })
+            timing: StepTiming {
+                forward_seconds,
+                ..StepTiming::default()
+            },
+        }
+        .timed(t_step))
+    }
+}
+
+impl StepOutput {
+    /// Stamps the worker's time for a step that started at `start`.
+    fn timed(mut self, start: std::time::Instant) -> Self {
+        self.timing.worker_seconds = start.elapsed().as_secs_f64();
+        self
+    }
+}
+
+/// Runs `f` inside the kernels' pool, or on this thread for a backend without one.
+fn in_pool<R: Send>(pool: &Option<rayon::ThreadPool>, f: impl FnOnce() -> R + Send) -> R {
+    match pool {
+        Some(p) => p.install(f),
+        None => f(),
     }
 }
 
 /// Where a step's result goes: called on the executor thread when the step finishes.
 /// If the executor thread dies mid-step, the callback is dropped unanswered.
 type Reply = Box<dyn FnOnce(Result<StepOutput, ExecutorError>) + Send>;
-type Job = (Step, Reply);
+type Job = (Step, std::time::Instant, Reply);
 
 /// An [`Executor`] on its own thread; steps are sent to it and answered by channel.
 pub struct ExecutorHandle {
@@ -716,8 +765,12 @@ impl ExecutorHandle {
         let thread = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                while let Ok((step, reply)) = rx.recv() {
-                    reply(executor.step(&step));
+                while let Ok((step, submitted, reply)) = rx.recv() {
+                    let queued_seconds = submitted.elapsed().as_secs_f64();
+                    reply(executor.step(&step).map(|mut out| {
+                        out.timing.queued_seconds = queued_seconds;
+                        out
+                    }));
                 }
             })?;
         Ok(Self {
@@ -746,7 +799,7 @@ impl ExecutorHandle {
         self.tx
             .as_ref()
             .ok_or(ExecutorError::Stopped)?
-            .send((step, Box::new(reply)))
+            .send((step, std::time::Instant::now(), Box::new(reply)))
             .map_err(|_| ExecutorError::Stopped)
     }
 

@@ -21,6 +21,6 @@ pub mod remote;
 pub use blocks::{BlockAllocator, BlockTable};
 pub use executor::{
     DraftRequest, Executor, ExecutorError, ExecutorHandle, Holders, SeqStep, StageSlot, Staged,
-    Step, StepOutput, kv_spec,
+    Step, StepOutput, StepTiming, kv_spec,
 };
 pub use generate::{GenerateOptions, GenerateOutput, generate};

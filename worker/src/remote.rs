@@ -887,6 +887,9 @@ impl Worker for WorkerService {
                 .collect(),
             draft_seconds: out.draft_seconds,
             warming: out.warming,
+            queued_seconds: out.timing.queued_seconds,
+            worker_seconds: out.timing.worker_seconds,
+            forward_seconds: out.timing.forward_seconds,
         }))
     }
 

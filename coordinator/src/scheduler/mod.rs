@@ -49,6 +49,11 @@ use spec::{
 /// (~20 steps).
 const SPEC_SHARE_EWMA: f64 = 0.05;
 
+/// Logits a step's sampling reads (over all its rows) from which it runs on rayon's
+/// threads: two of Hunyuan-Large's rows take about as long to scan as waking a pool
+/// (tens of microseconds); below, one thread reads them sooner.
+const PARALLEL_SAMPLING_VALUES: usize = 1 << 18;
+
 /// The engine's name for one sequence (one `GenerateRequest`).
 pub type SeqId = u64;
 
@@ -916,26 +921,30 @@ impl Scheduler {
             })
             .collect();
         // Sampling reads a whole vocabulary row per sequence (129K entries for
-        // Hunyuan-Large): do it for all sequences in parallel first, then apply in order.
+        // Hunyuan-Large): for all sequences first, then applied in order; in parallel
+        // where the rows are worth waking threads for (a small model's rows are read
+        // in less time than a wake-up takes).
         let seqs = &self.seqs;
-        let emitted: Vec<Option<Vec<Sampled>>> = results
-            .par_iter()
-            .map(|r| {
-                let seq = seqs.get(&r.s.id)?;
-                let done =
-                    (seq.n_computed + r.s.n_tokens).min(seq.tokens.len()) >= seq.tokens.len();
-                (!seq.cancelled && done).then(|| {
-                    let input = VerifyInput {
-                        sampling: &seq.sampling,
-                        seed: seq.seed,
-                        tokens: &seq.tokens,
-                        prompt_len: seq.prompt_len,
-                        logprobs: seq.logprobs,
-                    };
-                    spec::verify(input, &r.rows, r.vocab, &r.proposals)
-                })
+        let verify = |r: &SeqResult| {
+            let seq = seqs.get(&r.s.id)?;
+            let done = (seq.n_computed + r.s.n_tokens).min(seq.tokens.len()) >= seq.tokens.len();
+            (!seq.cancelled && done).then(|| {
+                let input = VerifyInput {
+                    sampling: &seq.sampling,
+                    seed: seq.seed,
+                    tokens: &seq.tokens,
+                    prompt_len: seq.prompt_len,
+                    logprobs: seq.logprobs,
+                };
+                spec::verify(input, &r.rows, r.vocab, &r.proposals)
             })
-            .collect();
+        };
+        let n_values: usize = results.iter().map(|r| r.rows.len()).sum();
+        let emitted: Vec<Option<Vec<Sampled>>> = if n_values >= PARALLEL_SAMPLING_VALUES {
+            results.par_iter().map(verify).collect()
+        } else {
+            results.iter().map(verify).collect()
+        };
         if let Some(secs) = seconds.filter(|_| !warming) {
             self.learn_cost(&results, &emitted, secs, draft_seconds);
         }

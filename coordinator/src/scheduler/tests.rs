@@ -268,6 +268,7 @@ impl Harness {
                 proposals,
                 draft_seconds: 0.0,
                 warming: false,
+                ..StepOutput::default()
             });
         }
         outputs

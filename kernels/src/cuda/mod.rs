@@ -1443,6 +1443,10 @@ impl Backend for CudaBackend {
         padded
     }
 
+    fn uses_thread_pool(&self) -> bool {
+        false
+    }
+
     fn warm_up_passes(&self) -> u64 {
         self.warm_ups.load(std::sync::atomic::Ordering::Relaxed)
     }
