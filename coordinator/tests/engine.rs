@@ -174,6 +174,16 @@ async fn concurrent_requests_match_lone_generation() {
         s.steps_total > 0 && s.running == 0 && s.waiting == 0,
         "{s:?}"
     );
+    // A step's time in parts, each inside the one around it: the forward pass inside
+    // the worker's step, the worker's inside the wait for the workers' replies, that
+    // inside the step from planning to results applied.
+    assert!(
+        0.0 < s.forward_seconds_total
+            && s.forward_seconds_total <= s.worker_seconds_total
+            && s.worker_seconds_total <= s.model_seconds_total
+            && s.model_seconds_total <= s.step_seconds_total,
+        "{s:?}"
+    );
     assert!(engine.health().ready);
     engine.stop();
 }
