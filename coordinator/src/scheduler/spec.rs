@@ -842,7 +842,14 @@ pub fn verify(
     let (prompt, generated) = input
         .tokens
         .split_at(input.prompt_len.min(input.tokens.len()));
-    let mut output = generated.to_vec();
+    // The tokens generated so far matter only to penalties: copied (a long generation's
+    // are many) only where there are some.
+    let penalties = input.sampling.has_penalties();
+    let mut output = if penalties {
+        generated.to_vec()
+    } else {
+        Vec::new()
+    };
     for i in 0..=proposals.len() {
         let Some(row) = rows.get(i * vocab..(i + 1) * vocab) else {
             break;
@@ -858,7 +865,9 @@ pub fn verify(
         if proposals.get(i) != Some(&id) {
             break;
         }
-        output.push(id);
+        if penalties {
+            output.push(id);
+        }
     }
     out
 }
