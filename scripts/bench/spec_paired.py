@@ -6,7 +6,7 @@ per second over the geometric mean of the same repetition's `off` and `off-again
 (the ratio `bench-spec` itself reports from 2026-12-05 on), the A/A median (`off-again`
 over `off`), and the draft engine's speculative steps, probes, warm-ups and verdict
 changes summed over the repetitions. Where the log has each repetition's time per step
-(builds from 2026-12-06 on), a second line per proposer: the median over repetitions of
+(builds from the night of 2026-12-05 on), a second line per proposer: the median over repetitions of
 its step's parts (scheduler, worker, of it the forward pass, the rest: messaging) minus
 the plain runs' (their mean in the same repetition), in microseconds. Works on logs of
 builds before the paired ratio too.
