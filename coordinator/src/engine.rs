@@ -248,18 +248,20 @@ impl SchedulerActor {
         let me = myself.clone();
         let timeout = st.shared.step_timeout;
         let (shared, lockstep) = (st.shared.clone(), st.shared.lockstep);
-        tokio::spawn(async move {
-            let t = Instant::now();
-            let mut outputs = Vec::with_capacity(calls.len());
-            let mut failure = None;
-            for (worker, step) in calls {
-                // Workers run concurrently: send every step before awaiting any reply.
-                let (tx, rx) = ractor::concurrency::oneshot();
-                if worker.cast(WorkerMsg::Run(step, tx.into())).is_err() {
-                    failure = Some("worker unavailable".to_string());
-                }
-                outputs.push(rx);
+        // Workers run concurrently: every step is sent before any reply is awaited, from
+        // here (a cast only queues it: sending from the task below would add a thread
+        // hop to every step); the task waits for the replies.
+        let t = Instant::now();
+        let mut outputs = Vec::with_capacity(calls.len());
+        let mut failure = None;
+        for (worker, step) in calls {
+            let (tx, rx) = ractor::concurrency::oneshot();
+            if worker.cast(WorkerMsg::Run(step, tx.into())).is_err() {
+                failure = Some("worker unavailable".to_string());
             }
+            outputs.push(rx);
+        }
+        tokio::spawn(async move {
             let mut results = Vec::with_capacity(outputs.len());
             for rx in outputs {
                 match tokio::time::timeout(timeout * 4, rx).await {
