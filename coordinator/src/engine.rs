@@ -327,8 +327,9 @@ impl SchedulerActor {
     fn publish_stats(&self, st: &SchedulerState) {
         let s = st.scheduler.stats();
         if let Ok(mut g) = st.shared.stats.lock() {
-            // The engine's own timing totals are kept; the rest is the scheduler's.
-            let timing = g.clone();
+            // The engine's own timing totals are kept; the rest is the scheduler's (the
+            // old stats are moved out, not cloned: this runs on every step).
+            let timing = std::mem::take(&mut *g);
             *g = EngineStats {
                 scheduler_seconds_total: timing.scheduler_seconds_total,
                 model_seconds_total: timing.model_seconds_total,

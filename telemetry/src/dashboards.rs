@@ -27,6 +27,17 @@ fn rate(m: &MetricDef) -> String {
     format!("rate({}[$__rate_interval])", m.name)
 }
 
+/// The rate of `parts[0]` less the others' as a share of `whole`'s rate (0 while
+/// `whole` does not move).
+fn share(parts: &[&MetricDef], whole: &MetricDef) -> String {
+    let sums: Vec<String> = parts.iter().map(|m| format!("sum({})", rate(m))).collect();
+    let part = match sums.as_slice() {
+        [one] => one.clone(),
+        _ => format!("({})", sums.join(" - ")),
+    };
+    format!("{part} / clamp_min(sum({}), 1e-9)", rate(whole))
+}
+
 /// The `p` quantile of a histogram over all its series (or split `by`).
 fn quantile(m: &MetricDef, p: f64, by: &str) -> String {
     let by = if by.is_empty() {
@@ -368,54 +379,37 @@ fn latency() -> Value {
             8,
             vec![
                 q(
-                    format!(
-                        "sum({}) / clamp_min(sum({}), 1e-9)",
-                        rate(&c::SCHEDULER_SECONDS_TOTAL),
-                        rate(&c::STEP_SECONDS_TOTAL)
-                    ),
+                    share(&[&c::SCHEDULER_SECONDS_TOTAL], &c::STEP_SECONDS_TOTAL),
                     "scheduler",
                 ),
                 q(
-                    format!(
-                        "sum({}) / clamp_min(sum({}), 1e-9)",
-                        rate(&c::FORWARD_SECONDS_TOTAL),
-                        rate(&c::STEP_SECONDS_TOTAL)
-                    ),
+                    share(&[&c::FORWARD_SECONDS_TOTAL], &c::STEP_SECONDS_TOTAL),
                     "forward pass",
                 ),
                 q(
-                    format!(
-                        "(sum({}) - sum({})) / clamp_min(sum({}), 1e-9)",
-                        rate(&c::WORKER_SECONDS_TOTAL),
-                        rate(&c::FORWARD_SECONDS_TOTAL),
-                        rate(&c::STEP_SECONDS_TOTAL)
+                    share(
+                        &[&c::WORKER_SECONDS_TOTAL, &c::FORWARD_SECONDS_TOTAL],
+                        &c::STEP_SECONDS_TOTAL,
                     ),
                     "worker, besides the forward pass",
                 ),
                 q(
-                    format!(
-                        "(sum({}) - sum({}) - sum({})) / clamp_min(sum({}), 1e-9)",
-                        rate(&c::STEP_SECONDS_TOTAL),
-                        rate(&c::SCHEDULER_SECONDS_TOTAL),
-                        rate(&c::WORKER_SECONDS_TOTAL),
-                        rate(&c::STEP_SECONDS_TOTAL)
+                    share(
+                        &[
+                            &c::STEP_SECONDS_TOTAL,
+                            &c::SCHEDULER_SECONDS_TOTAL,
+                            &c::WORKER_SECONDS_TOTAL,
+                        ],
+                        &c::STEP_SECONDS_TOTAL,
                     ),
                     "messaging",
                 ),
                 q(
-                    format!(
-                        "sum({}) / clamp_min(sum({}), 1e-9)",
-                        rate(&c::SPEC_STEPS_TOTAL),
-                        rate(&c::STEPS_TOTAL)
-                    ),
+                    share(&[&c::SPEC_STEPS_TOTAL], &c::STEPS_TOTAL),
                     "steps speculating",
                 ),
                 q(
-                    format!(
-                        "sum({}) / clamp_min(sum({}), 1e-9)",
-                        rate(&c::STEPS_WARMING_TOTAL),
-                        rate(&c::STEPS_TOTAL)
-                    ),
+                    share(&[&c::STEPS_WARMING_TOTAL], &c::STEPS_TOTAL),
                     "steps warming up",
                 ),
             ],
