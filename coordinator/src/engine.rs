@@ -1,19 +1,23 @@
-//! The in-process actor system: a scheduler actor driving worker actors, each of which
-//! owns an executor thread. Actors are thin shells: every decision is made by the plain
-//! [`Scheduler`]; the actors move messages, run steps off the async runtime, and restart
-//! a worker whose executor died (its sequences go back to the queue, nothing is lost).
+//! The in-process actor system: a scheduler actor driving worker links (an executor
+//! thread, or worker processes over gRPC), each supervised by a worker actor. Actors are
+//! thin shells: every decision is made by the plain [`Scheduler`]; the actors move
+//! messages, run steps off the async runtime, and restart a worker whose executor died
+//! (its sequences go back to the queue, nothing is lost).
 //!
 //! Flow: a front calls [`EngineHandle::submit`] (non-blocking; a bounded admission count
 //! turns overload into an immediate error) -> `SchedulerMsg::Submit` -> the scheduler
-//! plans a step -> one `WorkerMsg::Run` per worker -> the executor thread answers ->
-//! `SchedulerMsg::StepDone` -> token events to each request's channel -> next step.
+//! plans a step and hands it to every worker's link itself -> each executor thread
+//! answers into the step's [`Gather`], and the last answer sends `SchedulerMsg::StepDone`
+//! -> token events to each request's channel -> next step. A step crosses two threads:
+//! the scheduler's to the executors' and back. A watchdog task fails a step whose
+//! answers do not come.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hyserve_worker::{ExecutorError, ExecutorHandle, Step, StepOutput};
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{Actor, ActorProcessingErr, ActorRef, ActorStatus, SupervisionEvent};
 use tokio::sync::mpsc;
 
 use crate::api::{
@@ -81,7 +85,7 @@ pub enum SchedulerMsg {
         model_seconds: f64,
     },
     /// Worker `i` was restarted with a fresh executor.
-    WorkerRestarted(usize, ActorRef<WorkerMsg>),
+    WorkerRestarted(usize, ActorRef<WorkerMsg>, Arc<dyn WorkerLink>),
     /// Stop starting steps; answer once none is in flight.
     Pause(tokio::sync::oneshot::Sender<()>),
     /// Start steps again; workers `reset` lost their KV caches meanwhile.
@@ -90,54 +94,173 @@ pub enum SchedulerMsg {
 
 /// Messages to a worker actor.
 pub enum WorkerMsg {
-    /// Run one step; the reply comes from the executor thread.
-    Run(Step, RpcReplyPort<Result<StepOutput, String>>),
+    /// The scheduler found the worker's link dead: fail, so the supervisor restarts it.
+    Failed(String),
 }
 
-/// A worker actor: owns one executor thread.
+/// A worker actor: supervises one worker link, which the scheduler also holds and hands
+/// steps to directly (the actor is not on a step's path).
 struct WorkerActor;
 
 struct WorkerState {
-    executor: Box<dyn WorkerLink>,
+    /// Held for as long as the actor lives: a dead link is dropped with it.
+    _link: Arc<dyn WorkerLink>,
 }
 
 impl Actor for WorkerActor {
     type Msg = WorkerMsg;
     type State = WorkerState;
-    type Arguments = Box<dyn WorkerLink>;
+    type Arguments = Arc<dyn WorkerLink>;
 
     async fn pre_start(
         &self,
         _myself: ActorRef<Self::Msg>,
-        executor: Box<dyn WorkerLink>,
+        link: Arc<dyn WorkerLink>,
     ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(WorkerState { executor })
+        Ok(WorkerState { _link: link })
     }
 
     async fn handle(
         &self,
         _myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
-        state: &mut Self::State,
+        _state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            WorkerMsg::Run(step, reply) => {
-                if !state.executor.is_alive() {
-                    // Crash the actor, not the process: the supervisor restarts it.
-                    return Err("executor thread died".into());
-                }
-                let sent = state.executor.submit(
-                    step,
-                    Box::new(move |r| {
-                        let _ = reply.send(r);
-                    }),
-                );
-                if sent.is_err() {
-                    return Err("executor thread stopped".into());
-                }
-            }
+            // Crash the actor, not the process: the supervisor restarts it.
+            WorkerMsg::Failed(why) => Err(why.into()),
         }
-        Ok(())
+    }
+}
+
+/// The answers of one step's workers, gathered on the threads they arrive on (executor
+/// threads, or the tasks awaiting worker processes): the last answer sends the step's
+/// result to the scheduler's mailbox. The step ends once: by its last answer, or by the
+/// watchdog's timeout, whichever comes first (a later answer is dropped).
+struct Gather {
+    me: ActorRef<SchedulerMsg>,
+    shared: Arc<Shared>,
+    /// When the first worker was handed the step.
+    sent: Instant,
+    /// The workers whose outputs go back to the scheduler, in the plan's order.
+    planned: Vec<usize>,
+    inner: Mutex<GatherInner>,
+}
+
+struct GatherInner {
+    /// The step's plan until the step ends.
+    plan: Option<Plan>,
+    results: Vec<Option<StepOutput>>,
+    left: usize,
+    failure: Option<String>,
+}
+
+impl Gather {
+    /// Worker `i`'s answer.
+    fn answer(&self, i: usize, r: Result<StepOutput, String>) {
+        let Ok(mut g) = self.inner.lock() else { return };
+        if g.plan.is_none() {
+            return;
+        }
+        match r {
+            Ok(out) => g.results[i] = Some(out),
+            Err(e) => g.failure = Some(e),
+        }
+        g.left -= 1;
+        if g.left > 0 {
+            return;
+        }
+        let plan = g.plan.take().expect("checked above");
+        let outputs = match g.failure.take() {
+            Some(e) => Err(e),
+            None => {
+                if self.shared.lockstep
+                    && let Ok(mut load) = self.shared.expert_load.lock()
+                {
+                    for r in g.results.iter().flatten() {
+                        if load.len() < r.expert_load.len() {
+                            load.resize(r.expert_load.len(), 0);
+                        }
+                        for (a, b) in load.iter_mut().zip(&r.expert_load) {
+                            *a += b;
+                        }
+                    }
+                }
+                Ok(self
+                    .planned
+                    .iter()
+                    .map(|&w| g.results[w].take().unwrap_or_default())
+                    .collect())
+            }
+        };
+        drop(g);
+        let _ = self.me.cast(SchedulerMsg::StepDone {
+            plan,
+            outputs,
+            model_seconds: self.sent.elapsed().as_secs_f64(),
+        });
+    }
+
+    /// Ends the step as failed if it is still waiting for answers.
+    fn time_out(&self) {
+        let plan = self.inner.lock().ok().and_then(|mut g| g.plan.take());
+        if let Some(plan) = plan {
+            let _ = self.me.cast(SchedulerMsg::StepDone {
+                plan,
+                outputs: Err("step timed out".into()),
+                model_seconds: self.sent.elapsed().as_secs_f64(),
+            });
+        }
+    }
+}
+
+/// Worker `i`'s answer to a step: given once, or, if dropped unanswered (its executor
+/// died with the step), a failure.
+struct Answer {
+    gather: Arc<Gather>,
+    i: usize,
+    given: bool,
+}
+
+impl Answer {
+    fn give(mut self, r: Result<StepOutput, String>) {
+        self.given = true;
+        self.gather.answer(self.i, r);
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if !self.given {
+            self.gather
+                .answer(self.i, Err("worker died during the step".into()));
+        }
+    }
+}
+
+/// Fails the step in flight once it has waited four step timeouts for its answers
+/// (checked every half timeout, at most every 10 ms); ends with the scheduler actor.
+async fn watchdog(me: ActorRef<SchedulerMsg>, shared: Arc<Shared>) {
+    let limit = shared.step_timeout * 4;
+    let every = (shared.step_timeout / 2).max(Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(every).await;
+        if matches!(
+            me.get_status(),
+            ActorStatus::Stopping | ActorStatus::Stopped
+        ) {
+            return;
+        }
+        let step = shared
+            .in_flight
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().and_then(Weak::upgrade));
+        if let Some(g) = step
+            && g.sent.elapsed() > limit
+        {
+            g.time_out();
+        }
     }
 }
 
@@ -162,6 +285,8 @@ struct Shared {
     expert_load: Mutex<Vec<u64>>,
     /// Rebalances done and how long each took.
     rebalances: Mutex<HistogramCounts>,
+    /// The step in flight, for the watchdog.
+    in_flight: Mutex<Option<Weak<Gather>>>,
 }
 
 fn now_ms() -> u64 {
@@ -176,6 +301,8 @@ struct SchedulerActor;
 struct SchedulerState {
     scheduler: Scheduler,
     workers: Vec<ActorRef<WorkerMsg>>,
+    /// Each worker's link, which steps are handed to directly.
+    links: Vec<Arc<dyn WorkerLink>>,
     streams: std::collections::HashMap<SeqId, mpsc::Sender<TokenEvent>>,
     in_flight: bool,
     shared: Arc<Shared>,
@@ -217,10 +344,10 @@ impl SchedulerActor {
         st.shared.busy.store(true, Ordering::Relaxed);
         // Under lockstep every worker gets a step (an empty one if it has no
         // sequences); only the planned workers' outputs go back to the scheduler.
-        let calls: Vec<_> = if st.shared.lockstep {
+        let calls: Vec<(usize, Step)> = if st.shared.lockstep {
             let (id, epoch) = (st.next_step, st.shared.epoch.load(Ordering::Acquire));
             st.next_step += 1;
-            (0..st.workers.len())
+            (0..st.links.len())
                 .map(|w| {
                     let mut step = plan
                         .steps
@@ -230,13 +357,13 @@ impl SchedulerActor {
                         .unwrap_or_default();
                     step.step_id = id;
                     step.epoch = epoch;
-                    (st.workers[w].clone(), step)
+                    (w, step)
                 })
                 .collect()
         } else {
             plan.steps
                 .iter()
-                .map(|(w, step)| (st.workers[*w].clone(), step.clone()))
+                .map(|(w, step)| (*w, step.clone()))
                 .collect()
         };
         let planned: Vec<usize> = if st.shared.lockstep {
@@ -245,59 +372,43 @@ impl SchedulerActor {
             (0..calls.len()).collect()
         };
         self.add_scheduler_time(st, t0);
-        let me = myself.clone();
-        let timeout = st.shared.step_timeout;
-        let (shared, lockstep) = (st.shared.clone(), st.shared.lockstep);
-        // Workers run concurrently: every step is sent before any reply is awaited, from
-        // here (a cast only queues it: sending from the task below would add a thread
-        // hop to every step); the task waits for the replies.
-        let t = Instant::now();
-        let mut outputs = Vec::with_capacity(calls.len());
-        let mut failure = None;
-        for (worker, step) in calls {
-            let (tx, rx) = ractor::concurrency::oneshot();
-            if worker.cast(WorkerMsg::Run(step, tx.into())).is_err() {
-                failure = Some("worker unavailable".to_string());
-            }
-            outputs.push(rx);
-        }
-        tokio::spawn(async move {
-            let mut results = Vec::with_capacity(outputs.len());
-            for rx in outputs {
-                match tokio::time::timeout(timeout * 4, rx).await {
-                    Ok(Ok(Ok(out))) => results.push(out),
-                    Ok(Ok(Err(e))) => failure = Some(e),
-                    Ok(Err(_)) => failure = Some("worker died during the step".into()),
-                    Err(_) => failure = Some("step timed out".into()),
-                }
-            }
-            let outputs = match failure {
-                Some(e) => Err(e),
-                None => {
-                    if lockstep && let Ok(mut load) = shared.expert_load.lock() {
-                        for r in &results {
-                            if load.len() < r.expert_load.len() {
-                                load.resize(r.expert_load.len(), 0);
-                            }
-                            for (a, b) in load.iter_mut().zip(&r.expert_load) {
-                                *a += b;
-                            }
-                        }
-                    }
-                    let mut results: Vec<Option<StepOutput>> =
-                        results.into_iter().map(Some).collect();
-                    Ok(planned
-                        .iter()
-                        .map(|&w| results[w].take().unwrap_or_default())
-                        .collect())
-                }
-            };
-            let _ = me.cast(SchedulerMsg::StepDone {
-                plan,
-                outputs,
-                model_seconds: t.elapsed().as_secs_f64(),
-            });
+        // Workers run concurrently: every step is handed over before any answer is
+        // in, straight to the worker's link (its executor thread's queue); the answers
+        // meet in the step's gather, and the last sends the result to this mailbox.
+        let gather = Arc::new(Gather {
+            me: myself.clone(),
+            shared: st.shared.clone(),
+            sent: Instant::now(),
+            planned,
+            inner: Mutex::new(GatherInner {
+                plan: Some(plan),
+                results: (0..calls.len()).map(|_| None).collect(),
+                left: calls.len(),
+                failure: None,
+            }),
         });
+        if let Ok(mut s) = st.shared.in_flight.lock() {
+            *s = Some(Arc::downgrade(&gather));
+        }
+        for (i, (w, step)) in calls.into_iter().enumerate() {
+            let answer = Answer {
+                gather: gather.clone(),
+                i,
+                given: false,
+            };
+            let link = &st.links[w];
+            let failed = if link.is_alive() {
+                link.submit(step, Box::new(move |r| answer.give(r))).err()
+            } else {
+                answer.give(Err("worker unavailable".into()));
+                Some("executor thread died".into())
+            };
+            if let Some(why) = failed {
+                // The supervisor restarts the worker; the step fails (its answer was
+                // dropped with the closure) and its sequences are requeued.
+                let _ = st.workers[w].cast(WorkerMsg::Failed(why));
+            }
+        }
     }
 
     fn add_scheduler_time(&self, st: &SchedulerState, t0: Instant) {
@@ -354,11 +465,15 @@ impl Actor for SchedulerActor {
         args: SchedulerArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let mut workers = Vec::with_capacity(args.config.n_workers);
+        let mut links = Vec::with_capacity(args.config.n_workers);
         for i in 0..args.config.n_workers {
-            let exec = (args.factory)(i)?;
-            let (w, _) = Actor::spawn_linked(None, WorkerActor, exec, myself.get_cell()).await?;
+            let link: Arc<dyn WorkerLink> = Arc::from((args.factory)(i)?);
+            let (w, _) =
+                Actor::spawn_linked(None, WorkerActor, link.clone(), myself.get_cell()).await?;
             workers.push(w);
+            links.push(link);
         }
+        tokio::spawn(watchdog(myself.clone(), args.shared.clone()));
         args.shared
             .workers_alive
             .store(workers.len(), Ordering::Release);
@@ -369,6 +484,7 @@ impl Actor for SchedulerActor {
         Ok(SchedulerState {
             scheduler: Scheduler::new(args.config),
             workers,
+            links,
             streams: Default::default(),
             in_flight: false,
             shared: args.shared,
@@ -455,8 +571,9 @@ impl Actor for SchedulerActor {
                 self.add_scheduler_time(st, t0);
                 self.publish_stats(st);
             }
-            SchedulerMsg::WorkerRestarted(i, w) => {
+            SchedulerMsg::WorkerRestarted(i, w, link) => {
                 st.workers[i] = w;
+                st.links[i] = link;
                 st.shared.workers_alive.fetch_add(1, Ordering::AcqRel);
             }
             SchedulerMsg::Pause(done) => {
@@ -503,21 +620,22 @@ impl Actor for SchedulerActor {
             let me = myself.clone();
             tokio::spawn(async move {
                 // Building an executor loads weights: do it off the actor.
-                let exec = match tokio::task::spawn_blocking(move || factory(i)).await {
-                    Ok(Ok(e)) => e,
-                    Ok(Err(e)) => {
-                        tracing::error!(worker = i, error = %e, "restarting worker failed");
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::error!(worker = i, error = %e, "restarting worker panicked");
-                        return;
-                    }
-                };
+                let link: Arc<dyn WorkerLink> =
+                    match tokio::task::spawn_blocking(move || factory(i)).await {
+                        Ok(Ok(e)) => Arc::from(e),
+                        Ok(Err(e)) => {
+                            tracing::error!(worker = i, error = %e, "restarting worker failed");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::error!(worker = i, error = %e, "restarting worker panicked");
+                            return;
+                        }
+                    };
                 if let Ok((w, _)) =
-                    Actor::spawn_linked(None, WorkerActor, exec, me.get_cell()).await
+                    Actor::spawn_linked(None, WorkerActor, link.clone(), me.get_cell()).await
                 {
-                    let _ = me.cast(SchedulerMsg::WorkerRestarted(i, w));
+                    let _ = me.cast(SchedulerMsg::WorkerRestarted(i, w, link));
                 }
             });
         }
@@ -555,6 +673,7 @@ impl EngineHandle {
             rebalances: Mutex::new(HistogramCounts::new(
                 hyserve_telemetry::catalogue::REBALANCE_DURATION_SECONDS.buckets,
             )),
+            in_flight: Mutex::new(None),
         });
         let (actor, _) = Actor::spawn(
             None,

@@ -2,11 +2,12 @@
 //! in-process workers give exactly the tokens of a lone sequence, and a dropped stream
 //! frees its KV blocks.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyserve_coordinator::api::{Engine, GenerateRequest, ModelInfo, TokenEvent};
-use hyserve_coordinator::engine::{EngineConfig, EngineHandle, ExecutorFactory};
+use hyserve_coordinator::engine::{EngineConfig, EngineHandle, ExecutorFactory, Reply, WorkerLink};
 use hyserve_coordinator::scheduler::SchedulerConfig;
 use hyserve_coordinator::scheduler::spec::{ProposerKind, SpecConfig};
 use hyserve_kernels::cpu::CpuBackend;
@@ -15,7 +16,7 @@ use hyserve_kernels::{DType, Precision};
 use hyserve_model::graph::TpShard;
 use hyserve_model::init::{InitOptions, WeightFormat, init_model};
 use hyserve_model::{Arch, Checkpoint, InProcess, Model};
-use hyserve_worker::{Executor, ExecutorHandle, GenerateOptions, generate};
+use hyserve_worker::{Executor, ExecutorHandle, GenerateOptions, Step, generate};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -95,32 +96,42 @@ async fn start_with(
     speculation: SpecConfig,
 ) -> EngineHandle {
     EngineHandle::start(
-        EngineConfig {
-            scheduler: SchedulerConfig {
-                n_workers,
-                n_blocks_per_worker: n_blocks,
-                block_size: 16,
-                max_batch_tokens: 64,
-                max_running: 8,
-                max_waiting: 64,
-                prefill_chunk: 24,
-                max_context: 512,
-                enable_prefix_cache: true,
-                speculation,
-            },
-            model: ModelInfo {
-                id: "tiny".into(),
-                max_context: 512,
-                vocab_size: f.cfg.vocab_size,
-                created_unix: 0,
-            },
-            step_timeout: Duration::from_secs(30),
-            lockstep,
-        },
+        config(f, n_workers, n_blocks, lockstep, speculation),
         factory,
     )
     .await
     .unwrap()
+}
+
+fn config(
+    f: &Fixture,
+    n_workers: usize,
+    n_blocks: usize,
+    lockstep: bool,
+    speculation: SpecConfig,
+) -> EngineConfig {
+    EngineConfig {
+        scheduler: SchedulerConfig {
+            n_workers,
+            n_blocks_per_worker: n_blocks,
+            block_size: 16,
+            max_batch_tokens: 64,
+            max_running: 8,
+            max_waiting: 64,
+            prefill_chunk: 24,
+            max_context: 512,
+            enable_prefix_cache: true,
+            speculation,
+        },
+        model: ModelInfo {
+            id: "tiny".into(),
+            max_context: 512,
+            vocab_size: f.cfg.vocab_size,
+            created_unix: 0,
+        },
+        step_timeout: Duration::from_secs(30),
+        lockstep,
+    }
 }
 
 fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
@@ -213,6 +224,83 @@ async fn dropping_a_stream_frees_its_blocks() {
     }
     assert!(freed, "blocks still held: {:?}", engine.stats());
     engine.stop();
+}
+
+/// A worker link that fails its first step, then passes steps to a real executor.
+struct Faulty {
+    inner: ExecutorHandle,
+    /// Drop the first step unanswered and die (else: keep its answer forever).
+    die: bool,
+    seen: AtomicBool,
+    dead: AtomicBool,
+    held: Mutex<Vec<Reply>>,
+}
+
+impl WorkerLink for Faulty {
+    fn submit(&self, step: Step, reply: Reply) -> Result<(), String> {
+        if self.dead.load(Ordering::Acquire) {
+            return Err("dead".into());
+        }
+        if !self.seen.swap(true, Ordering::AcqRel) {
+            if self.die {
+                self.dead.store(true, Ordering::Release);
+                drop(reply);
+            } else {
+                self.held.lock().unwrap().push(reply);
+            }
+            return Ok(());
+        }
+        self.inner.submit(step, reply)
+    }
+
+    fn is_alive(&self) -> bool {
+        !self.dead.load(Ordering::Acquire)
+    }
+}
+
+/// A worker that dies with a step (its answer dropped), and one that never answers a
+/// step (the watchdog's timeout), each lose no request: the step's sequences are
+/// recomputed, by a restarted worker or the same one, and give the lone tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_or_silent_worker_loses_no_request() {
+    let f = fixture();
+    let prompts: Vec<Vec<u32>> = vec![(300..330).collect(), (400..410).collect()];
+    let want = lone_greedy(&f, &prompts, 8);
+    for die in [true, false] {
+        let built = Arc::new(AtomicUsize::new(0));
+        let (ck, cfg, n) = (f.ck.clone(), f.cfg.clone(), built.clone());
+        let factory: ExecutorFactory = Arc::new(move |_| {
+            let backend = CpuBackend::new(Precision::Bf16);
+            let model = Model::load(&backend, cfg.clone(), &ck, &mut |_| {});
+            let inner =
+                ExecutorHandle::spawn("worker", Executor::with_threads(backend, model, 64, 16, 1))?;
+            Ok(if n.fetch_add(1, Ordering::AcqRel) == 0 {
+                Box::new(Faulty {
+                    inner,
+                    die,
+                    seen: AtomicBool::new(false),
+                    dead: AtomicBool::new(false),
+                    held: Mutex::new(Vec::new()),
+                }) as _
+            } else {
+                Box::new(inner) as _
+            })
+        });
+        // The dead worker's step must fail at once, not at the watchdog's timeout
+        // (four step timeouts: two minutes here).
+        let mut config = config(&f, 1, 64, false, SpecConfig::off());
+        config.step_timeout = Duration::from_millis(if die { 30_000 } else { 50 });
+        let engine = EngineHandle::start(config, factory).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(20), generate_all(&engine, &prompts, 8))
+            .await
+            .unwrap_or_else(|_| panic!("die: {die}: no answer in 20 s"));
+        assert_eq!(got, want, "die: {die}");
+        // Only the dead worker was built again.
+        assert_eq!(built.load(Ordering::Acquire), 1 + usize::from(die));
+        let s = engine.stats();
+        assert_eq!((s.running, s.waiting, s.workers_alive), (0, 0, 1), "{s:?}");
+        engine.stop();
+    }
 }
 
 /// Three in-process workers of one expert-parallel group (each holding a third of the
