@@ -49,13 +49,22 @@ fn fixture_seeded(seed: u64) -> Fixture {
 }
 
 fn executor(f: &Fixture, n_blocks: usize) -> ExecutorHandle {
+    spawn_executor("test", &f.ck, &f.cfg, n_blocks).unwrap()
+}
+
+/// An executor thread on a CPU backend with the whole model.
+fn spawn_executor(
+    name: &str,
+    ck: &Checkpoint,
+    cfg: &hyserve_model::ModelConfig,
+    n_blocks: usize,
+) -> std::io::Result<ExecutorHandle> {
     let backend = CpuBackend::new(Precision::Bf16);
-    let model = Model::load(&backend, f.cfg.clone(), &f.ck, &mut |_| {});
+    let model = Model::load(&backend, cfg.clone(), ck, &mut |_| {});
     ExecutorHandle::spawn(
-        "test",
+        name,
         Executor::with_threads(backend, model, n_blocks, 16, 1),
     )
-    .unwrap()
 }
 
 /// Each prompt's greedy tokens alone, through the plain generation driver.
@@ -76,14 +85,8 @@ fn lone_greedy(f: &Fixture, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<
 
 async fn start(f: &Fixture, n_workers: usize, n_blocks: usize) -> EngineHandle {
     let (ck, cfg) = (f.ck.clone(), f.cfg.clone());
-    let factory: ExecutorFactory = Arc::new(move |_| {
-        let backend = CpuBackend::new(Precision::Bf16);
-        let model = Model::load(&backend, cfg.clone(), &ck, &mut |_| {});
-        Ok(Box::new(ExecutorHandle::spawn(
-            "worker",
-            Executor::with_threads(backend, model, n_blocks, 16, 1),
-        )?) as _)
-    });
+    let factory: ExecutorFactory =
+        Arc::new(move |_| Ok(Box::new(spawn_executor("worker", &ck, &cfg, n_blocks)?) as _));
     start_with(f, n_workers, n_blocks, factory, false, SpecConfig::off()).await
 }
 
@@ -270,10 +273,7 @@ async fn a_dead_or_silent_worker_loses_no_request() {
         let built = Arc::new(AtomicUsize::new(0));
         let (ck, cfg, n) = (f.ck.clone(), f.cfg.clone(), built.clone());
         let factory: ExecutorFactory = Arc::new(move |_| {
-            let backend = CpuBackend::new(Precision::Bf16);
-            let model = Model::load(&backend, cfg.clone(), &ck, &mut |_| {});
-            let inner =
-                ExecutorHandle::spawn("worker", Executor::with_threads(backend, model, 64, 16, 1))?;
+            let inner = spawn_executor("worker", &ck, &cfg, 64)?;
             Ok(if n.fetch_add(1, Ordering::AcqRel) == 0 {
                 Box::new(Faulty {
                     inner,
