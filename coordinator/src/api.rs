@@ -211,6 +211,9 @@ pub struct EngineStats {
     pub prefix_cache_queries_tokens: u64,
     pub prefix_cache_hit_tokens: u64,
     pub steps_total: u64,
+    /// Steps that failed (a worker died, erred or timed out); their sequences were
+    /// requeued and recomputed.
+    pub steps_failed_total: u64,
     /// Steps that ran a shape the backend was still recording (CUDA graphs): a steady
     /// rise means recordings are being replaced faster than they are reused.
     pub steps_warming_total: u64,

@@ -86,6 +86,8 @@ pub enum SchedulerMsg {
     },
     /// Worker `i` was restarted with a fresh executor.
     WorkerRestarted(usize, ActorRef<WorkerMsg>, Arc<dyn WorkerLink>),
+    /// The pause after repeated failed steps is over: plan again.
+    Retry,
     /// Stop starting steps; answer once none is in flight.
     Pause(tokio::sync::oneshot::Sender<()>),
     /// Start steps again; workers `reset` lost their KV caches meanwhile.
@@ -314,6 +316,23 @@ struct SchedulerState {
     planned_at: Instant,
     paused: bool,
     pause_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// Workers known dead and not yet restarted: no step is planned while any is, as
+    /// every step would fail at once.
+    down: Vec<bool>,
+    /// Steps failed in a row; from the second on, the next step waits
+    /// [`retry_delay`] (a worker that keeps failing its steps is not hammered).
+    failed_in_a_row: u32,
+    /// A retry is scheduled (`SchedulerMsg::Retry`).
+    retry_pending: bool,
+}
+
+/// How long to wait before planning again after `failed` steps failed in a row: none
+/// after one (a lone failure is retried at once), then 10 ms doubling up to 1 s.
+fn retry_delay(failed: u32) -> Duration {
+    if failed < 2 {
+        return Duration::ZERO;
+    }
+    Duration::from_millis(10u64 << (failed - 2).min(7)).min(Duration::from_secs(1))
 }
 
 struct SchedulerArgs {
@@ -332,6 +351,20 @@ impl SchedulerActor {
             for w in st.pause_waiters.drain(..) {
                 let _ = w.send(());
             }
+            return;
+        }
+        if st.retry_pending {
+            return;
+        }
+        for (w, link) in st.links.iter().enumerate() {
+            if !st.down[w] && !link.is_alive() {
+                // The supervisor restarts the worker.
+                st.down[w] = true;
+                let _ = st.workers[w].cast(WorkerMsg::Failed("executor thread died".into()));
+            }
+        }
+        if st.down.iter().any(|&d| d) {
+            // Steps resume when the worker is back (`WorkerRestarted`).
             return;
         }
         let t0 = Instant::now();
@@ -396,16 +429,10 @@ impl SchedulerActor {
                 i,
                 given: false,
             };
-            let link = &st.links[w];
-            let failed = if link.is_alive() {
-                link.submit(step, Box::new(move |r| answer.give(r))).err()
-            } else {
-                answer.give(Err("worker unavailable".into()));
-                Some("executor thread died".into())
-            };
-            if let Some(why) = failed {
+            if let Err(why) = st.links[w].submit(step, Box::new(move |r| answer.give(r))) {
                 // The supervisor restarts the worker; the step fails (its answer was
                 // dropped with the closure) and its sequences are requeued.
+                st.down[w] = true;
                 let _ = st.workers[w].cast(WorkerMsg::Failed(why));
             }
         }
@@ -448,6 +475,7 @@ impl SchedulerActor {
                 forward_seconds_total: timing.forward_seconds_total,
                 worker_queued_seconds_total: timing.worker_queued_seconds_total,
                 step_seconds_total: timing.step_seconds_total,
+                steps_failed_total: timing.steps_failed_total,
                 ..s
             };
         }
@@ -482,6 +510,7 @@ impl Actor for SchedulerActor {
             .last_progress_ms
             .store(now_ms(), Ordering::Release);
         Ok(SchedulerState {
+            down: vec![false; workers.len()],
             scheduler: Scheduler::new(args.config),
             workers,
             links,
@@ -493,6 +522,8 @@ impl Actor for SchedulerActor {
             planned_at: Instant::now(),
             paused: false,
             pause_waiters: Vec::new(),
+            failed_in_a_row: 0,
+            retry_pending: false,
         })
     }
 
@@ -551,15 +582,32 @@ impl Actor for SchedulerActor {
                         st.shared
                             .last_progress_ms
                             .store(now_ms(), Ordering::Release);
+                        st.failed_in_a_row = 0;
                     }
                     Err(e) => {
                         // Nothing is lost: the step's sequences go back to the queue with
                         // their tokens so far and are recomputed on the next step.
-                        tracing::error!(error = %e, "step failed; its sequences are requeued");
+                        st.failed_in_a_row += 1;
+                        let delay = retry_delay(st.failed_in_a_row);
+                        tracing::error!(
+                            error = %e,
+                            failed_in_a_row = st.failed_in_a_row,
+                            retry_in_ms = delay.as_millis() as u64,
+                            "step failed; its sequences are requeued"
+                        );
                         st.scheduler.abort_step(plan);
+                        if !delay.is_zero() {
+                            st.retry_pending = true;
+                            let me = myself.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(delay).await;
+                                let _ = me.cast(SchedulerMsg::Retry);
+                            });
+                        }
                     }
                 }
                 if let Ok(mut s) = st.shared.stats.lock() {
+                    s.steps_failed_total += u64::from(st.failed_in_a_row > 0);
                     s.model_seconds_total += model_seconds;
                     if let Some(w) = worker {
                         s.worker_seconds_total += w.worker_seconds;
@@ -574,8 +622,10 @@ impl Actor for SchedulerActor {
             SchedulerMsg::WorkerRestarted(i, w, link) => {
                 st.workers[i] = w;
                 st.links[i] = link;
+                st.down[i] = false;
                 st.shared.workers_alive.fetch_add(1, Ordering::AcqRel);
             }
+            SchedulerMsg::Retry => st.retry_pending = false,
             SchedulerMsg::Pause(done) => {
                 st.paused = true;
                 st.pause_waiters.push(done);
@@ -615,31 +665,45 @@ impl Actor for SchedulerActor {
                 return Ok(());
             };
             tracing::error!(worker = i, error = %err, "worker failed; restarting it");
+            st.down[i] = true;
             st.shared.workers_alive.fetch_sub(1, Ordering::AcqRel);
-            let factory = st.factory.clone();
-            let me = myself.clone();
-            tokio::spawn(async move {
-                // Building an executor loads weights: do it off the actor.
-                let link: Arc<dyn WorkerLink> =
-                    match tokio::task::spawn_blocking(move || factory(i)).await {
-                        Ok(Ok(e)) => Arc::from(e),
-                        Ok(Err(e)) => {
-                            tracing::error!(worker = i, error = %e, "restarting worker failed");
-                            return;
-                        }
-                        Err(e) => {
-                            tracing::error!(worker = i, error = %e, "restarting worker panicked");
-                            return;
-                        }
-                    };
-                if let Ok((w, _)) =
-                    Actor::spawn_linked(None, WorkerActor, link.clone(), me.get_cell()).await
-                {
-                    let _ = me.cast(SchedulerMsg::WorkerRestarted(i, w, link));
-                }
-            });
+            tokio::spawn(restart_worker(myself.clone(), st.factory.clone(), i));
         }
         Ok(())
+    }
+}
+
+/// Builds worker `i` afresh and hands it to the scheduler; a failed build is retried
+/// (0.5 s, doubling up to 30 s) for as long as the scheduler runs, since no step runs
+/// while a worker is down.
+async fn restart_worker(me: ActorRef<SchedulerMsg>, factory: ExecutorFactory, i: usize) {
+    let mut wait = Duration::from_millis(500);
+    loop {
+        // Building an executor loads weights: do it off the runtime's threads.
+        let f = factory.clone();
+        let why = match tokio::task::spawn_blocking(move || f(i)).await {
+            Ok(Ok(e)) => {
+                let link: Arc<dyn WorkerLink> = Arc::from(e);
+                match Actor::spawn_linked(None, WorkerActor, link.clone(), me.get_cell()).await {
+                    Ok((w, _)) => {
+                        let _ = me.cast(SchedulerMsg::WorkerRestarted(i, w, link));
+                        return;
+                    }
+                    Err(e) => e.to_string(),
+                }
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => format!("panicked: {e}"),
+        };
+        if matches!(
+            me.get_status(),
+            ActorStatus::Stopping | ActorStatus::Stopped
+        ) {
+            return;
+        }
+        tracing::error!(worker = i, error = %why, retry_in_ms = wait.as_millis() as u64, "restarting worker failed");
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(30));
     }
 }
 

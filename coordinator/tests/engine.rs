@@ -303,6 +303,104 @@ async fn a_dead_or_silent_worker_loses_no_request() {
     }
 }
 
+/// A worker link whose first `n` steps fail with an error (the worker stays up).
+struct Erring {
+    inner: ExecutorHandle,
+    left: AtomicUsize,
+}
+
+impl WorkerLink for Erring {
+    fn submit(&self, step: Step, reply: Reply) -> Result<(), String> {
+        let failing = self
+            .left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            reply(Err("injected step failure".into()));
+            return Ok(());
+        }
+        self.inner.submit(step, reply)
+    }
+
+    fn is_alive(&self) -> bool {
+        true
+    }
+}
+
+/// A worker that dies and cannot be built again at once (its first two rebuilds fail):
+/// no step is planned while it is down (one failed step in all, not one per turn of
+/// the scheduler), the rebuild is retried, and every request still gets the lone tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_wait_for_a_dead_worker_to_be_rebuilt() {
+    let f = fixture();
+    let prompts: Vec<Vec<u32>> = vec![(300..330).collect(), (400..410).collect()];
+    let want = lone_greedy(&f, &prompts, 8);
+    let built = Arc::new(AtomicUsize::new(0));
+    let (ck, cfg, n) = (f.ck.clone(), f.cfg.clone(), built.clone());
+    let factory: ExecutorFactory = Arc::new(move |_| {
+        let k = n.fetch_add(1, Ordering::AcqRel);
+        if k == 1 || k == 2 {
+            return Err(std::io::Error::other("the device is not back yet"));
+        }
+        let inner = spawn_executor("worker", &ck, &cfg, 64)?;
+        Ok(if k == 0 {
+            Box::new(Faulty {
+                inner,
+                die: true,
+                seen: AtomicBool::new(false),
+                dead: AtomicBool::new(false),
+                held: Mutex::new(Vec::new()),
+            }) as _
+        } else {
+            Box::new(inner) as _
+        })
+    });
+    let engine = EngineHandle::start(config(&f, 1, 64, false, SpecConfig::off()), factory)
+        .await
+        .unwrap();
+    // Rebuilds are retried after 0.5 s and 1 s.
+    let got = tokio::time::timeout(Duration::from_secs(20), generate_all(&engine, &prompts, 8))
+        .await
+        .expect("no answer in 20 s");
+    assert_eq!(got, want);
+    assert_eq!(built.load(Ordering::Acquire), 4);
+    let s = engine.stats();
+    assert_eq!(s.steps_failed_total, 1, "{s:?}");
+    assert_eq!((s.running, s.waiting, s.workers_alive), (0, 0, 1), "{s:?}");
+    engine.stop();
+}
+
+/// Steps that fail in a row (the worker answers with an error and stays up) are retried
+/// after growing pauses, 10 ms from the second failure on and doubling, and lose nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_failing_in_a_row_are_retried_after_growing_pauses() {
+    let f = fixture();
+    let prompts: Vec<Vec<u32>> = vec![(300..330).collect(), (400..410).collect()];
+    let want = lone_greedy(&f, &prompts, 8);
+    let (ck, cfg) = (f.ck.clone(), f.cfg.clone());
+    let factory: ExecutorFactory = Arc::new(move |_| {
+        Ok(Box::new(Erring {
+            inner: spawn_executor("worker", &ck, &cfg, 64)?,
+            left: AtomicUsize::new(5),
+        }) as _)
+    });
+    let engine = EngineHandle::start(config(&f, 1, 64, false, SpecConfig::off()), factory)
+        .await
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(20), generate_all(&engine, &prompts, 8))
+        .await
+        .expect("no answer in 20 s");
+    let took = t0.elapsed();
+    assert_eq!(got, want);
+    let s = engine.stats();
+    assert_eq!(s.steps_failed_total, 5, "{s:?}");
+    // Pauses after the 2nd to 5th failures: 10 + 20 + 40 + 80 ms at least.
+    assert!(took >= Duration::from_millis(150), "took {took:?}");
+    assert_eq!((s.running, s.waiting, s.workers_alive), (0, 0, 1), "{s:?}");
+    engine.stop();
+}
+
 /// Three in-process workers of one expert-parallel group (each holding a third of the
 /// experts, expert 0 replicated on all), stepping in lockstep through the engine,
 /// generate exactly what one whole model does.

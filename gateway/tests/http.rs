@@ -940,6 +940,7 @@ async fn metrics_parse_with_unique_prefixed_names() {
         "hyserve_prefix_cache_hits_tokens_total",
         "hyserve_preemptions_total",
         "hyserve_steps_total",
+        "hyserve_steps_failed_total",
         "hyserve_steps_warming_total",
         "hyserve_spec_steps_total",
         "hyserve_scheduler_seconds_total",

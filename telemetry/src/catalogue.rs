@@ -253,6 +253,13 @@ pub const STEPS_TOTAL: MetricDef = def(
     Coordinator,
 )
 .counter();
+pub const STEPS_FAILED_TOTAL: MetricDef = def(
+    "hyserve_steps_failed_total",
+    "Engine steps that failed (a worker died, erred or timed out); their sequences were requeued.",
+    &[],
+    Coordinator,
+)
+.counter();
 pub const STEPS_WARMING_TOTAL: MetricDef = def(
     "hyserve_steps_warming_total",
     "Engine steps that ran a batch shape still being recorded as a CUDA graph.",
@@ -458,6 +465,7 @@ pub const ALL: &[MetricDef] = &[
     PREFIX_CACHE_QUERIES_TOKENS_TOTAL,
     PREFIX_CACHE_HITS_TOKENS_TOTAL,
     STEPS_TOTAL,
+    STEPS_FAILED_TOTAL,
     STEPS_WARMING_TOTAL,
     SCHEDULER_SECONDS_TOTAL,
     MODEL_SECONDS_TOTAL,

@@ -303,6 +303,17 @@ fn overview() -> Value {
                 q(format!("sum({})", c::WORKERS_EXPECTED.name), "expected"),
             ],
         ),
+        l.panel(
+            "timeseries",
+            "Failed steps (their sequences recomputed)",
+            "ops",
+            8,
+            8,
+            vec![q(
+                format!("sum({})", rate(&c::STEPS_FAILED_TOTAL)),
+                "failed",
+            )],
+        ),
     ];
     dashboard(
         "hyserve-overview",
