@@ -27,11 +27,11 @@ const PROMPT: usize = 48;
 const MAX_TOKENS: usize = 128;
 
 /// A worker that answers each step on its own thread, in order.
-struct Instant0 {
+struct AtOnce {
     tx: mpsc::Sender<(Step, Reply, Instant)>,
 }
 
-impl Instant0 {
+impl AtOnce {
     fn spawn() -> Self {
         let (tx, rx) = mpsc::channel::<(Step, Reply, Instant)>();
         std::thread::Builder::new()
@@ -72,7 +72,7 @@ impl Instant0 {
     }
 }
 
-impl WorkerLink for Instant0 {
+impl WorkerLink for AtOnce {
     fn submit(&self, step: Step, reply: Reply) -> Result<(), String> {
         self.tx
             .send((step, reply, Instant::now()))
@@ -182,7 +182,7 @@ async fn main() {
     println!("| batch | steps | step ms | scheduler | answering thread | messaging | tok/s |");
     println!("|---|---|---|---|---|---|---|");
     for batch in batches {
-        let factory: ExecutorFactory = Arc::new(|_| Ok(Box::new(Instant0::spawn()) as _));
+        let factory: ExecutorFactory = Arc::new(|_| Ok(Box::new(AtOnce::spawn()) as _));
         let engine = EngineHandle::start(config(batch), factory)
             .await
             .expect("starting the engine");
