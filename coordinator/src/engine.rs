@@ -240,6 +240,14 @@ impl Drop for Answer {
     }
 }
 
+/// The scheduler actor is stopping or stopped: its helper tasks end.
+fn stopping(me: &ActorRef<SchedulerMsg>) -> bool {
+    matches!(
+        me.get_status(),
+        ActorStatus::Stopping | ActorStatus::Stopped
+    )
+}
+
 /// Fails the step in flight once it has waited four step timeouts for its answers
 /// (checked every half timeout, at most every 10 ms); ends with the scheduler actor.
 async fn watchdog(me: ActorRef<SchedulerMsg>, shared: Arc<Shared>) {
@@ -247,10 +255,7 @@ async fn watchdog(me: ActorRef<SchedulerMsg>, shared: Arc<Shared>) {
     let every = (shared.step_timeout / 2).max(Duration::from_millis(10));
     loop {
         tokio::time::sleep(every).await;
-        if matches!(
-            me.get_status(),
-            ActorStatus::Stopping | ActorStatus::Stopped
-        ) {
+        if stopping(&me) {
             return;
         }
         let step = shared
@@ -326,6 +331,22 @@ struct SchedulerState {
     retry_pending: bool,
 }
 
+impl SchedulerState {
+    /// Worker `w`'s link is dead: it is down, and its actor fails so that the
+    /// supervisor restarts it.
+    fn fail_worker(&mut self, w: usize, why: String) {
+        self.down[w] = true;
+        self.publish_alive();
+        let _ = self.workers[w].cast(WorkerMsg::Failed(why));
+    }
+
+    /// `workers_alive` (health, `/metrics`) is the workers not down.
+    fn publish_alive(&self) {
+        let alive = self.down.iter().filter(|&&d| !d).count();
+        self.shared.workers_alive.store(alive, Ordering::Release);
+    }
+}
+
 /// How long to wait before planning again after `failed` steps failed in a row: none
 /// after one (a lone failure is retried at once), then 10 ms doubling up to 1 s.
 fn retry_delay(failed: u32) -> Duration {
@@ -356,12 +377,12 @@ impl SchedulerActor {
         if st.retry_pending {
             return;
         }
-        for (w, link) in st.links.iter().enumerate() {
-            if !st.down[w] && !link.is_alive() {
-                // The supervisor restarts the worker.
-                st.down[w] = true;
-                let _ = st.workers[w].cast(WorkerMsg::Failed("executor thread died".into()));
-            }
+        // An empty list does not allocate: this costs a step nothing while all is well.
+        let dead: Vec<usize> = (0..st.links.len())
+            .filter(|&w| !st.down[w] && !st.links[w].is_alive())
+            .collect();
+        for w in dead {
+            st.fail_worker(w, "executor thread died".into());
         }
         if st.down.iter().any(|&d| d) {
             // Steps resume when the worker is back (`WorkerRestarted`).
@@ -430,10 +451,9 @@ impl SchedulerActor {
                 given: false,
             };
             if let Err(why) = st.links[w].submit(step, Box::new(move |r| answer.give(r))) {
-                // The supervisor restarts the worker; the step fails (its answer was
-                // dropped with the closure) and its sequences are requeued.
-                st.down[w] = true;
-                let _ = st.workers[w].cast(WorkerMsg::Failed(why));
+                // The step fails (its answer was dropped with the closure) and its
+                // sequences are requeued.
+                st.fail_worker(w, why);
             }
         }
     }
@@ -565,6 +585,7 @@ impl Actor for SchedulerActor {
             } => {
                 st.in_flight = false;
                 let t0 = Instant::now();
+                let failed = outputs.is_err();
                 // The step lasted as long as its slowest worker.
                 let worker = outputs.as_ref().ok().and_then(|o| {
                     o.iter()
@@ -607,7 +628,7 @@ impl Actor for SchedulerActor {
                     }
                 }
                 if let Ok(mut s) = st.shared.stats.lock() {
-                    s.steps_failed_total += u64::from(st.failed_in_a_row > 0);
+                    s.steps_failed_total += u64::from(failed);
                     s.model_seconds_total += model_seconds;
                     if let Some(w) = worker {
                         s.worker_seconds_total += w.worker_seconds;
@@ -623,7 +644,7 @@ impl Actor for SchedulerActor {
                 st.workers[i] = w;
                 st.links[i] = link;
                 st.down[i] = false;
-                st.shared.workers_alive.fetch_add(1, Ordering::AcqRel);
+                st.publish_alive();
             }
             SchedulerMsg::Retry => st.retry_pending = false,
             SchedulerMsg::Pause(done) => {
@@ -666,7 +687,7 @@ impl Actor for SchedulerActor {
             };
             tracing::error!(worker = i, error = %err, "worker failed; restarting it");
             st.down[i] = true;
-            st.shared.workers_alive.fetch_sub(1, Ordering::AcqRel);
+            st.publish_alive();
             tokio::spawn(restart_worker(myself.clone(), st.factory.clone(), i));
         }
         Ok(())
@@ -695,10 +716,7 @@ async fn restart_worker(me: ActorRef<SchedulerMsg>, factory: ExecutorFactory, i:
             Ok(Err(e)) => e.to_string(),
             Err(e) => format!("panicked: {e}"),
         };
-        if matches!(
-            me.get_status(),
-            ActorStatus::Stopping | ActorStatus::Stopped
-        ) {
+        if stopping(&me) {
             return;
         }
         tracing::error!(worker = i, error = %why, retry_in_ms = wait.as_millis() as u64, "restarting worker failed");

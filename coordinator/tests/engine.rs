@@ -239,6 +239,18 @@ struct Faulty {
     held: Mutex<Vec<Reply>>,
 }
 
+impl Faulty {
+    fn new(inner: ExecutorHandle, die: bool) -> Self {
+        Self {
+            inner,
+            die,
+            seen: AtomicBool::new(false),
+            dead: AtomicBool::new(false),
+            held: Mutex::new(Vec::new()),
+        }
+    }
+}
+
 impl WorkerLink for Faulty {
     fn submit(&self, step: Step, reply: Reply) -> Result<(), String> {
         if self.dead.load(Ordering::Acquire) {
@@ -275,13 +287,7 @@ async fn a_dead_or_silent_worker_loses_no_request() {
         let factory: ExecutorFactory = Arc::new(move |_| {
             let inner = spawn_executor("worker", &ck, &cfg, 64)?;
             Ok(if n.fetch_add(1, Ordering::AcqRel) == 0 {
-                Box::new(Faulty {
-                    inner,
-                    die,
-                    seen: AtomicBool::new(false),
-                    dead: AtomicBool::new(false),
-                    held: Mutex::new(Vec::new()),
-                }) as _
+                Box::new(Faulty::new(inner, die)) as _
             } else {
                 Box::new(inner) as _
             })
@@ -344,13 +350,7 @@ async fn steps_wait_for_a_dead_worker_to_be_rebuilt() {
         }
         let inner = spawn_executor("worker", &ck, &cfg, 64)?;
         Ok(if k == 0 {
-            Box::new(Faulty {
-                inner,
-                die: true,
-                seen: AtomicBool::new(false),
-                dead: AtomicBool::new(false),
-                held: Mutex::new(Vec::new()),
-            }) as _
+            Box::new(Faulty::new(inner, true)) as _
         } else {
             Box::new(inner) as _
         })
