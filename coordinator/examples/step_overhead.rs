@@ -5,11 +5,13 @@
 //!
 //! ```sh
 //! cargo run --release -p hyserve-coordinator --example step_overhead -- 1,8,32
+//! cargo run --release -p hyserve-coordinator --example step_overhead -- 1,8,32 16 0.7
 //! ```
 //!
 //! Prints, per batch size, the step's wall time and its parts (ms): the scheduler's own
 //! time (planning, sampling, delivering tokens), the answering thread's, and the rest
-//! (messaging). Greedy, no speculation, 128 tokens per request, prompts of 48 tokens.
+//! (messaging). Arguments: batch sizes, rounds (16), temperature (0: greedy). No
+//! speculation, 128 tokens per request, prompts of 48 tokens.
 
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -110,7 +112,7 @@ fn config(batch: usize) -> EngineConfig {
 }
 
 /// Keeps `batch` requests in flight until `n` are done.
-async fn run(engine: &EngineHandle, batch: usize, n: usize, salt: u32) {
+async fn run(engine: &EngineHandle, batch: usize, n: usize, salt: u32, temperature: f32) {
     let mut tasks = tokio::task::JoinSet::new();
     let mut started = 0;
     let submit = |i: usize| {
@@ -121,7 +123,15 @@ async fn run(engine: &EngineHandle, batch: usize, n: usize, salt: u32) {
             .submit(GenerateRequest {
                 request_id: format!("r{i}"),
                 prompt,
-                sampling: SamplingParams::greedy(),
+                sampling: if temperature > 0.0 {
+                    SamplingParams {
+                        temperature,
+                        seed: Some(i as u64),
+                        ..SamplingParams::default()
+                    }
+                } else {
+                    SamplingParams::greedy()
+                },
                 max_tokens: MAX_TOKENS,
                 stop_token_ids: vec![],
                 logprobs: None,
@@ -179,6 +189,10 @@ async fn main() {
         .nth(2)
         .map(|r| r.parse().expect("rounds: a number"))
         .unwrap_or(16);
+    let temperature: f32 = std::env::args()
+        .nth(3)
+        .map(|t| t.parse().expect("temperature: a number"))
+        .unwrap_or(0.0);
     println!("| batch | steps | step ms | scheduler | answering thread | messaging | tok/s |");
     println!("|---|---|---|---|---|---|---|");
     for batch in batches {
@@ -187,11 +201,11 @@ async fn main() {
             .await
             .expect("starting the engine");
         // One unmeasured round first (allocations, the runtime's threads).
-        run(&engine, batch, batch, 0).await;
+        run(&engine, batch, batch, 0, temperature).await;
         let before = engine.stats();
         let t0 = Instant::now();
         let n = batch * rounds;
-        run(&engine, batch, n, 1).await;
+        run(&engine, batch, n, 1, temperature).await;
         let secs = t0.elapsed().as_secs_f64();
         let (steps, [step, sched, worker, model]) = per_step(&engine.stats(), &before);
         eprintln!("batch {batch}: {n} requests in {secs:.2} s");

@@ -214,6 +214,9 @@ pub struct EngineStats {
     /// Steps that failed (a worker died, erred or timed out); their sequences were
     /// requeued and recomputed.
     pub steps_failed_total: u64,
+    /// Requests failed because every step they were in failed, too many in a row (a
+    /// request that breaks the steps it is in is not retried forever).
+    pub requests_given_up_total: u64,
     /// Steps that ran a shape the backend was still recording (CUDA graphs): a steady
     /// rise means recordings are being replaced faster than they are reused.
     pub steps_warming_total: u64,

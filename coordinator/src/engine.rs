@@ -329,6 +329,9 @@ struct SchedulerState {
     failed_in_a_row: u32,
     /// A retry is scheduled (`SchedulerMsg::Retry`).
     retry_pending: bool,
+    /// The sequences that were in every one of the `failed_in_a_row` failed steps
+    /// (sorted): the suspects of a fault that follows a request.
+    suspects: Vec<SeqId>,
 }
 
 impl SchedulerState {
@@ -346,6 +349,12 @@ impl SchedulerState {
         self.shared.workers_alive.store(alive, Ordering::Release);
     }
 }
+
+/// Steps that may fail in a row with the same sequences in all of them before those
+/// sequences' requests are failed: a request that breaks every step it is in (a "query
+/// of death") would otherwise be retried forever, its batch with it. Below the limit
+/// a fault is taken for a passing one (a worker that died and came back).
+const MAX_FAILED_STEPS: u32 = 8;
 
 /// How long to wait before planning again after `failed` steps failed in a row: none
 /// after one (a lone failure is retried at once), then 10 ms doubling up to 1 s.
@@ -458,6 +467,35 @@ impl SchedulerActor {
         }
     }
 
+    /// The suspects' requests fail with an internal error, after [`MAX_FAILED_STEPS`]
+    /// steps in a row failed with them all in it; the other sequences start afresh.
+    fn give_up(&self, st: &mut SchedulerState, error: &str) {
+        let suspects = std::mem::take(&mut st.suspects);
+        let message = format!(
+            "every step this request was in failed, {} in a row; the last error: {error}",
+            st.failed_in_a_row
+        );
+        tracing::error!(
+            requests = suspects.len(),
+            failed_in_a_row = st.failed_in_a_row,
+            error,
+            "giving up on the requests that were in every failed step"
+        );
+        st.failed_in_a_row = 0;
+        for &id in &suspects {
+            st.scheduler.cancel(id);
+        }
+        if let Ok(mut s) = st.shared.stats.lock() {
+            s.requests_given_up_total += suspects.len() as u64;
+        }
+        let failed = ServeError::Internal { message };
+        let events = suspects
+            .into_iter()
+            .map(|id| (id, TokenEvent::Failed(failed.clone())))
+            .collect();
+        self.deliver(st, events);
+    }
+
     fn add_scheduler_time(&self, st: &SchedulerState, t0: Instant) {
         if let Ok(mut s) = st.shared.stats.lock() {
             s.scheduler_seconds_total += t0.elapsed().as_secs_f64();
@@ -496,6 +534,7 @@ impl SchedulerActor {
                 worker_queued_seconds_total: timing.worker_queued_seconds_total,
                 step_seconds_total: timing.step_seconds_total,
                 steps_failed_total: timing.steps_failed_total,
+                requests_given_up_total: timing.requests_given_up_total,
                 ..s
             };
         }
@@ -544,6 +583,7 @@ impl Actor for SchedulerActor {
             pause_waiters: Vec::new(),
             failed_in_a_row: 0,
             retry_pending: false,
+            suspects: Vec::new(),
         })
     }
 
@@ -609,6 +649,21 @@ impl Actor for SchedulerActor {
                         // Nothing is lost: the step's sequences go back to the queue with
                         // their tokens so far and are recomputed on the next step.
                         st.failed_in_a_row += 1;
+                        let mut ids: Vec<SeqId> = plan
+                            .steps
+                            .iter()
+                            .flat_map(|(_, step)| step.seqs.iter().map(|s| s.seq_id))
+                            .collect();
+                        ids.sort_unstable();
+                        if st.failed_in_a_row == 1 {
+                            st.suspects = ids;
+                        } else {
+                            st.suspects.retain(|id| ids.binary_search(id).is_ok());
+                        }
+                        st.scheduler.abort_step(plan);
+                        if st.failed_in_a_row >= MAX_FAILED_STEPS && !st.suspects.is_empty() {
+                            self.give_up(st, &e.to_string());
+                        }
                         let delay = retry_delay(st.failed_in_a_row);
                         tracing::error!(
                             error = %e,
@@ -616,7 +671,6 @@ impl Actor for SchedulerActor {
                             retry_in_ms = delay.as_millis() as u64,
                             "step failed; its sequences are requeued"
                         );
-                        st.scheduler.abort_step(plan);
                         if !delay.is_zero() {
                             st.retry_pending = true;
                             let me = myself.clone();

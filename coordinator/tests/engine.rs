@@ -401,6 +401,69 @@ async fn steps_failing_in_a_row_are_retried_after_growing_pauses() {
     engine.stop();
 }
 
+/// A worker link that fails every step holding token [`POISON`] (the worker stays up).
+struct Poisoned(ExecutorHandle);
+
+const POISON: u32 = 666;
+
+impl WorkerLink for Poisoned {
+    fn submit(&self, step: Step, reply: Reply) -> Result<(), String> {
+        if step.seqs.iter().any(|s| s.tokens.contains(&POISON)) {
+            reply(Err("injected failure of a poisoned step".into()));
+            return Ok(());
+        }
+        self.0.submit(step, reply)
+    }
+
+    fn is_alive(&self) -> bool {
+        true
+    }
+}
+
+/// A request that breaks every step it is in (a "query of death") is failed with an
+/// internal error after 8 failed steps in a row, not retried forever; the engine then
+/// serves the next request as if nothing had happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_breaks_every_step_fails_and_the_engine_goes_on() {
+    let f = fixture();
+    let healthy: Vec<Vec<u32>> = vec![(300..330).collect()];
+    let want = lone_greedy(&f, &healthy, 8);
+    let (ck, cfg) = (f.ck.clone(), f.cfg.clone());
+    let factory: ExecutorFactory =
+        Arc::new(move |_| Ok(Box::new(Poisoned(spawn_executor("worker", &ck, &cfg, 64)?)) as _));
+    let engine = EngineHandle::start(config(&f, 1, 64, false, SpecConfig::off()), factory)
+        .await
+        .unwrap();
+    let mut stream = engine
+        .submit(request(vec![400, 401, POISON, 402], 8))
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(20), stream.recv())
+        .await
+        .expect("the poisoned request got no answer in 20 s");
+    match first {
+        Some(TokenEvent::Failed(e)) => {
+            let text = e.to_string();
+            assert!(text.contains("8 in a row"), "{text}");
+            assert!(text.contains("injected failure"), "{text}");
+            assert_eq!(e.http_status(), 500);
+        }
+        other => panic!("the poisoned request got {other:?}, not an error"),
+    }
+    let s = engine.stats();
+    assert_eq!(
+        (s.steps_failed_total, s.requests_given_up_total),
+        (8, 1),
+        "{s:?}"
+    );
+    assert_eq!((s.running, s.waiting), (0, 0), "{s:?}");
+    let got = tokio::time::timeout(Duration::from_secs(20), generate_all(&engine, &healthy, 8))
+        .await
+        .expect("no answer in 20 s after the poisoned request");
+    assert_eq!(got, want);
+    assert_eq!(engine.stats().steps_failed_total, 8);
+    engine.stop();
+}
+
 /// Three in-process workers of one expert-parallel group (each holding a third of the
 /// experts, expert 0 replicated on all), stepping in lockstep through the engine,
 /// generate exactly what one whole model does.

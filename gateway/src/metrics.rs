@@ -37,6 +37,9 @@ const ENGINE_METRICS: &[EngineMetric] = &[
     (c::PREEMPTIONS_TOTAL, |s| s.preempted_total as f64),
     (c::STEPS_TOTAL, |s| s.steps_total as f64),
     (c::STEPS_FAILED_TOTAL, |s| s.steps_failed_total as f64),
+    (c::REQUESTS_GIVEN_UP_TOTAL, |s| {
+        s.requests_given_up_total as f64
+    }),
     (c::STEPS_WARMING_TOTAL, |s| s.steps_warming_total as f64),
     (c::SPEC_STEPS_TOTAL, |s| s.spec.steps as f64),
     (c::SCHEDULER_SECONDS_TOTAL, |s| s.scheduler_seconds_total),

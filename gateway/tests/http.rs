@@ -941,6 +941,7 @@ async fn metrics_parse_with_unique_prefixed_names() {
         "hyserve_preemptions_total",
         "hyserve_steps_total",
         "hyserve_steps_failed_total",
+        "hyserve_requests_given_up_total",
         "hyserve_steps_warming_total",
         "hyserve_spec_steps_total",
         "hyserve_scheduler_seconds_total",

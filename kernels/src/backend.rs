@@ -195,6 +195,13 @@ pub trait Backend: Send + Sync + 'static {
     fn zeros(&self, rows: usize, cols: usize) -> Self::Act;
     fn upload(&self, rows: usize, cols: usize, data: &[f32]) -> Self::Act;
     fn download(&self, a: &Self::Act) -> Vec<f32>;
+    /// The first rows of `a` in consecutive groups of `groups[i]` rows each, one vector
+    /// per group (how a step's logits come back, a group per sequence). The default
+    /// downloads the whole matrix and copies the groups out of it; a backend with a
+    /// cheaper route to host memory overrides it.
+    fn download_rows(&self, a: &Self::Act, groups: &[usize]) -> Vec<Vec<f32>> {
+        split_rows(&self.download(a), self.shape(a).1, groups)
+    }
     fn shape(&self, a: &Self::Act) -> (usize, usize);
 
     /// `x · Wᵀ` kept in fp32 whatever the precision (a router held in fp32).
@@ -441,4 +448,36 @@ pub fn moe_on_host<B: Backend + ?Sized>(
     }
     b.combine(&mut out, &routed, &weights, k);
     out
+}
+
+/// `flat`, a row-major matrix `cols` wide, cut into consecutive groups of `groups[i]`
+/// rows. Panics if the groups ask for more rows than `flat` holds.
+pub fn split_rows(flat: &[f32], cols: usize, groups: &[usize]) -> Vec<Vec<f32>> {
+    let mut out = Vec::with_capacity(groups.len());
+    let mut at = 0;
+    for &n in groups {
+        out.push(flat[at..at + n * cols].to_vec());
+        at += n * cols;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_rows_cuts_consecutive_groups() {
+        let flat: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        let got = split_rows(&flat, 2, &[1, 0, 3]);
+        assert_eq!(
+            got,
+            vec![vec![0.0, 1.0], vec![], vec![2.0, 3.0, 4.0, 5.0, 6.0, 7.0]]
+        );
+        // The CPU backend's override gives the same groups.
+        let b = crate::cpu::CpuBackend::new(Precision::F32);
+        let a = b.upload(6, 2, &flat);
+        assert_eq!(b.download_rows(&a, &[1, 0, 3]), got);
+        assert_eq!(b.download_rows(&a, &[6]), vec![flat]);
+    }
 }

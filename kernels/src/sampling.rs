@@ -127,6 +127,130 @@ fn argmax_scalar(xs: &[f32]) -> usize {
     best
 }
 
+thread_local! {
+    /// A sampling thread's softmax weights, kept between draws (a row's worth).
+    static WEIGHTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Fills `out` with `e^((x - max) * inv_t)` for each `x` of `xs` (the softmax's
+/// unnormalised weights at temperature `1 / inv_t`; `max` the row's largest value) and
+/// returns their sum, block by block as [`inverse_cdf`] walks them. Weights below `e^-87` are rounded up to it, and a `NaN` logit
+/// gets that least weight. The exponent is rounded to f32 before [`exp_f32`], so a
+/// weight is off by up to `|exponent|` f32 ulps (six for a weight of `e^-6`, a
+/// thousandth of the largest): below what the 24-bit uniform draw of [`Sampler`]
+/// resolves for any token that has a chance.
+///
+/// `exp` in f64 through the C library took ~10 ns a value: 45 µs per sequence and step
+/// for a 4352-entry row, over 1.6 ms of a batch-32 step's scheduler time on the
+/// development VM (`coordinator/examples/step_overhead.rs` at temperature 0.7). This is
+/// [`exp_f32`] in lanes that compilers vectorise (AVX2 and FMA where the CPU has them),
+/// summed per block of [`BLOCK`] in f32 and across blocks in f64.
+pub fn softmax_weights(xs: &[f32], max: f32, inv_t: f32, out: &mut Vec<f32>) -> f64 {
+    out.clear();
+    out.resize(xs.len(), 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { softmax_weights_avx2(xs, max, inv_t, out) };
+    }
+    softmax_weights_lanes(xs, max, inv_t, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn softmax_weights_avx2(xs: &[f32], max: f32, inv_t: f32, out: &mut [f32]) -> f64 {
+    softmax_weights_lanes(xs, max, inv_t, out)
+}
+
+#[inline(always)]
+fn softmax_weights_lanes(xs: &[f32], max: f32, inv_t: f32, out: &mut [f32]) -> f64 {
+    let mut total = 0.0;
+    for (oc, xc) in out.chunks_mut(BLOCK).zip(xs.chunks(BLOCK)) {
+        for (w, &v) in oc.iter_mut().zip(xc) {
+            *w = exp_f32((v - max) * inv_t);
+        }
+        total += block_sum(oc);
+    }
+    total
+}
+
+/// Weights per block of the inverse-CDF walk ([`softmax_weights`], [`inverse_cdf`]).
+pub const BLOCK: usize = 16;
+
+/// A block's weight: its values summed in f32 (one definition, so the total and the
+/// walk agree to the bit); a whole block as a tree of halves, which vectorises (a
+/// chain of 16 dependent adds was the fill's bottleneck), a short last block in order.
+#[inline(always)]
+fn block_sum(ws: &[f32]) -> f64 {
+    let Ok(b) = <&[f32; BLOCK]>::try_from(ws) else {
+        return f64::from(ws.iter().sum::<f32>());
+    };
+    let mut h = [0.0f32; 8];
+    for (i, x) in h.iter_mut().enumerate() {
+        *x = b[i] + b[i + 8];
+    }
+    let q = [h[0] + h[4], h[1] + h[5], h[2] + h[6], h[3] + h[7]];
+    f64::from((q[0] + q[2]) + (q[1] + q[3]))
+}
+
+/// The index where the running sum of `weights` first exceeds `target` (`u` times the
+/// total from [`softmax_weights`], `u` in [0, 1)): whole blocks first, then the values
+/// of the block holding it. Where rounding inside that block leaves the target beyond
+/// its values' sum, its last nonzero value; past the end (a target not below the
+/// total), the last nonzero value of all.
+pub fn inverse_cdf(weights: &[f32], target: f64) -> usize {
+    let mut acc = 0.0;
+    for (k, c) in weights.chunks(BLOCK).enumerate() {
+        let s = block_sum(c);
+        if target < acc + s {
+            let mut a = acc;
+            for (i, &w) in c.iter().enumerate() {
+                a += f64::from(w);
+                if target < a {
+                    return k * BLOCK + i;
+                }
+            }
+            return k * BLOCK + c.iter().rposition(|&w| w > 0.0).unwrap_or(0);
+        }
+        acc += s;
+    }
+    weights.iter().rposition(|&w| w > 0.0).unwrap_or(0)
+}
+
+/// `e^x` for `x <= 0` within 2 f32 ulps, branch-free so that loops of it vectorise;
+/// `x` below -87 (and `NaN`) gives `e^-87`, the smallest a normal f32 holds here.
+///
+/// Range reduction `x = k ln 2 + r`, `|r| <= ln 2 / 2`, with `ln 2` in two parts
+/// (Cody and Waite); `e^r` from its Taylor polynomial to `r^7` (truncation below 1e-8
+/// relative); `2^k` written into the exponent bits.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    // Adding 1.5 * 2^23 rounds to an integer held in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // `max` first: a NaN becomes -87 (`clamp` would keep the NaN).
+    #[allow(clippy::manual_clamp)]
+    let x = x.max(-87.0).min(0.0);
+    let j = x * std::f32::consts::LOG2_E + ROUND;
+    let k = j - ROUND;
+    let r = x - k * LN2_HI - k * LN2_LO;
+    let mut p = 1.0 / 5040.0;
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = p * r + c;
+    }
+    let k_int = j.to_bits() as i32 - ROUND.to_bits() as i32;
+    p * f32::from_bits(((k_int + 127) as u32) << 23)
+}
+
 /// `log_softmax` of `logits` in f64 accumulation.
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -231,18 +355,12 @@ impl Sampler {
             // No truncation: the inverse CDF in token-id order is as exact a sample as
             // any order, and needs no sort of the vocabulary (129K entries for
             // Hunyuan-Large, per sequence per step).
-            let t = p.temperature.max(1e-6) as f64;
-            let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let q: Vec<f64> = l.iter().map(|&x| ((x as f64 - max) / t).exp()).collect();
-            let total: f64 = q.iter().sum();
-            let mut acc = 0.0;
-            for (id, &qi) in q.iter().enumerate() {
-                acc += qi / total;
-                if u < acc {
-                    return id as u32;
-                }
-            }
-            return q.iter().rposition(|&qi| qi > 0.0).unwrap_or(0) as u32;
+            let inv_t = 1.0 / p.temperature.max(1e-6);
+            let max = l.get(argmax(l)).copied().unwrap_or(0.0);
+            return WEIGHTS.with_borrow_mut(|w| {
+                let total = softmax_weights(l, max, inv_t, w);
+                inverse_cdf(w, u * total) as u32
+            });
         }
         // Truncated: a walk over the candidates in descending probability (ties by id).
         let probs = self.filtered_probs(l);
@@ -352,6 +470,76 @@ mod tests {
             assert_eq!(argmax(&xs), argmax_scalar(&xs), "{xs:?}");
         }
         assert_eq!(checked, 72 * 40);
+    }
+
+    #[test]
+    fn exp_f32_is_within_two_ulps() {
+        let mut worst = 0.0f64;
+        for i in 0..=870_000 {
+            let x = -(i as f32) * 1e-4;
+            let want = f64::from(x).exp();
+            let got = f64::from(exp_f32(x));
+            // One ulp of an f32 near `want`.
+            let ulp = f64::from(f32::EPSILON) * want;
+            worst = worst.max((got - want).abs() / ulp);
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulps");
+        assert_eq!(exp_f32(0.0), 1.0);
+        let floor = f64::from(exp_f32(-87.0));
+        assert!((floor / (-87f64).exp() - 1.0).abs() < 1e-6);
+        for x in [-88.0, -1e9, f32::NEG_INFINITY, f32::NAN] {
+            assert_eq!(exp_f32(x), exp_f32(-87.0), "{x}");
+        }
+    }
+
+    #[test]
+    fn softmax_weights_follow_their_definition() {
+        let mut w = Vec::new();
+        for n in [1, 15, 16, 17, 100, 4352] {
+            let xs: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.3)
+                .collect();
+            let max = xs[argmax(&xs)];
+            let total = softmax_weights(&xs, max, 1.0 / 0.7, &mut w);
+            assert_eq!(w.len(), n);
+            let want: Vec<f64> = xs
+                .iter()
+                .map(|&x| ((f64::from(x) - f64::from(max)) / 0.7).exp())
+                .collect();
+            for (i, (&g, &e)) in w.iter().zip(&want).enumerate() {
+                let floor = (-87f64).exp();
+                // The exponent, rounded to f32 first, is off by up to half an ulp of
+                // its size: a relative error of that in the weight.
+                let arg = (f64::from(xs[i]) - f64::from(max)) / 0.7;
+                let tol = 3e-7 + arg.abs() * f64::from(f32::EPSILON);
+                assert!(
+                    (f64::from(g) - e.max(floor)).abs() <= tol * e.max(floor),
+                    "n {n}, {i}: {g} against {e}"
+                );
+            }
+            let sum: f64 = want.iter().sum();
+            assert!(
+                (total / sum - 1.0).abs() < 1e-6,
+                "n {n}: {total} against {sum}"
+            );
+        }
+        // The walk: each index where the running sum first passes the target.
+        let xs: Vec<f32> = (0..40).map(|i| (i % 7) as f32 * 0.5).collect();
+        let total = softmax_weights(&xs, 3.0, 1.0, &mut w);
+        let mut acc = 0.0;
+        for (i, &wi) in w.iter().enumerate() {
+            // Inside `i`'s stretch of the running sum: a tenth and nine tenths in.
+            for f in [0.1, 0.9] {
+                assert_eq!(inverse_cdf(&w, acc + f * f64::from(wi)), i, "{i} {f}");
+            }
+            acc += f64::from(wi);
+        }
+        assert!((acc - total).abs() < 1e-5 * total);
+        assert_eq!(inverse_cdf(&w, 0.0), 0);
+        assert_eq!(inverse_cdf(&w, total), 39);
+        // A NaN logit gets the least weight, not a NaN sum.
+        let total = softmax_weights(&[0.0, f32::NAN, 0.0], 0.0, 1.0, &mut w);
+        assert!((total - 2.0).abs() < 1e-6, "{total}");
     }
 
     #[test]

@@ -483,7 +483,7 @@ impl<B: Backend> Model<B> {
             let Ok(x) = self.device_forward(b, kv, &batch, Some(&logit_rows), &mut hook);
             x.expect("logits wanted")
         };
-        (self.split_logits(&b.download(&logits), chunks), counted)
+        (self.split_logits(b, &logits, chunks), counted)
     }
 
     /// The shape of an expert-load count: per layer, its routed experts (0 for a dense
@@ -541,21 +541,19 @@ impl<B: Backend> Model<B> {
             Hook::Gather(phase, a) => self.gather_cols(b, l, phase, a, ep),
         })?;
         Ok(match logits {
-            Some(x) => self.split_logits(&b.download(&x), chunks),
+            Some(x) => self.split_logits(b, &x, chunks),
             None => vec![Vec::new(); chunks.len()],
         })
     }
 
-    fn split_logits(&self, flat: &[f32], chunks: &[SeqChunk]) -> Vec<Vec<f32>> {
-        let vocab = self.cfg.vocab_size;
-        let mut out = Vec::with_capacity(chunks.len());
-        let mut row = 0;
-        for c in chunks {
-            let n = if c.all_logits { c.tokens.len() } else { 1 };
-            out.push(flat[row * vocab..(row + n) * vocab].to_vec());
-            row += n;
-        }
-        out
+    /// The logits of `x` per chunk: every token's row for a chunk that wants all of
+    /// them, its last row otherwise.
+    fn split_logits(&self, b: &B, x: &B::Act, chunks: &[SeqChunk]) -> Vec<Vec<f32>> {
+        let groups: Vec<usize> = chunks
+            .iter()
+            .map(|c| if c.all_logits { c.tokens.len() } else { 1 })
+            .collect();
+        b.download_rows(x, &groups)
     }
 
     /// The device part of a forward pass: embeddings to logits of `logit_rows` (all

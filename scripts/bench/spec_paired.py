@@ -53,10 +53,14 @@ def main(path):
     runs = parse(re.sub(r"\x1b\[[0-9;]*m", "", open(path).read()))
     configs = sorted({(w, b) for w, b, _, _ in runs})
     for w, b in configs:
-        reps = sorted({r for (w2, b2, _, r) in runs if (w2, b2) == (w, b)})
         labels = sorted({p for (w2, b2, p, _) in runs if (w2, b2) == (w, b)})
-        if "off" not in labels or "off-again" not in labels:
-            print(f"{w} {b}: needs both off and off-again")
+        # Only whole repetitions: a log cut short ends inside one.
+        reps = sorted(
+            r for r in {r for (w2, b2, _, r) in runs if (w2, b2) == (w, b)}
+            if all((w, b, p, r) in runs for p in labels)
+        )
+        if "off" not in labels or "off-again" not in labels or not reps:
+            print(f"{w} {b}: needs both off and off-again in a whole repetition")
             continue
         plain = {r: math.sqrt(runs[(w, b, "off", r)]["tps"] * runs[(w, b, "off-again", r)]["tps"]) for r in reps}
         aa = [runs[(w, b, "off-again", r)]["tps"] / runs[(w, b, "off", r)]["tps"] for r in reps]

@@ -260,6 +260,13 @@ pub const STEPS_FAILED_TOTAL: MetricDef = def(
     Coordinator,
 )
 .counter();
+pub const REQUESTS_GIVEN_UP_TOTAL: MetricDef = def(
+    "hyserve_requests_given_up_total",
+    "Requests failed with an internal error because every step they were in failed, 8 in a row.",
+    &[],
+    Coordinator,
+)
+.counter();
 pub const STEPS_WARMING_TOTAL: MetricDef = def(
     "hyserve_steps_warming_total",
     "Engine steps that ran a batch shape still being recorded as a CUDA graph.",
@@ -466,6 +473,7 @@ pub const ALL: &[MetricDef] = &[
     PREFIX_CACHE_HITS_TOKENS_TOTAL,
     STEPS_TOTAL,
     STEPS_FAILED_TOTAL,
+    REQUESTS_GIVEN_UP_TOTAL,
     STEPS_WARMING_TOTAL,
     SCHEDULER_SECONDS_TOTAL,
     MODEL_SECONDS_TOTAL,

@@ -305,14 +305,17 @@ fn overview() -> Value {
         ),
         l.panel(
             "timeseries",
-            "Failed steps (their sequences recomputed)",
+            "Failed steps (their sequences recomputed) and requests given up",
             "ops",
             8,
             8,
-            vec![q(
-                format!("sum({})", rate(&c::STEPS_FAILED_TOTAL)),
-                "failed",
-            )],
+            vec![
+                q(format!("sum({})", rate(&c::STEPS_FAILED_TOTAL)), "failed"),
+                q(
+                    format!("sum({})", rate(&c::REQUESTS_GIVEN_UP_TOTAL)),
+                    "given up",
+                ),
+            ],
         ),
     ];
     dashboard(

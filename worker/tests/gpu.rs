@@ -475,6 +475,42 @@ fn argmax_matches_host() {
     }
 }
 
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a GPU: run with --features gpu-tests on a GPU host"
+)]
+fn downloads_in_row_groups_come_back_whole() {
+    let g = gpu();
+    // Small, past the staging buffer's first size (2^16 elements), small again, larger:
+    // the buffer is reused, replaced and reused again.
+    for (rows, cols, groups) in [
+        (6, 96, vec![1, 3, 0, 2]),
+        (40, 4352, vec![5, 1, 30]),
+        (3, 1000, vec![2]),
+        (70, 4352, vec![1; 70]),
+    ] {
+        let data = rand_vec(rows * cols, rows as u64, 4.0);
+        let got = g.download_rows(&g.upload(rows, cols, &data), &groups);
+        let want = hyserve_kernels::backend::split_rows(&data, cols, &groups);
+        assert_eq!(got, want, "bf16 {rows}x{cols} in groups {groups:?}");
+        assert_eq!(g.download(&g.upload(rows, cols, &data)), data);
+    }
+    // fp32 activations (the logits' type) take the same route.
+    let (m, n, k) = (33, 4352, 64);
+    let groups = [4, 0, 1, 28];
+    let (got, want) = both!(|b| {
+        let w = b.load_matrix(&mat(n, k, 3, 0.2));
+        let x = b.upload(m, k, &rand_vec(m * k, 4, 1.0));
+        b.download_rows(&b.matmul_fp32(&x, &w), &groups)
+    });
+    assert_eq!(got.len(), groups.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.len(), groups[i] * n);
+        assert_close(&format!("fp32 group {i}"), g, w, 1e-3);
+    }
+}
+
 /// Greedy generation on one backend: per step logits, and the tokens.
 fn greedy<B: Backend>(
     b: &B,

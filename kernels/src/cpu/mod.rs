@@ -252,6 +252,10 @@ impl Backend for CpuBackend {
         a.data.clone()
     }
 
+    fn download_rows(&self, a: &CpuTensor, groups: &[usize]) -> Vec<Vec<f32>> {
+        crate::backend::split_rows(&a.data, a.cols, groups)
+    }
+
     fn shape(&self, a: &CpuTensor) -> (usize, usize) {
         (a.rows, a.cols)
     }

@@ -31,8 +31,8 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublas::CudaBlas;
 use cudarc::cublas::sys as blas;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PinnedHostSlice, PushKernelArg, ValidAsZeroBits,
 };
 
 use crate::backend::{AttnSeq, Backend, KvSpec, MlpRef, Precision, RecordKey, Routing, ScoreScale};
@@ -432,7 +432,22 @@ pub struct CudaBackend {
     expert_load_ptr: u64,
     counted_tokens: Mutex<(CudaSlice<i32>, Option<usize>)>,
     counted_tokens_ptr: u64,
+    /// Page-locked host buffers that downloads (a step's logits) come back through.
+    staging: Mutex<Staging>,
 }
+
+/// Page-locked host memory that device-to-host copies land in, kept between steps and
+/// grown as needed. A copy into pageable memory goes through a driver bounce buffer at
+/// a fraction of the link's speed, and a fresh `Vec` of a step's logits (hundreds of
+/// KiB) faults its pages in on every step.
+#[derive(Default)]
+struct Staging {
+    f32: Option<PinnedHostSlice<f32>>,
+    bf16: Option<PinnedHostSlice<u16>>,
+}
+
+/// Fewest elements a staging buffer is allocated with (256 KiB of fp32).
+const STAGING_MIN: usize = 1 << 16;
 
 /// Experts per layer the routing supports (and the expert-load counters' stride).
 const MAX_EXPERTS: usize = 256;
@@ -547,6 +562,7 @@ impl CudaBackend {
                 expert_load_ptr,
                 counted_tokens: Mutex::new((counted_tokens, None)),
                 counted_tokens_ptr,
+                staging: Mutex::new(Staging::default()),
             },
             info,
         ))
@@ -554,6 +570,38 @@ impl CudaBackend {
 
     pub fn arch(&self) -> &str {
         &self.arch
+    }
+
+    /// The first `n` elements of `src` copied into the page-locked buffer `slot`
+    /// (allocated, or replaced by a larger one, when it is too small), once the copy
+    /// has finished.
+    fn stage<'a, T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        slot: &'a mut Option<PinnedHostSlice<T>>,
+        src: &CudaSlice<T>,
+        n: usize,
+    ) -> &'a [T] {
+        if slot.as_ref().is_none_or(|p| p.len() < n) {
+            // The old buffer is freed before its successor is taken.
+            *slot = None;
+            let len = n.next_power_of_two().max(STAGING_MIN);
+            // Plain page-locked memory: write-combined memory (cudarc's default) is
+            // slow for the host to read, and the host reads every element.
+            // SAFETY: the buffer starts uninitialised; only the `n` elements the copy
+            // below writes are read back.
+            let buf = unsafe { self.ctx.alloc_pinned_with_flags::<T>(len, 0) };
+            *slot = Some(buf.expect("page-locked host allocation"));
+        }
+        let buf = slot.as_mut().expect("staging buffer allocated above");
+        // Exactly `n` elements: the driver copies the destination's length.
+        let host = &mut buf.as_mut_slice().expect("staging buffer")[..n];
+        self.stream
+            .memcpy_dtoh(&src.slice(..n), host)
+            .expect("device to host copy");
+        // The copy into page-locked memory is asynchronous, and a plain slice records
+        // nothing on the stream: wait for it.
+        self.stream.synchronize().expect("device to host copy");
+        host
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
@@ -1213,19 +1261,37 @@ impl Backend for CudaBackend {
     }
 
     fn download(&self, a: &CudaAct) -> Vec<f32> {
-        let n = a.rows * a.cols;
+        self.download_rows(a, &[a.rows]).pop().unwrap_or_default()
+    }
+
+    fn download_rows(&self, a: &CudaAct, groups: &[usize]) -> Vec<Vec<f32>> {
+        let rows: usize = groups.iter().sum();
+        assert!(
+            rows <= a.rows,
+            "{rows} rows asked of a {}-row matrix",
+            a.rows
+        );
+        let n = rows * a.cols;
+        if n == 0 {
+            return vec![Vec::new(); groups.len()];
+        }
+        let mut staging = self.staging.lock().expect("staging lock");
         match &a.buf {
-            ActBuf::Bf16(s) => {
-                let bits = self.stream.clone_dtoh(s).expect("device to host copy");
-                bits[..n]
-                    .iter()
-                    .map(|&b| numeric::bf16_bits_to_f32(b))
-                    .collect()
-            }
             ActBuf::F32(s) => {
-                let mut v = self.stream.clone_dtoh(s).expect("device to host copy");
-                v.truncate(n);
-                v
+                let host = self.stage(&mut staging.f32, s, n);
+                crate::backend::split_rows(host, a.cols, groups)
+            }
+            ActBuf::Bf16(s) => {
+                let host = self.stage(&mut staging.bf16, s, n);
+                let mut at = 0;
+                groups
+                    .iter()
+                    .map(|&g| {
+                        let part = &host[at..at + g * a.cols];
+                        at += g * a.cols;
+                        part.iter().map(|&b| numeric::bf16_bits_to_f32(b)).collect()
+                    })
+                    .collect()
             }
         }
     }
