@@ -647,7 +647,9 @@ impl Actor for SchedulerActor {
                     }
                     Err(e) => {
                         // Nothing is lost: the step's sequences go back to the queue with
-                        // their tokens so far and are recomputed on the next step.
+                        // their tokens so far and are recomputed on the next step; only
+                        // those in every one of MAX_FAILED_STEPS failures in a row are
+                        // given up on.
                         st.failed_in_a_row += 1;
                         let mut ids: Vec<SeqId> = plan
                             .steps
