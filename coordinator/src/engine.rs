@@ -663,13 +663,15 @@ impl Actor for SchedulerActor {
                             st.suspects.retain(|id| ids.binary_search(id).is_ok());
                         }
                         st.scheduler.abort_step(plan);
-                        if st.failed_in_a_row >= MAX_FAILED_STEPS && !st.suspects.is_empty() {
+                        let failed_in_a_row = st.failed_in_a_row;
+                        if failed_in_a_row >= MAX_FAILED_STEPS && !st.suspects.is_empty() {
                             self.give_up(st, &e.to_string());
                         }
+                        // After a give-up the count starts again: no pause.
                         let delay = retry_delay(st.failed_in_a_row);
                         tracing::error!(
                             error = %e,
-                            failed_in_a_row = st.failed_in_a_row,
+                            failed_in_a_row,
                             retry_in_ms = delay.as_millis() as u64,
                             "step failed; its sequences are requeued"
                         );

@@ -449,7 +449,14 @@ async fn a_request_that_breaks_every_step_fails_and_the_engine_goes_on() {
         }
         other => panic!("the poisoned request got {other:?}, not an error"),
     }
-    let s = engine.stats();
+    // The error reaches the client before the failed step's own bookkeeping is
+    // published: wait for the stats to settle (at most 2 s), then check them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut s = engine.stats();
+    while (s.steps_failed_total, s.waiting) != (8, 0) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        s = engine.stats();
+    }
     assert_eq!(
         (s.steps_failed_total, s.requests_given_up_total),
         (8, 1),

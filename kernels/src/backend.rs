@@ -453,13 +453,25 @@ pub fn moe_on_host<B: Backend + ?Sized>(
 /// `flat`, a row-major matrix `cols` wide, cut into consecutive groups of `groups[i]`
 /// rows. Panics if the groups ask for more rows than `flat` holds.
 pub fn split_rows(flat: &[f32], cols: usize, groups: &[usize]) -> Vec<Vec<f32>> {
-    let mut out = Vec::with_capacity(groups.len());
+    split_rows_as(flat, cols, groups, |x| x)
+}
+
+/// [`split_rows`] of a matrix stored as `T`, each value widened by `f32_of`.
+pub fn split_rows_as<T: Copy>(
+    flat: &[T],
+    cols: usize,
+    groups: &[usize],
+    f32_of: impl Fn(T) -> f32,
+) -> Vec<Vec<f32>> {
     let mut at = 0;
-    for &n in groups {
-        out.push(flat[at..at + n * cols].to_vec());
-        at += n * cols;
-    }
-    out
+    groups
+        .iter()
+        .map(|&n| {
+            let part = &flat[at..at + n * cols];
+            at += n * cols;
+            part.iter().map(|&x| f32_of(x)).collect()
+        })
+        .collect()
 }
 
 #[cfg(test)]

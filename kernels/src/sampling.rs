@@ -134,11 +134,11 @@ thread_local! {
 
 /// Fills `out` with `e^((x - max) * inv_t)` for each `x` of `xs` (the softmax's
 /// unnormalised weights at temperature `1 / inv_t`; `max` the row's largest value) and
-/// returns their sum, block by block as [`inverse_cdf`] walks them. Weights below `e^-87` are rounded up to it, and a `NaN` logit
-/// gets that least weight. The exponent is rounded to f32 before [`exp_f32`], so a
-/// weight is off by up to `|exponent|` f32 ulps (six for a weight of `e^-6`, a
-/// thousandth of the largest): below what the 24-bit uniform draw of [`Sampler`]
-/// resolves for any token that has a chance.
+/// returns their sum, block by block as [`inverse_cdf`] walks them. Weights below
+/// `e^-87` are rounded up to it, and a `NaN` logit gets that least weight. The exponent
+/// is rounded to f32 before [`exp_f32`], so a weight is off by up to `|exponent|` f32
+/// ulps (seven for a weight of `e^-7`, a thousandth of the largest): below what the
+/// 24-bit uniform draw of [`Sampler`] resolves for any token that has a chance.
 ///
 /// `exp` in f64 through the C library took ~10 ns a value: 45 µs per sequence and step
 /// for a 4352-entry row, over 1.6 ms of a batch-32 step's scheduler time on the
@@ -178,8 +178,8 @@ fn softmax_weights_lanes(xs: &[f32], max: f32, inv_t: f32, out: &mut [f32]) -> f
 pub const BLOCK: usize = 16;
 
 /// A block's weight: its values summed in f32 (one definition, so the total and the
-/// walk agree to the bit); a whole block as a tree of halves, which vectorises (a
-/// chain of 16 dependent adds was the fill's bottleneck), a short last block in order.
+/// walk agree to the bit); a whole block as a tree of halves, which vectorises where a
+/// chain of 16 dependent adds does not, a short last block in order.
 #[inline(always)]
 fn block_sum(ws: &[f32]) -> f64 {
     let Ok(b) = <&[f32; BLOCK]>::try_from(ws) else {

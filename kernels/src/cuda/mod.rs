@@ -1283,15 +1283,7 @@ impl Backend for CudaBackend {
             }
             ActBuf::Bf16(s) => {
                 let host = self.stage(&mut staging.bf16, s, n);
-                let mut at = 0;
-                groups
-                    .iter()
-                    .map(|&g| {
-                        let part = &host[at..at + g * a.cols];
-                        at += g * a.cols;
-                        part.iter().map(|&b| numeric::bf16_bits_to_f32(b)).collect()
-                    })
-                    .collect()
+                crate::backend::split_rows_as(host, a.cols, groups, numeric::bf16_bits_to_f32)
             }
         }
     }
