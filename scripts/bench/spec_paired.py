@@ -5,7 +5,8 @@ For each workload and batch size: the median over repetitions of each proposer's
 per second over the geometric mean of the same repetition's `off` and `off-again` runs
 (the ratio `bench-spec` itself reports from 2026-12-05 on), the A/A median (`off-again`
 over `off`), and the draft engine's speculative steps, probes, warm-ups and verdict
-changes summed over the repetitions. Where the log has each repetition's time per step
+changes summed over the repetitions; where the run had `--own-plain`, each speculating
+engine's ratio to its own opted-out run of the repetition too ("own"). Where the log has each repetition's time per step
 (builds from the night of 2026-12-05 on), a second line per proposer: the median over repetitions of
 its step's parts (scheduler, worker, of it the forward pass, the rest: messaging) minus
 the plain runs' (their mean in the same repetition), in microseconds. Works on logs of
@@ -21,7 +22,7 @@ from statistics import median
 HEAD = re.compile(r"bench-spec: (\w+) batch (\d+), ([\w-]+) .*repetition (\d+)/")
 LINE = re.compile(
     r"\s+([\d.]+) tok/s: (\d+) steps, (\d+) speculative .*?(\d+) where the guard probed"
-    r".*?(\d+) warming up(?:; the guard's verdict changed (\d+) times)?"
+    r".*?(\d+) warming up(?:; the guard's verdict changed (\d+) times(?:, (\d+) of them vetoes)?)?"
     r"(?:; per step ([\d.]+) ms: ([\d.]+) scheduler, ([\d.]+) worker \(([\d.]+) forward\), (-?[\d.]+) the rest)?"
 )
 PARTS = ("step", "scheduler", "worker", "forward", "rest")
@@ -43,7 +44,8 @@ def parse(text):
                 "probes": int(m[4]),
                 "warming": int(m[5]),
                 "changes": int(m[6] or 0),
-                "ms": [float(x) for x in m.groups()[6:11]] if m[7] else None,
+                "vetoes": int(m[7] or 0),
+                "ms": [float(x) for x in m.groups()[7:12]] if m[8] else None,
             }
             head = None
     return runs
@@ -70,10 +72,16 @@ def main(path):
                 continue
             ratios = [runs[(w, b, p, r)]["tps"] / plain[r] for r in reps]
             total = lambda k: sum(runs[(w, b, p, r)][k] for r in reps)
+            # With `--own-plain`: over the same engine's opted-out run of the repetition.
+            twin = f"{p}-opted-out"
+            own = ""
+            if twin in labels:
+                o = [runs[(w, b, p, r)]["tps"] / runs[(w, b, twin, r)]["tps"] for r in reps]
+                own = f"; own {median(o):.2f} ({min(o):.2f}-{max(o):.2f})"
             parts.append(
-                f"{p} {median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}; "
+                f"{p} {median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}{own}; "
                 f"speculative {total('spec')}/{total('steps')}, probes {total('probes')}, "
-                f"warm-ups {total('warming')}, verdict changes {total('changes')})"
+                f"warm-ups {total('warming')}, verdict changes {total('changes')}, vetoes {total('vetoes')})"
             )
         print(f"{w} {b}: " + "; ".join(parts))
         for p in labels:

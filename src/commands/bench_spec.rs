@@ -80,6 +80,13 @@ pub struct Args {
     spec_uniform: String,
     #[arg(long, default_value_t = 256)]
     kv_cache_mib: usize,
+    /// Each speculating engine also serves every measurement once more with requests
+    /// that opt out of speculation (reported as `<proposer>-opted-out`), next to its
+    /// speculating run in the same repetition: the ratio to that run is speculation's
+    /// own, with whatever tells engine instances apart (thread placement, memory)
+    /// left out.
+    #[arg(long)]
+    own_plain: bool,
     #[arg(long)]
     json_out: Option<PathBuf>,
 }
@@ -103,6 +110,12 @@ struct Row {
     /// The lowest and highest of those ratios.
     speedup_min: f64,
     speedup_max: f64,
+    /// With `--own-plain`, for a speculating engine: the median of the repetitions'
+    /// tokens per second over the same engine's opted-out run in the same repetition,
+    /// and the lowest and highest of those ratios.
+    speedup_own: Option<f64>,
+    speedup_own_min: Option<f64>,
+    speedup_own_max: Option<f64>,
     /// Mean over requests (of every repetition) of (last token time - first token
     /// time) / (tokens - 1).
     itl_ms_mean: f64,
@@ -146,6 +159,32 @@ struct Report {
     rows: Vec<Row>,
 }
 
+/// What one column of measurements runs: an engine, with its requests speculating
+/// (as the engine is configured) or opted out.
+struct Arm {
+    /// Index into the engines.
+    engine: usize,
+    label: String,
+    speculate: bool,
+    /// The arm measuring the same engine opted out, for a speculating arm that has one.
+    opted_out: Option<usize>,
+}
+
+/// The arms in the order repetition `rep` measures them: an engine's speculating and
+/// opted-out arms one after the other, which first taking turns, so that a drift of
+/// the machine within a repetition favours neither.
+fn measuring_order(arms: &[Arm], rep: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..arms.len()).collect();
+    if rep % 2 == 1 {
+        for (i, arm) in arms.iter().enumerate() {
+            if let Some(j) = arm.opted_out {
+                order.swap(i, j);
+            }
+        }
+    }
+    order
+}
+
 /// One timed run of `n` requests on one engine.
 #[derive(Clone)]
 struct Measured {
@@ -174,6 +213,7 @@ fn median_tps(runs: &[Measured]) -> f64 {
 
 /// One table row from a configuration's repeated runs: the median run's speed, latency
 /// and acceptance over all of them, and how many outputs equal plain decoding's.
+#[allow(clippy::too_many_arguments)]
 fn summarize(
     workload: &str,
     batch: usize,
@@ -181,16 +221,28 @@ fn summarize(
     runs: &[Measured],
     plain: Option<&[Measured]>,
     reference: &[f64],
+    opted_out: Option<&[Measured]>,
     plain_out: Option<&[Vec<u32>]>,
 ) -> Row {
     let tps = median_tps(runs);
     let plain_tps = plain.map(median_tps);
-    let mut paired: Vec<f64> = runs
-        .iter()
-        .zip(reference)
-        .map(|(m, r)| m.tokens_per_second() / r)
-        .collect();
-    paired.sort_by(f64::total_cmp);
+    let ratios = |reference: &[f64]| -> Vec<f64> {
+        let mut r: Vec<f64> = runs
+            .iter()
+            .zip(reference)
+            .map(|(m, r)| m.tokens_per_second() / r)
+            .collect();
+        r.sort_by(f64::total_cmp);
+        r
+    };
+    let paired = ratios(reference);
+    let own = opted_out.map(|o| {
+        ratios(
+            &o.iter()
+                .map(Measured::tokens_per_second)
+                .collect::<Vec<_>>(),
+        )
+    });
     let all: Vec<&Done> = runs.iter().flat_map(|m| &m.done).collect();
     let mut itl: Vec<f64> = all
         .iter()
@@ -232,6 +284,9 @@ fn summarize(
         speedup_paired: median(&paired).unwrap_or(1.0),
         speedup_min: paired.first().copied().unwrap_or(1.0),
         speedup_max: paired.last().copied().unwrap_or(1.0),
+        speedup_own: own.as_deref().and_then(median),
+        speedup_own_min: own.as_ref().and_then(|o| o.first().copied()),
+        speedup_own_max: own.as_ref().and_then(|o| o.last().copied()),
         itl_ms_mean: mean(&itl),
         itl_ms_p90: percentile(&itl, 0.9),
         ttft_ms_mean: mean(
@@ -385,7 +440,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ))?;
         // Warm up: kernels compiled, the first graphs recorded, the cost model fed.
         for w in prompts.values() {
-            let req = |p: &Vec<u32>| request(p, &sampling, a.max_tokens, &stop_ids, 0);
+            let req = |p: &Vec<u32>| request(p, &sampling, a.max_tokens, &stop_ids, 0, true);
             rt.block_on(run_batch(
                 &engine,
                 w,
@@ -402,6 +457,27 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         };
         engines.push((proposer, label, engine));
     }
+    // What is measured: each engine's requests as configured, and with `--own-plain`
+    // each speculating engine's requests opted out of speculation too.
+    let mut arms: Vec<Arm> = Vec::new();
+    for (i, (proposer, label, _)) in engines.iter().enumerate() {
+        arms.push(Arm {
+            engine: i,
+            label: label.clone(),
+            speculate: true,
+            opted_out: None,
+        });
+        if a.own_plain && *proposer != ProposerKind::Off {
+            let twin = arms.len();
+            arms[twin - 1].opted_out = Some(twin);
+            arms.push(Arm {
+                engine: i,
+                label: format!("{label}-opted-out"),
+                speculate: false,
+                opted_out: None,
+            });
+        }
+    }
     let mut rows: Vec<Row> = Vec::new();
     for (wname, w) in &prompts {
         for &batch in &a.batches {
@@ -410,18 +486,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             // (other prompts, another seed): its step shapes are recorded, the cost
             // model and the guard learn them, before the clock starts.
             for (_, _, engine) in &engines {
-                let warm = |p: &Vec<u32>| request(p, &sampling, a.max_tokens, &stop_ids, 3);
+                let warm = |p: &Vec<u32>| request(p, &sampling, a.max_tokens, &stop_ids, 3, true);
                 rt.block_on(run_batch(engine, &w[n % w.len()..], batch, n, &warm))?;
             }
-            let mut runs: Vec<Vec<Measured>> = vec![Vec::new(); engines.len()];
+            let mut runs: Vec<Vec<Measured>> = vec![Vec::new(); arms.len()];
             for rep in 0..a.reps {
-                for (i, (_, label, engine)) in engines.iter().enumerate() {
+                for i in measuring_order(&arms, rep) {
+                    let arm = &arms[i];
+                    let (label, engine) = (&arm.label, &engines[arm.engine].2);
                     eprintln!(
                         "bench-spec: {wname} batch {batch}, {label} ({n} requests), repetition {}/{}",
                         rep + 1,
                         a.reps
                     );
-                    let req = |p: &Vec<u32>| request(p, &sampling, a.max_tokens, &stop_ids, 7);
+                    let speculate = arm.speculate;
+                    let req =
+                        |p: &Vec<u32>| request(p, &sampling, a.max_tokens, &stop_ids, 7, speculate);
                     let before = engine.stats();
                     let t0 = Instant::now();
                     let done = rt.block_on(run_batch(engine, w, batch, n, &req))?;
@@ -437,7 +517,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         1e3 * (f(a) - f(b)) / n_steps
                     };
                     eprintln!(
-                        "  {:.1} tok/s: {} steps, {} speculative ({} with a draft catching up), {} where the guard probed its losing arm, {} warming up; the guard's verdict changed {} times; per step {:.3} ms: {:.3} scheduler, {:.3} worker ({:.3} forward), {:.3} the rest",
+                        "  {:.1} tok/s: {} steps, {} speculative ({} with a draft catching up), {} where the guard probed its losing arm, {} warming up; the guard's verdict changed {} times, {} of them vetoes; per step {:.3} ms: {:.3} scheduler, {:.3} worker ({:.3} forward), {:.3} the rest",
                         m.tokens_per_second(),
                         a.steps_total - b.steps_total,
                         a.spec.steps - b.spec.steps,
@@ -445,6 +525,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         a.spec.probe_steps - b.spec.probe_steps,
                         a.steps_warming_total - b.steps_warming_total,
                         a.spec.verdict_changes - b.spec.verdict_changes,
+                        a.spec.vetoes - b.spec.vetoes,
                         ms(|s| s.step_seconds_total),
                         ms(|s| s.scheduler_seconds_total),
                         ms(|s| s.worker_seconds_total),
@@ -456,8 +537,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     runs[i].push(m);
                 }
             }
-            let plain_idx: Vec<usize> = (0..engines.len())
-                .filter(|&i| engines[i].0 == ProposerKind::Off)
+            let plain_idx: Vec<usize> = (0..arms.len())
+                .filter(|&i| engines[arms[i].engine].0 == ProposerKind::Off)
                 .collect();
             let plain_runs = plain_idx.first().map(|&i| runs[i].as_slice());
             let plain_out: Option<Vec<Vec<u32>>> = plain_idx
@@ -481,8 +562,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             };
             let all_plain = reference(&plain_idx);
             let first_plain = reference(&plain_idx[..plain_idx.len().min(1)]);
-            for (i, ((_, label, _), m)) in engines.iter().zip(&runs).enumerate() {
-                let own = if plain_idx.contains(&i) {
+            for (i, (arm, m)) in arms.iter().zip(&runs).enumerate() {
+                let reference = if plain_idx.contains(&i) {
                     &first_plain
                 } else {
                     &all_plain
@@ -490,14 +571,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 let row = summarize(
                     wname,
                     batch,
-                    label,
+                    &arm.label,
                     m,
                     plain_runs,
-                    own,
+                    reference,
+                    arm.opted_out.map(|j| runs[j].as_slice()),
                     plain_out.as_deref(),
                 );
+                let own = match (row.speedup_own, row.speedup_own_min, row.speedup_own_max) {
+                    (Some(x), Some(lo), Some(hi)) => {
+                        format!("; over its own opted-out runs {x:.2}x, {lo:.2}-{hi:.2}x")
+                    }
+                    _ => String::new(),
+                };
                 eprintln!(
-                    "  {}: {:.1} tok/s ({:.2}x plain; paired by repetition {:.2}x, {:.2}-{:.2}x), ITL {:.2} ms, acceptance {:.0}%, {} steps ({} speculative, {} warming up; {:.3} ms model + {:.3} ms scheduler per step), {}/{} outputs as plain",
+                    "  {}: {:.1} tok/s ({:.2}x plain; paired by repetition {:.2}x, {:.2}-{:.2}x{own}), ITL {:.2} ms, acceptance {:.0}%, {} steps ({} speculative, {} warming up; {:.3} ms model + {:.3} ms scheduler per step), {}/{} outputs as plain",
                     row.proposer,
                     row.tokens_per_second,
                     row.speedup,
@@ -571,6 +659,7 @@ fn request(
     max_tokens: usize,
     stop_ids: &[u32],
     seed: u64,
+    speculate: bool,
 ) -> GenerateRequest {
     GenerateRequest {
         request_id: "bench".into(),
@@ -582,7 +671,7 @@ fn request(
         max_tokens,
         stop_token_ids: stop_ids.to_vec(),
         logprobs: None,
-        speculate: true,
+        speculate,
     }
 }
 
@@ -729,12 +818,12 @@ fn device_name(device: &str) -> String {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "| workload | batch | proposer | tok/s | vs plain: medians; paired (range) | ITL ms (mean / p90) | acceptance | accepted per verify | steps | ms per step (all / model / worker / scheduler) | same as plain |"
+        "| workload | batch | proposer | tok/s | vs plain: medians; paired (range); own (range) | ITL ms (mean / p90) | acceptance | accepted per verify | steps | ms per step (all / model / worker / scheduler) | same as plain |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
-            "| {} | {} | {} | {:.1} | {:.2}x; {:.2}x ({:.2}-{:.2}) | {:.2} / {:.2} | {} | {:.2} | {} | {:.3} / {:.3} / {:.3} / {:.3} | {}/{} |",
+            "| {} | {} | {} | {:.1} | {:.2}x; {:.2}x ({:.2}-{:.2}){} | {:.2} / {:.2} | {} | {:.2} | {} | {:.3} / {:.3} / {:.3} / {:.3} | {}/{} |",
             r.workload,
             r.batch,
             r.proposer,
@@ -743,6 +832,10 @@ fn print_table(rows: &[Row]) {
             r.speedup_paired,
             r.speedup_min,
             r.speedup_max,
+            match (r.speedup_own, r.speedup_own_min, r.speedup_own_max) {
+                (Some(x), Some(lo), Some(hi)) => format!("; own {x:.2}x ({lo:.2}-{hi:.2})"),
+                _ => String::new(),
+            },
             r.itl_ms_mean,
             r.itl_ms_p90,
             if r.proposed > 0 {
@@ -759,5 +852,33 @@ fn print_table(rows: &[Row]) {
             r.same_as_plain,
             r.requests
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_engine_and_its_opted_out_twin_take_turns_going_first() {
+        let arm = |engine, speculate, opted_out| Arm {
+            engine,
+            label: String::new(),
+            speculate,
+            opted_out,
+        };
+        // off, draft, draft-opted-out, off-again.
+        let arms = [
+            arm(0, true, None),
+            arm(1, true, Some(2)),
+            arm(1, false, None),
+            arm(2, true, None),
+        ];
+        assert_eq!(measuring_order(&arms, 0), [0, 1, 2, 3]);
+        assert_eq!(measuring_order(&arms, 1), [0, 2, 1, 3]);
+        assert_eq!(measuring_order(&arms, 2), [0, 1, 2, 3]);
+        // Without twins the order never changes.
+        let alone = [arm(0, true, None), arm(1, true, None)];
+        assert_eq!(measuring_order(&alone, 1), [0, 1]);
     }
 }

@@ -1273,6 +1273,7 @@ impl Scheduler {
             spec: SpecStats {
                 probe_steps: self.guard.probe_steps(),
                 verdict_changes: self.guard.verdict_changes(),
+                vetoes: self.guard.vetoes(),
                 ..self.spec_stats.clone()
             },
             preempted_waiting: self

@@ -371,6 +371,23 @@ const GUARD_STALL: f64 = 3.0;
 /// too: where shapes keep changing, warming up is the steady state.
 const GUARD_MAX_SKIPPED: u32 = 64;
 
+/// What speculation's steps really took while it held a batch size's verdict, in
+/// blocks of at least [`GUARD_WINDOW`] steps and [`GUARD_WINDOW_SECONDS`]: all of them,
+/// warm-ups and stalls included, against what plain decoding would have taken for
+/// their tokens. Speculation's rate leaves those out (so that a verdict is not decided
+/// by a few odd steps), but where they are the norm (at batch 32 on a GPU, a draft
+/// whose step shapes are new nearly every step and that catches up on each admitted
+/// request, measured at 0.75x of plain decoding over a whole repetition while its rate
+/// said it was level) the rate says nothing about the time they cost. A block that
+/// took more than [`GUARD_MARGIN`] times its par turns the verdict to plain decoding
+/// and empties speculation's window, which probes then measure afresh.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Tenure {
+    steps: usize,
+    seconds: f64,
+    par_seconds: f64,
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 struct Rate {
     /// (tokens, seconds, sequences) of the recent steps, oldest first: at least
@@ -384,10 +401,11 @@ struct Rate {
 }
 
 impl Rate {
-    fn observe(&mut self, n_decode: usize, tokens: f64, seconds: f64, warming: bool) {
+    /// Whether the step entered the window (a warm-up may be left out).
+    fn observe(&mut self, n_decode: usize, tokens: f64, seconds: f64, warming: bool) -> bool {
         if warming && self.skipped < GUARD_MAX_SKIPPED {
             self.skipped += 1;
-            return;
+            return false;
         }
         let step = (tokens, seconds, n_decode.max(1) as f64);
         self.recent.push_back(step);
@@ -402,6 +420,13 @@ impl Rate {
             self.recent_seconds -= oldest;
         }
         self.samples = self.samples.saturating_add(1);
+        true
+    }
+
+    /// Forgets the window (not the samples: the arm stays measured).
+    fn clear(&mut self) {
+        self.recent.clear();
+        self.recent_seconds = 0.0;
     }
 
     /// The window's tokens per sequence and second: its tokens over the sum of its
@@ -459,6 +484,10 @@ pub struct Guard {
     /// Per bucket: the verdict once both arms are measured there (it depends on the
     /// previous one: [`GUARD_SWITCH_ON`]).
     verdicts: Vec<Option<bool>>,
+    /// Per bucket: speculation's steps under its verdict, in the current block.
+    tenures: Vec<Tenure>,
+    /// Times a block of speculation's steps lost its verdict for it ([`Tenure`]).
+    vetoes: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -495,6 +524,7 @@ impl Guard {
             self.arms.resize(b + 1, Default::default());
             self.probing.resize(b + 1, Probe::default());
             self.verdicts.resize(b + 1, None);
+            self.tenures.resize(b + 1, Tenure::default());
         }
         b
     }
@@ -599,10 +629,28 @@ impl Guard {
             *lost = (*lost + seconds - par).max(0.0);
         }
         let before = self.verdict(b);
-        self.arms[b][usize::from(speculated)].observe(n_decode, emitted as f64, seconds, warming);
-        let after = self.judge(b, before);
+        let counted = self.arms[b][usize::from(speculated)].observe(
+            n_decode,
+            emitted as f64,
+            seconds,
+            warming,
+        );
+        let mut after = self.judge(b, before);
+        if before == Some(false) && after == Some(true) && !(speculated && counted) {
+            // Speculation wins a load back only on a step of its own. Between probes
+            // its rate is an old measurement, and plain decoding's, refreshed every
+            // step, wanders by more than GUARD_SWITCH_ON around it (on an H100 at 32
+            // sequences, 535-580 tokens per sequence-second within 0.1 s: dozens of
+            // changes a second, each paying a draft's catch-up). Checked when
+            // speculation is measured again, both rates are of the same moment.
+            after = before;
+        }
+        if speculated && before == Some(true) && after == Some(true) {
+            after = self.keep_up(b, seconds, par);
+        }
         self.verdicts[b] = after;
         if after != before {
+            self.tenures[b] = Tenure::default();
             // The first verdict at a load is not a change of mind.
             self.verdict_changes += u64::from(before.is_some());
             let [plain, spec] = &self.arms[b];
@@ -627,6 +675,42 @@ impl Guard {
         self.verdict_changes
     }
 
+    /// Times speculation's own steps, all of them counted, lost it a verdict its rate
+    /// gave it ([`Tenure`]).
+    pub fn vetoes(&self) -> u64 {
+        self.vetoes
+    }
+
+    /// A speculative step of `seconds` (par: what plain decoding would have taken for
+    /// its tokens) under a verdict for speculation at bucket `b`: whether the verdict
+    /// stands once the block it completes is weighed ([`Tenure`]).
+    fn keep_up(&mut self, b: usize, seconds: f64, par: Option<f64>) -> Option<bool> {
+        let Some(par) = par else {
+            return Some(true);
+        };
+        let t = &mut self.tenures[b];
+        t.steps += 1;
+        t.seconds += seconds;
+        t.par_seconds += par;
+        if t.steps < GUARD_WINDOW || t.seconds < GUARD_WINDOW_SECONDS {
+            return Some(true);
+        }
+        let block = std::mem::take(t);
+        if block.seconds <= GUARD_MARGIN * block.par_seconds {
+            return Some(true);
+        }
+        tracing::debug!(
+            batch_bucket = 1usize << b,
+            steps = block.steps,
+            seconds = block.seconds,
+            plain_seconds = block.par_seconds,
+            "speculation guard veto: its steps took longer than plain decoding would have"
+        );
+        self.vetoes += 1;
+        self.arms[b][1].clear();
+        Some(false)
+    }
+
     /// Whether speculation was measured faster at `n_decode` sequences, or, where that
     /// load is not measured yet, at the nearest load that is; not where nothing is.
     #[cfg(test)]
@@ -647,6 +731,15 @@ impl Guard {
     /// decoding was winning.
     fn judge(&self, b: usize, before: Option<bool>) -> Option<bool> {
         match self.arms.get(b) {
+            // Speculation's window emptied by a veto wins nothing until probes have
+            // filled it again.
+            Some([plain, spec])
+                if plain.samples >= GUARD_MIN_SAMPLES
+                    && spec.samples >= GUARD_MIN_SAMPLES
+                    && spec.recent.len() < GUARD_MIN_SAMPLES as usize =>
+            {
+                Some(false)
+            }
             Some([plain, spec])
                 if plain.samples >= GUARD_MIN_SAMPLES && spec.samples >= GUARD_MIN_SAMPLES =>
             {
@@ -928,6 +1021,9 @@ pub struct SpecStats {
     pub probe_steps: u64,
     /// Times the guard's measured verdict at a batch size turned over.
     pub verdict_changes: u64,
+    /// Of those, turns to plain decoding because speculation's steps, all of them
+    /// counted, took longer than plain decoding would have (a veto).
+    pub vetoes: u64,
 }
 
 impl SpecStats {
@@ -1130,6 +1226,27 @@ mod tests {
             .count()
     }
 
+    /// Runs `steps` steps of `n` sequences through the guard, `cost(step, speculating)`
+    /// giving each its (tokens, seconds); the speculative steps, and the verdict
+    /// changes made on plain steps.
+    fn run_host(
+        g: &mut Guard,
+        n: usize,
+        steps: usize,
+        mut cost: impl FnMut(usize, bool) -> (usize, f64),
+    ) -> (usize, usize) {
+        let (mut spec_steps, mut on_plain_steps) = (0, 0);
+        for i in 0..steps {
+            let on = g.allow(n);
+            let (tokens, seconds) = cost(i, on);
+            let before = g.verdict_changes();
+            g.observe(n, on, tokens, seconds, false);
+            on_plain_steps += usize::from(!on && g.verdict_changes() > before);
+            spec_steps += usize::from(on);
+        }
+        (spec_steps, on_plain_steps)
+    }
+
     #[test]
     fn the_guard_keeps_the_faster_arm_and_probes_the_other() {
         let mut g = Guard::default();
@@ -1201,10 +1318,17 @@ mod tests {
         // does not win speculation back.
         assert_eq!(g.verdict(0), Some(false));
         assert_eq!(g.verdict_changes(), 0);
-        // A real gain does: plain decoding slows to 1/1.1.
+        // A real gain does: plain decoding slows to 1/1.1, and once speculation is
+        // measured again (a probe's step), it wins.
         for _ in 0..GUARD_WINDOW {
             g.observe(1, false, 1, 1.1, false);
         }
+        assert_eq!(
+            g.verdict(0),
+            Some(false),
+            "not on plain decoding's steps alone"
+        );
+        g.observe(1, true, 1, 1.0, false);
         assert_eq!(g.verdict(0), Some(true));
         assert_eq!(g.verdict_changes(), 1);
         // And speculation that falls 1% short of its margin over plain decoding is
@@ -1213,6 +1337,68 @@ mod tests {
             g.observe(1, false, 1, 0.99 * GUARD_MARGIN, false);
         }
         assert_eq!(g.verdict(0), Some(false));
+    }
+
+    #[test]
+    fn plain_decodings_wander_does_not_turn_speculation_on_between_probes() {
+        // 32 sequences, 10 ms a step: both arms equally fast, but one step in 17 takes
+        // 2.9 times as long (host jitter, just short of a stall), so a window of 16
+        // steps holds one or none and a rate wanders by 12%, more than
+        // GUARD_SWITCH_ON. Judged whenever plain decoding's rate moved, speculation's
+        // old rate won the verdict each time plain decoding's window held the slow
+        // step and its own did not (193 changes here; on an H100, 43 in five
+        // repetitions of 384 requests that had opted out of speculation). Judged when
+        // speculation is measured too, it changes at most at probes.
+        let mut g = Guard::default();
+        let (spec_steps, on_plain_steps) = run_host(&mut g, 32, 20_000, |i, _| {
+            (32, if i % 17 == 0 { 29e-3 } else { 10e-3 })
+        });
+        assert!(g.verdict(guard_bucket(32)).is_some());
+        assert!(
+            on_plain_steps == 0 && g.verdict_changes() <= 8,
+            "{} verdict changes, {on_plain_steps} of them on plain steps \
+             ({spec_steps} speculative steps)",
+            g.verdict_changes()
+        );
+    }
+
+    #[test]
+    fn speculation_whose_steps_do_not_keep_up_loses_its_verdict() {
+        let mut g = Guard::default();
+        // Plain decoding: a token a second; speculation's measured steps: two.
+        for _ in 0..GUARD_MIN_SAMPLES {
+            g.observe(1, false, 1, 1.0, false);
+            g.observe(1, true, 2, 1.0, false);
+        }
+        assert_eq!(g.verdict(0), Some(true));
+        // Then each speculative step records a new shape and takes 4 s for its two
+        // tokens: its rate leaves them out (up to GUARD_MAX_SKIPPED), so by its rate
+        // speculation still wins; a block of them, all counted, loses its verdict.
+        let mut steps = 0;
+        while g.verdict(0) == Some(true) && steps < 2 * GUARD_WINDOW {
+            g.observe(1, true, 2, 4.0, true);
+            steps += 1;
+        }
+        assert_eq!(g.verdict(0), Some(false), "after {steps} steps");
+        assert_eq!(steps, GUARD_WINDOW);
+        assert_eq!(g.vetoes(), 1);
+        // Its rate is forgotten: plain decoding's steps do not hand the verdict back
+        // on the old one...
+        for _ in 0..GUARD_WINDOW {
+            g.observe(1, false, 1, 1.0, false);
+        }
+        assert_eq!(g.verdict(0), Some(false));
+        // ...and probes that measure it afresh can: its steps are fast again.
+        for _ in 0..GUARD_MIN_SAMPLES {
+            g.observe(1, true, 2, 1.0, false);
+        }
+        assert_eq!(g.verdict(0), Some(true));
+        // A block of steps that keeps up (warm-ups as fast as the rest) is no veto.
+        for _ in 0..4 * GUARD_WINDOW {
+            g.observe(1, true, 2, 1.0, true);
+        }
+        assert_eq!(g.verdict(0), Some(true));
+        assert_eq!(g.vetoes(), 1);
     }
 
     #[test]
@@ -1297,16 +1483,14 @@ mod tests {
         // stretch or a fast one and the verdict follows the luck of the arm measured
         // last (58 changes); windows of 100 ms see about the same mix for both.
         let mut g = Guard::default();
-        let (mut clock, mut spec_steps) = (0.0f64, 0);
-        for _ in 0..40_000 {
-            let on = g.allow(1);
+        let mut clock = 0.0f64;
+        let (spec_steps, _) = run_host(&mut g, 1, 40_000, |_, on| {
             let slow = (clock % 0.040) < 0.010;
             let (tokens, base) = if on { (2, 0.001) } else { (1, 0.0005) };
             let seconds = if slow { 3.0 * base } else { base };
-            g.observe(1, on, tokens, seconds, false);
             clock += seconds;
-            spec_steps += usize::from(on);
-        }
+            (tokens, seconds)
+        });
         assert!(
             g.verdict_changes() <= 4,
             "{} verdict changes ({spec_steps} speculative steps)",
