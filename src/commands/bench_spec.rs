@@ -211,9 +211,20 @@ fn median_tps(runs: &[Measured]) -> f64 {
     percentile(&t, 0.5)
 }
 
+/// Each repetition's tokens per second over `reference`'s of the same repetition, in
+/// ascending order.
+fn paired_ratios(runs: &[Measured], reference: &[f64]) -> Vec<f64> {
+    let mut r: Vec<f64> = runs
+        .iter()
+        .zip(reference)
+        .map(|(m, r)| m.tokens_per_second() / r)
+        .collect();
+    r.sort_by(f64::total_cmp);
+    r
+}
+
 /// One table row from a configuration's repeated runs: the median run's speed, latency
 /// and acceptance over all of them, and how many outputs equal plain decoding's.
-#[allow(clippy::too_many_arguments)]
 fn summarize(
     workload: &str,
     batch: usize,
@@ -221,28 +232,11 @@ fn summarize(
     runs: &[Measured],
     plain: Option<&[Measured]>,
     reference: &[f64],
-    opted_out: Option<&[Measured]>,
     plain_out: Option<&[Vec<u32>]>,
 ) -> Row {
     let tps = median_tps(runs);
     let plain_tps = plain.map(median_tps);
-    let ratios = |reference: &[f64]| -> Vec<f64> {
-        let mut r: Vec<f64> = runs
-            .iter()
-            .zip(reference)
-            .map(|(m, r)| m.tokens_per_second() / r)
-            .collect();
-        r.sort_by(f64::total_cmp);
-        r
-    };
-    let paired = ratios(reference);
-    let own = opted_out.map(|o| {
-        ratios(
-            &o.iter()
-                .map(Measured::tokens_per_second)
-                .collect::<Vec<_>>(),
-        )
-    });
+    let paired = paired_ratios(runs, reference);
     let all: Vec<&Done> = runs.iter().flat_map(|m| &m.done).collect();
     let mut itl: Vec<f64> = all
         .iter()
@@ -284,9 +278,9 @@ fn summarize(
         speedup_paired: median(&paired).unwrap_or(1.0),
         speedup_min: paired.first().copied().unwrap_or(1.0),
         speedup_max: paired.last().copied().unwrap_or(1.0),
-        speedup_own: own.as_deref().and_then(median),
-        speedup_own_min: own.as_ref().and_then(|o| o.first().copied()),
-        speedup_own_max: own.as_ref().and_then(|o| o.last().copied()),
+        speedup_own: None,
+        speedup_own_min: None,
+        speedup_own_max: None,
         itl_ms_mean: mean(&itl),
         itl_ms_p90: percentile(&itl, 0.9),
         ttft_ms_mean: mean(
@@ -568,16 +562,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 } else {
                     &all_plain
                 };
-                let row = summarize(
+                let mut row = summarize(
                     wname,
                     batch,
                     &arm.label,
                     m,
                     plain_runs,
                     reference,
-                    arm.opted_out.map(|j| runs[j].as_slice()),
                     plain_out.as_deref(),
                 );
+                if let Some(j) = arm.opted_out {
+                    let twin: Vec<f64> = runs[j].iter().map(Measured::tokens_per_second).collect();
+                    let own = paired_ratios(m, &twin);
+                    row.speedup_own = median(&own);
+                    row.speedup_own_min = own.first().copied();
+                    row.speedup_own_max = own.last().copied();
+                }
                 let own = match (row.speedup_own, row.speedup_own_min, row.speedup_own_max) {
                     (Some(x), Some(lo), Some(hi)) => {
                         format!("; over its own opted-out runs {x:.2}x, {lo:.2}-{hi:.2}x")

@@ -731,18 +731,14 @@ impl Guard {
     /// decoding was winning.
     fn judge(&self, b: usize, before: Option<bool>) -> Option<bool> {
         match self.arms.get(b) {
-            // Speculation's window emptied by a veto wins nothing until probes have
-            // filled it again.
-            Some([plain, spec])
-                if plain.samples >= GUARD_MIN_SAMPLES
-                    && spec.samples >= GUARD_MIN_SAMPLES
-                    && spec.recent.len() < GUARD_MIN_SAMPLES as usize =>
-            {
-                Some(false)
-            }
             Some([plain, spec])
                 if plain.samples >= GUARD_MIN_SAMPLES && spec.samples >= GUARD_MIN_SAMPLES =>
             {
+                // Speculation's window emptied by a veto wins nothing until probes
+                // have filled it again.
+                if spec.recent.len() < GUARD_MIN_SAMPLES as usize {
+                    return Some(false);
+                }
                 let margin = if before == Some(false) {
                     GUARD_SWITCH_ON
                 } else {
