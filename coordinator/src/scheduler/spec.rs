@@ -388,29 +388,55 @@ struct Tenure {
     par_seconds: f64,
 }
 
+/// One step in an arm's window.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Step {
+    tokens: f64,
+    seconds: f64,
+    sequences: f64,
+    /// The guard's step count when it was observed.
+    at: u64,
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 struct Rate {
-    /// (tokens, seconds, sequences) of the recent steps, oldest first: at least
-    /// [`GUARD_WINDOW`], more up to [`GUARD_WINDOW_SECONDS`] of them.
-    recent: std::collections::VecDeque<(f64, f64, f64)>,
+    /// The recent steps, oldest first: at least [`GUARD_WINDOW`], more up to
+    /// [`GUARD_WINDOW_SECONDS`] of them.
+    recent: std::collections::VecDeque<Step>,
     /// The seconds of `recent`.
     recent_seconds: f64,
     samples: u32,
     /// Warm-up steps left out so far.
     skipped: u32,
+    /// When the first step entered the window (the guard's step count).
+    first: Option<u64>,
 }
 
 impl Rate {
     /// Whether the step entered the window (a warm-up may be left out).
-    fn observe(&mut self, n_decode: usize, tokens: f64, seconds: f64, warming: bool) -> bool {
+    fn observe(
+        &mut self,
+        n_decode: usize,
+        tokens: f64,
+        seconds: f64,
+        warming: bool,
+        at: u64,
+    ) -> bool {
         if warming && self.skipped < GUARD_MAX_SKIPPED {
             self.skipped += 1;
             return false;
         }
-        let step = (tokens, seconds, n_decode.max(1) as f64);
-        self.recent.push_back(step);
-        self.recent_seconds += step.1;
-        while let Some(&(_, oldest, _)) = self.recent.front() {
+        self.recent.push_back(Step {
+            tokens,
+            seconds,
+            sequences: n_decode.max(1) as f64,
+            at,
+        });
+        self.recent_seconds += seconds;
+        while let Some(&Step {
+            seconds: oldest, ..
+        }) = self.recent.front()
+        {
             let enough = self.recent.len() > GUARD_WINDOW
                 && self.recent_seconds - oldest >= GUARD_WINDOW_SECONDS;
             if !enough && self.recent.len() <= GUARD_WINDOW_MAX {
@@ -420,7 +446,21 @@ impl Rate {
             self.recent_seconds -= oldest;
         }
         self.samples = self.samples.saturating_add(1);
+        self.first.get_or_insert(at);
         true
+    }
+
+    /// Whether the window holds enough steps to be compared.
+    fn full(&self) -> bool {
+        self.recent.len() >= GUARD_MIN_SAMPLES as usize
+    }
+
+    /// Whether the window still holds steps from before `other` was first measured.
+    fn older_than(&self, other: &Rate) -> bool {
+        match (self.recent.front(), other.first) {
+            (Some(oldest), Some(first)) => oldest.at < first,
+            _ => false,
+        }
     }
 
     /// Forgets the window (not the samples: the arm stays measured).
@@ -442,7 +482,7 @@ impl Rate {
     /// load where a step's time hardly does, and still rank the arms as tokens per
     /// second do at any one load.
     fn tokens_per_sequence_second(&self) -> f64 {
-        let mut secs: Vec<f64> = self.recent.iter().map(|r| r.1).collect();
+        let mut secs: Vec<f64> = self.recent.iter().map(|r| r.seconds).collect();
         secs.sort_by(f64::total_cmp);
         let Some(&median) = secs.get(secs.len() / 2) else {
             return 0.0;
@@ -450,8 +490,10 @@ impl Rate {
         let (tokens, seq_seconds) = self
             .recent
             .iter()
-            .filter(|r| r.1 <= GUARD_STALL * median)
-            .fold((0.0, 0.0), |(t, s), r| (t + r.0, s + r.1 * r.2));
+            .filter(|r| r.seconds <= GUARD_STALL * median)
+            .fold((0.0, 0.0), |(t, s), r| {
+                (t + r.tokens, s + r.seconds * r.sequences)
+            });
         if seq_seconds > 0.0 {
             tokens / seq_seconds
         } else {
@@ -488,6 +530,8 @@ pub struct Guard {
     tenures: Vec<Tenure>,
     /// Times a block of speculation's steps lost its verdict for it ([`Tenure`]).
     vetoes: u64,
+    /// Steps observed so far (the clock of [`Step::at`]).
+    clock: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -546,8 +590,12 @@ impl Guard {
         // measures the other arm in probes: exploring both arms at every load costs
         // the loser's steps at each.
         let Some(spec_wins) = own.or_else(|| self.nearest_verdict(b)) else {
-            // Nothing is measured at any load: plain decoding first, then speculation.
-            return (self.arms[b][0].samples >= GUARD_MIN_SAMPLES, false);
+            // Nothing is measured at any load: plain decoding first, then speculation,
+            // then plain decoding again until its window holds none of its steps from
+            // before speculation's ([`Guard::judge`]).
+            let [plain, spec] = &self.arms[b];
+            let measured = |r: &Rate| r.samples >= GUARD_MIN_SAMPLES;
+            return (measured(plain) && !measured(spec), false);
         };
         let [plain, spec] = &self.arms[b];
         let p = &mut self.probing[b];
@@ -629,11 +677,13 @@ impl Guard {
             *lost = (*lost + seconds - par).max(0.0);
         }
         let before = self.verdict(b);
+        self.clock += 1;
         let counted = self.arms[b][usize::from(speculated)].observe(
             n_decode,
             emitted as f64,
             seconds,
             warming,
+            self.clock,
         );
         let mut after = self.judge(b, before);
         if before == Some(false) && after == Some(true) && !(speculated && counted) {
@@ -729,14 +779,34 @@ impl Guard {
     /// The verdict at bucket `b` from its arms' measurements, given the one before:
     /// speculation wins by [`GUARD_MARGIN`], and by [`GUARD_SWITCH_ON`] where plain
     /// decoding was winning.
+    ///
+    /// The very first verdict (no load measured yet) waits until neither arm's window
+    /// holds steps from before the other was first measured: an engine's first steps
+    /// run shapes it has not recorded yet (on an H100 at 32 sequences, plain decoding's
+    /// first window measured 206-624 tokens per sequence-second where it runs at
+    /// 700-1000), and the arm measured first would be judged on them against the
+    /// other's steady steps: a first verdict for speculation that its own steps could
+    /// not overturn either, the veto's par being that same slow rate (a fresh engine's
+    /// first repetition at 0.88x of plain decoding). Plain decoding, measured first,
+    /// runs again until its window has moved past them: a whole window
+    /// ([`GUARD_WINDOW`] steps and [`GUARD_WINDOW_SECONDS`]). A load measured later,
+    /// from the nearest verdict, keeps running that arm (its window stays current)
+    /// and is judged once probes have measured the other.
     fn judge(&self, b: usize, before: Option<bool>) -> Option<bool> {
         match self.arms.get(b) {
+            Some([plain, spec])
+                if before.is_none()
+                    && self.nearest_verdict(b).is_none()
+                    && (plain.older_than(spec) || spec.older_than(plain)) =>
+            {
+                None
+            }
             Some([plain, spec])
                 if plain.samples >= GUARD_MIN_SAMPLES && spec.samples >= GUARD_MIN_SAMPLES =>
             {
                 // Speculation's window emptied by a veto wins nothing until probes
                 // have filled it again.
-                if spec.recent.len() < GUARD_MIN_SAMPLES as usize {
+                if !spec.full() {
                     return Some(false);
                 }
                 let margin = if before == Some(false) {
@@ -1222,6 +1292,19 @@ mod tests {
             .count()
     }
 
+    /// Runs steps of `n` sequences through the guard, each costing its arm's (tokens,
+    /// seconds), until it has a verdict there; how many speculated.
+    fn first_verdict(g: &mut Guard, n: usize, plain: (usize, f64), spec: (usize, f64)) -> usize {
+        let mut on = 0;
+        for _ in 0..10_000 {
+            if g.verdict(guard_bucket(n)).is_some() {
+                return on;
+            }
+            on += simulate(g, n, 1, plain, spec);
+        }
+        panic!("no verdict at {n} sequences after 10000 steps");
+    }
+
     /// Runs `steps` steps of `n` sequences through the guard, `cost(step, speculating)`
     /// giving each its (tokens, seconds); the speculative steps, and the verdict
     /// changes made on plain steps.
@@ -1247,12 +1330,18 @@ mod tests {
     fn the_guard_keeps_the_faster_arm_and_probes_the_other() {
         let mut g = Guard::default();
         // At 8 sequences speculation emits twice the tokens in 1.5 times the time. With
-        // nothing measured, plain decoding is measured first, then speculation.
+        // nothing measured, plain decoding is measured first, then speculation, then
+        // plain decoding again until its window holds none of the steps from before
+        // speculation's (a full window: GUARD_WINDOW steps of a second).
         let n = GUARD_MIN_SAMPLES as usize;
-        let first: Vec<bool> = (0..2 * n)
+        let first: Vec<bool> = (0..2 * n + GUARD_WINDOW)
             .map(|_| simulate(&mut g, 8, 1, (8, 1.0), (16, 1.5)) == 1)
             .collect();
-        assert_eq!(first, [vec![false; n], vec![true; n]].concat());
+        assert_eq!(
+            first,
+            [vec![false; n], vec![true; n], vec![false; GUARD_WINDOW]].concat()
+        );
+        assert_eq!(g.verdict(guard_bucket(8)), Some(true));
         // Then on, but for 8-step probes of plain decoding, 128 steps apart at first,
         // then rarer.
         let on = simulate(&mut g, 8, 1280, (8, 1.0), (16, 1.5));
@@ -1298,9 +1387,13 @@ mod tests {
 
     #[test]
     fn an_old_measurement_of_speculation_does_not_make_the_verdict_flicker() {
-        // Speculation was measured once, at 1 token a second; plain decoding's rate
-        // then wanders between 1/1.03 and 1/1.01 (speculation 3% and 1% faster).
+        // Plain decoding was measured first, then speculation, once, at 1 token a
+        // second; plain decoding's rate then wanders between 1/1.03 and 1/1.01
+        // (speculation 3% and 1% faster).
         let mut g = Guard::default();
+        for _ in 0..GUARD_WINDOW {
+            g.observe(1, false, 1, 1.01, false);
+        }
         for _ in 0..GUARD_WINDOW {
             g.observe(1, true, 1, 1.0, false);
         }
@@ -1359,13 +1452,32 @@ mod tests {
     }
 
     #[test]
+    fn a_first_verdict_does_not_weigh_warm_up_steps_against_steady_ones() {
+        // A fresh engine at 32 sequences: its first 20 steps run shapes it has not
+        // recorded yet (4.4 ms a plain step, not flagged as warm-ups), then a plain
+        // step takes 1.4 ms (714 tokens per sequence-second); a speculative step
+        // takes 2 ms for 40 tokens (625). Speculation is measured second, on steady
+        // steps: against plain decoding's first window (227) it would win the first
+        // verdict and keep it until plain decoding's probes had replaced that window
+        // (here 426 speculative steps, then 1 change; the veto's par is that same
+        // window). Judged once plain decoding's window is of the same moment, it never
+        // wins: its first measurement and 4 probes.
+        let mut g = Guard::default();
+        let (spec_steps, _) = run_host(&mut g, 32, 4000, |i, on| match (on, i < 20) {
+            (true, _) => (40, 2e-3),
+            (false, true) => (32, 4.4e-3),
+            (false, false) => (32, 1.4e-3),
+        });
+        assert_eq!(g.verdict(guard_bucket(32)), Some(false));
+        assert_eq!(g.verdict_changes(), 0);
+        assert!(spec_steps <= 48, "{spec_steps} speculative steps");
+    }
+
+    #[test]
     fn speculation_whose_steps_do_not_keep_up_loses_its_verdict() {
         let mut g = Guard::default();
         // Plain decoding: a token a second; speculation's measured steps: two.
-        for _ in 0..GUARD_MIN_SAMPLES {
-            g.observe(1, false, 1, 1.0, false);
-            g.observe(1, true, 2, 1.0, false);
-        }
+        first_verdict(&mut g, 1, (1, 1.0), (2, 1.0));
         assert_eq!(g.verdict(0), Some(true));
         // Then each speculative step records a new shape and takes 4 s for its two
         // tokens: its rate leaves them out (up to GUARD_MAX_SKIPPED), so by its rate
@@ -1400,9 +1512,8 @@ mod tests {
     #[test]
     fn expensive_probes_wait_until_they_are_paid_for() {
         let mut g = Guard::default();
-        let n = GUARD_MIN_SAMPLES as usize;
         // Speculation loses at one sequence.
-        simulate(&mut g, 1, 2 * n, (1, 1.0), (1, 2.0));
+        first_verdict(&mut g, 1, (1, 1.0), (1, 2.0));
         assert_eq!(g.verdict(0), Some(false));
         // Its probes start with a catch-up as long as 40 plain steps: they come about
         // every 4000 steps, not every few hundred, so that they cost about 1% of the
@@ -1444,8 +1555,7 @@ mod tests {
         // (a quarter of the time lost); charging every speculative step makes the next
         // probe wait until the catch-up is paid for.
         let mut g = Guard::default();
-        let n = GUARD_MIN_SAMPLES as usize;
-        simulate(&mut g, 1, 2 * n, (1, 1.0), (1, 1.1));
+        first_verdict(&mut g, 1, (1, 1.0), (1, 1.1));
         assert_eq!(g.verdict(0), Some(false));
         let (mut total, mut tokens, mut stretch, mut flips) = (0.0, 0.0, 0, 0);
         for _ in 0..50_000 {
@@ -1510,6 +1620,10 @@ mod tests {
         let (plain, spec) = g.rates(1).unwrap();
         assert_eq!(plain, 1.0);
         assert!(spec > 2.0, "{spec}");
+        // Judged once plain decoding's window is of the same moment.
+        for _ in 0..GUARD_WINDOW {
+            g.observe(1, false, 1, 1.0, false);
+        }
         assert!(g.prefers_speculation(1));
         // A step that stalled (ten times the others) is left out.
         g.observe(1, false, 1, 10.0, false);
@@ -1520,10 +1634,7 @@ mod tests {
     fn an_unmeasured_load_takes_the_nearest_measured_verdict() {
         let mut g = Guard::default();
         let measure = |g: &mut Guard, n: usize, plain: f64, spec: f64| {
-            for _ in 0..GUARD_MIN_SAMPLES {
-                g.observe(n, false, n, n as f64 / plain, false);
-                g.observe(n, true, n, n as f64 / spec, false);
-            }
+            first_verdict(g, n, (n, n as f64 / plain), (n, n as f64 / spec));
         };
         assert!(!g.prefers_speculation(8), "nothing is known");
         measure(&mut g, 8, 1.0, 2.0);
@@ -1539,10 +1650,7 @@ mod tests {
     fn a_new_load_starts_from_the_nearest_verdict_and_probes() {
         let mut g = Guard::default();
         // Speculation loses at one sequence.
-        for _ in 0..GUARD_MIN_SAMPLES {
-            g.observe(1, false, 1, 1.0, false);
-            g.observe(1, true, 1, 2.0, false);
-        }
+        first_verdict(&mut g, 1, (1, 1.0), (1, 2.0));
         // At 8 it starts off, and only probes try it (there speculation wins: 3 tokens
         // a step for 1): none in the first 127 steps, then enough within 600 that it is
         // measured there and turned on.
@@ -1573,6 +1681,10 @@ mod tests {
             g.observe(1, true, 3, 1.0, false);
         }
         assert_eq!(g.rates(1), Some((1.0, 3.0)));
+        // Judged once plain decoding's window is of the same moment.
+        for _ in 0..GUARD_WINDOW {
+            g.observe(1, false, 1, 1.0, false);
+        }
         assert!(g.prefers_speculation(1));
         // A backend that never stops warming up is judged by its warm-ups.
         for _ in 0..GUARD_MAX_SKIPPED + GUARD_WINDOW as u32 {
