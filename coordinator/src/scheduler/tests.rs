@@ -1345,11 +1345,7 @@ fn a_draft_reads_prompts_along_only_while_it_is_used() {
         let load = h.in_flight.as_ref().map_or(0, |p| {
             p.steps.iter().map(|(_, s)| s.seqs.len()).sum::<usize>()
         });
-        if load > 1 {
-            h.complete_in(1e-3, 1e-2);
-        } else {
-            h.complete();
-        }
+        h.complete_in(1e-3, if load > 1 { 1e-2 } else { 1e-3 });
     }
     assert!(!h.sched.guard.prefers_speculation(8));
     // A new burst: its first request is admitted alone, but the load is eight.
