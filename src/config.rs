@@ -79,6 +79,10 @@ pub struct ServeConfig {
     /// One depth for every sequence of a speculating step: `on`, `off`, or `auto` (on
     /// where steps are recorded as CUDA graphs, which replay only shapes seen before).
     pub spec_uniform: String,
+    /// Step shapes (batch size, verification depth, context bound) a GPU worker records
+    /// before serving, so that the first requests replay them (0: none; at most the
+    /// 192 recordings a worker keeps).
+    pub warm_up_shapes: usize,
 }
 
 impl Default for ServeConfig {
@@ -111,6 +115,7 @@ impl Default for ServeConfig {
             spec_max_depth: 6,
             spec_depth: None,
             spec_uniform: "auto".into(),
+            warm_up_shapes: hyserve_worker::WarmUp::DEFAULT_SHAPES,
         }
     }
 }
@@ -218,6 +223,16 @@ impl ServeConfig {
                 format!("'{}' is not auto, on or off", self.spec_uniform),
             ));
         }
+        let kept = hyserve_kernels::cuda::MAX_RECORDINGS;
+        if self.warm_up_shapes > kept {
+            return Err(bad(
+                "warm_up_shapes",
+                format!(
+                    "{} is above {kept}, the recordings a worker keeps",
+                    self.warm_up_shapes
+                ),
+            ));
+        }
         if let Some(d) = self.spec_depth
             && !(1..=self.spec_max_depth).contains(&d)
         {
@@ -266,6 +281,7 @@ mod tests {
             ("block_size = 0", "block_size"),
             ("speculation = \"eagle\"", "speculation"),
             ("spec_max_depth = 16", "spec_max_depth"),
+            ("warm_up_shapes = 193", "warm_up_shapes"),
             ("spec_depth = 7", "spec_depth"),
             ("spec_uniform = \"yes\"", "spec_uniform"),
             (

@@ -260,6 +260,11 @@ pub trait Backend: Send + Sync + 'static {
         let batch = self.batch(seqs, tokens);
         f(&batch)
     }
+    /// How many step recordings this backend keeps at most (0: it records none, and
+    /// [`Backend::forward_recorded`] runs every step as it comes).
+    fn recording_capacity(&self) -> usize {
+        0
+    }
     /// How many sequences a recordable step of `n_seqs` sequences, `rows` rows each,
     /// should be padded to with dummy sequences (whose output is dropped), so that
     /// steps of nearby batch sizes replay one recording instead of each recording its

@@ -80,6 +80,10 @@ pub struct Args {
     spec_uniform: String,
     #[arg(long, default_value_t = 256)]
     kv_cache_mib: usize,
+    /// Step shapes each GPU engine records at start-up, as `serve` does (0: none, every
+    /// shape then recorded when serving first meets it).
+    #[arg(long, default_value_t = hyserve_worker::WarmUp::DEFAULT_SHAPES)]
+    warm_up_shapes: usize,
     /// Each speculating engine also serves every measurement once more with requests
     /// that opt out of speculation (reported as `<proposer>-opted-out`), next to its
     /// speculating run in the same repetition: the ratio to that run is speculation's
@@ -156,6 +160,7 @@ struct Report {
     spec_depth: Option<usize>,
     spec_max_depth: usize,
     spec_uniform: bool,
+    warm_up_shapes: usize,
     rows: Vec<Row>,
 }
 
@@ -379,14 +384,28 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         metrics: None,
     });
     let threads = rayon::current_num_threads();
-    let factory = local_factory(&a.device, precision, source, n_blocks, block_size, threads)?;
+    let max_batch = a.batches.iter().copied().max().unwrap_or(1);
+    let uniform = uniform_steps(&a.spec_uniform, &a.device);
+    // Every engine records the same shapes, as a server speculating at this depth
+    // would: the plain engine's verification recordings are never replayed.
+    let depth = if uniform {
+        a.spec_depth.unwrap_or(a.spec_max_depth)
+    } else {
+        0
+    };
+    let warm_up = (a.warm_up_shapes > 0).then(|| hyserve_worker::WarmUp {
+        max_shapes: a.warm_up_shapes,
+        ..hyserve_worker::WarmUp::new(max_batch, depth, max_context)
+    });
+    let factory = local_factory(
+        &a.device, precision, source, n_blocks, block_size, threads, warm_up,
+    )?;
     let stop_ids = tokenizer.stop_ids().to_vec();
     let prompts: BTreeMap<String, Vec<Vec<u32>>> = a
         .workloads
         .iter()
         .map(|w| Ok((w.clone(), prompts_for(w, &passages, &tokenizer)?)))
         .collect::<anyhow::Result<_>>()?;
-    let max_batch = a.batches.iter().copied().max().unwrap_or(1);
     let sampling = SamplingParams {
         temperature: a.temperature,
         ..SamplingParams::greedy()
@@ -399,7 +418,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     // One engine per proposer, all started first, so the measurements of one
     // (workload, batch) interleave proposers and repetitions: a machine that drifts
     // (clocks, other load) drifts for all of them alike.
-    let uniform = uniform_steps(&a.spec_uniform, &a.device);
     let mut engines = Vec::new();
     for &proposer in &proposers {
         let engine = rt.block_on(EngineHandle::start(
@@ -647,6 +665,7 @@ fn write_report(
         spec_depth: a.spec_depth,
         spec_max_depth: a.spec_max_depth,
         spec_uniform: uniform_steps(&a.spec_uniform, &a.device),
+        warm_up_shapes: a.warm_up_shapes,
         rows: rows.to_vec(),
     };
     std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")

@@ -22,7 +22,7 @@ use hyserve_kernels::{Backend, Precision};
 use hyserve_model::tokenizer::Tokenizer;
 use hyserve_model::{Checkpoint, Model, ModelConfig};
 use hyserve_worker::remote::model_fingerprint;
-use hyserve_worker::{Executor, ExecutorHandle, kv_spec};
+use hyserve_worker::{Executor, ExecutorHandle, WarmUp, kv_spec};
 
 use crate::config::{ServeConfig, env};
 use crate::load;
@@ -39,7 +39,9 @@ pub(crate) struct WeightSource {
 }
 
 impl WeightSource {
-    /// An executor over `model`, with the draft model beside it if there is one.
+    /// An executor over `model`, with the draft model beside it if there is one, its
+    /// step shapes recorded per `warm_up` where the backend records steps.
+    #[allow(clippy::too_many_arguments)]
     fn executor<B: Backend>(
         &self,
         worker: usize,
@@ -48,6 +50,7 @@ impl WeightSource {
         n_blocks: usize,
         block_size: usize,
         threads: usize,
+        warm_up: Option<&WarmUp>,
     ) -> std::io::Result<Executor<B>> {
         let draft = self
             .draft
@@ -56,6 +59,9 @@ impl WeightSource {
         let mut exec = Executor::with_threads(backend, model, n_blocks, block_size, threads);
         if let Some(d) = draft {
             exec.set_draft(d).map_err(std::io::Error::other)?;
+        }
+        if let Some(plan) = warm_up {
+            exec.warm_up(plan);
         }
         if let Some(m) = &self.metrics {
             exec.set_metrics(Arc::clone(m), worker.to_string());
@@ -157,6 +163,9 @@ pub struct Args {
     /// whose recorded steps replay only shapes seen before).
     #[arg(long, value_parser = ["auto", "on", "off"])]
     spec_uniform: Option<String>,
+    /// Step shapes a GPU worker records before serving (0: none).
+    #[arg(long)]
+    warm_up_shapes: Option<usize>,
 }
 
 /// Defaults, then the TOML file, then env vars and flags.
@@ -185,7 +194,8 @@ pub fn resolve(a: Args) -> anyhow::Result<ServeConfig> {
         device,
         speculation,
         spec_max_depth,
-        spec_uniform
+        spec_uniform,
+        warm_up_shapes
     );
     over_opt!(
         random_weights,
@@ -462,6 +472,7 @@ async fn serve(mut cfg: ServeConfig, cluster: Option<ClusterArgs>) -> anyhow::Re
             n_blocks,
             block_size,
             threads,
+            warm_up_plan(&cfg, proposer, max_context),
         )?
     };
     let model_name = cfg.model_name.clone().unwrap_or_else(|| {
@@ -584,7 +595,28 @@ async fn serve(mut cfg: ServeConfig, cluster: Option<ClusterArgs>) -> anyhow::Re
     Ok(())
 }
 
-/// Executors in this process: worker *i* on GPU *i* (`device` cuda) or on the CPU.
+/// The step shapes an in-process GPU worker records before serving: every batch size
+/// up to `max_running`, and verifications up to the speculation depth where steps of
+/// uniform depth repeat them (none when `warm_up_shapes` is 0).
+pub(crate) fn warm_up_plan(
+    cfg: &ServeConfig,
+    proposer: ProposerKind,
+    max_context: usize,
+) -> Option<WarmUp> {
+    let uniform = crate::config::uniform_steps(&cfg.spec_uniform, &cfg.device);
+    let depth = match proposer {
+        ProposerKind::Off => 0,
+        _ if uniform => cfg.spec_depth.unwrap_or(cfg.spec_max_depth),
+        _ => 0,
+    };
+    (cfg.warm_up_shapes > 0).then(|| WarmUp {
+        max_shapes: cfg.warm_up_shapes,
+        ..WarmUp::new(cfg.max_running, depth, max_context)
+    })
+}
+
+/// Executors in this process: worker *i* on GPU *i* (`device` cuda) or on the CPU;
+/// a GPU worker records the step shapes of `warm_up` before it serves.
 pub(crate) fn local_factory(
     device: &str,
     precision: Precision,
@@ -592,6 +624,7 @@ pub(crate) fn local_factory(
     n_blocks: usize,
     block_size: usize,
     threads: usize,
+    warm_up: Option<WarmUp>,
 ) -> anyhow::Result<ExecutorFactory> {
     Ok(if device == "cuda" {
         start_cuda_check()?;
@@ -609,14 +642,15 @@ pub(crate) fn local_factory(
                 total_mib = total >> 20,
                 "weights on the GPU"
             );
-            let exec = source.executor(i, backend, model, n_blocks, block_size, 1)?;
+            let exec =
+                source.executor(i, backend, model, n_blocks, block_size, 1, warm_up.as_ref())?;
             Ok(Box::new(ExecutorHandle::spawn(&format!("executor-{i}"), exec)?) as _)
         })
     } else {
         Arc::new(move |i| {
             let backend = CpuBackend::new(precision);
             let model = source.model(&backend);
-            let exec = source.executor(i, backend, model, n_blocks, block_size, threads)?;
+            let exec = source.executor(i, backend, model, n_blocks, block_size, threads, None)?;
             Ok(Box::new(ExecutorHandle::spawn(&format!("executor-{i}"), exec)?) as _)
         })
     })

@@ -11,6 +11,8 @@ use hyserve_model::graph::Mlp;
 use hyserve_model::{Exchange, ExchangeError, ExpertParallel, Model, ModelConfig, SeqChunk};
 use hyserve_telemetry::{StepReport, WorkerMetrics};
 
+use crate::warm_up::{self, WarmUp, WarmedUp};
+
 /// The KV cache shape for `cfg`: one (K, V) per CLA cache layer.
 pub fn kv_spec(
     cfg: &ModelConfig,
@@ -235,6 +237,10 @@ pub struct Executor<B: Backend> {
     load_read: std::time::Instant,
 }
 
+/// Dummy passes of one shape at most before a warm-up gives it up (the backend records
+/// on the third, and the fourth confirms it replays).
+const WARM_UP_MAX_PASSES: usize = 6;
+
 /// How often an executor reads expert load counted on the device.
 const DEVICE_LOAD_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -359,6 +365,108 @@ impl<B: Backend> Executor<B> {
         let kv = self.backend.alloc_kv(with_scratch(spec));
         self.draft = Some(Draft { model, kv });
         Ok(())
+    }
+
+    /// Records the step shapes `plan` names before any request comes
+    /// ([`crate::warm_up`]): dummy decode steps and verifications of every padded batch
+    /// size, through the target model and the draft model, on the scratch slots past
+    /// the scheduler's blocks (every dummy row attends only to rows written in the same
+    /// pass). A backend that records nothing, and a rank of an expert-parallel group
+    /// (whose steps run in lockstep with its peers), do nothing. Expert load counted
+    /// during the warm-up is discarded.
+    pub fn warm_up(&mut self, plan: &WarmUp) -> WarmedUp {
+        let t0 = std::time::Instant::now();
+        let mut done = WarmedUp::default();
+        let capacity = self.backend.recording_capacity();
+        if self.ep.is_some() || capacity == 0 || plan.max_shapes == 0 {
+            return done;
+        }
+        let max_shapes = plan.max_shapes.min(capacity);
+        let shapes = {
+            let (backend, target, draft) = (&self.backend, &self.model, self.draft.as_ref());
+            warm_up::shapes(plan, draft.is_some(), &|is_draft, n, rows| {
+                let m = match draft {
+                    Some(d) if is_draft => &d.model,
+                    _ => target,
+                };
+                let (top_k, n_experts) = m.moe_shape();
+                backend.padded_sequences(n, rows, top_k, n_experts)
+            })
+        };
+        tracing::info!(
+            candidates = shapes.len(),
+            max_shapes,
+            "recording step shapes before serving"
+        );
+        self.backend.set_counted_tokens(0);
+        let scratch = self.spec.n_blocks * self.spec.block_size;
+        let vocab = self.model.cfg.vocab_size;
+        let mut skipped = None;
+        for shape in shapes {
+            if done.shapes >= max_shapes {
+                break;
+            }
+            let bytes = 2 * shape.batch * shape.rows * vocab;
+            if skipped == Some(shape.series()) || done.bytes + bytes > plan.max_bytes {
+                skipped = Some(shape.series());
+                continue;
+            }
+            // Row r sits at position context - rows + r and every position reads one
+            // of the rows' own slots, written by this pass before attention reads it.
+            let first_pos = shape.context - shape.rows;
+            let chunk = SeqChunk {
+                tokens: vec![0; shape.rows],
+                first_pos,
+                slots: (0..shape.context)
+                    .map(|p| scratch + p.saturating_sub(first_pos).min(shape.rows - 1))
+                    .collect(),
+                all_logits: shape.rows > 1,
+            };
+            let chunks = vec![chunk; shape.batch];
+            let (model, kv) = match self.draft.as_mut() {
+                Some(d) if shape.draft => (&d.model, &mut d.kv),
+                _ => (&self.model, &mut self.kv),
+            };
+            let backend = &self.backend;
+            let mut passes = 0;
+            let warmed = loop {
+                let before = backend.warm_up_passes();
+                in_pool(&self.pool, || model.forward(backend, kv, &chunks));
+                passes += 1;
+                if backend.warm_up_passes() == before {
+                    // Replayed: recorded by the passes before (none: not recordable).
+                    break passes > 1;
+                }
+                if passes == WARM_UP_MAX_PASSES {
+                    break false;
+                }
+            };
+            done.passes += passes;
+            if !warmed {
+                skipped = Some(shape.series());
+                continue;
+            }
+            done.shapes += 1;
+            done.bytes += bytes;
+            if done.shapes.is_multiple_of(32) {
+                tracing::info!(
+                    shapes = done.shapes,
+                    seconds = format!("{:.1}", t0.elapsed().as_secs_f64()),
+                    "recording step shapes"
+                );
+            }
+        }
+        let mut discard = self.model.expert_load_shape();
+        self.backend.take_expert_load(&mut discard);
+        done.seconds = t0.elapsed().as_secs_f64();
+        tracing::info!(
+            shapes = done.shapes,
+            passes = done.passes,
+            output_mib = done.bytes >> 20,
+            seconds = format!("{:.2}", done.seconds),
+            "step shapes recorded"
+        );
+        done
     }
 
     /// Makes this executor one rank of an expert-parallel group: its model holds a

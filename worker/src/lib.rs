@@ -7,6 +7,7 @@
 //! - [`remote`]: the worker as a process of its own: the cluster gRPC service, the gRPC
 //!   activation exchange between worker processes, mutual TLS.
 //! - [`nccl`]: the exchange between GPUs over NCCL.
+//! - [`warm_up`]: the step shapes an executor records before serving.
 //! - [`generate`]: a single-sequence driver (prefill in chunks, then decode with a
 //!   sampler) used by `hyserve generate` and the benchmarks.
 
@@ -17,6 +18,7 @@ pub mod executor;
 pub mod generate;
 pub mod nccl;
 pub mod remote;
+pub mod warm_up;
 
 pub use blocks::{BlockAllocator, BlockTable};
 pub use executor::{
@@ -24,3 +26,4 @@ pub use executor::{
     Step, StepOutput, StepTiming, kv_spec,
 };
 pub use generate::{GenerateOptions, GenerateOutput, generate};
+pub use warm_up::{WarmUp, WarmedUp};

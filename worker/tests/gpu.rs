@@ -728,13 +728,15 @@ fn recorded_steps_match_direct_launches(n_proposed: usize) {
 fn recordings_past_the_cap_replace_the_least_recently_used() {
     // 112 verification shapes (1 to 7 sequences, 0 to 15 proposals each), every one
     // run four times over the same cache positions (each step rolls the last back):
-    // more shapes than the backend keeps recordings of. Replays must keep matching
+    // more shapes than the backend keeps recordings of (96 here). Replays must keep matching
     // direct launches while old recordings are dropped for new ones, and the first
     // shapes, run again at the end, are recorded anew.
     let (_dir, cfg, ck) = tiny_model(Arch::HunyuanLarge, 5);
     let mut direct = gpu();
     direct.set_graphs(false);
-    let graphs = gpu();
+    let mut graphs = gpu();
+    const CAP: usize = 96;
+    graphs.set_max_recordings(CAP);
     let md = Model::load(&direct, cfg.clone(), &ck, &mut |_| {});
     let mg = Model::load(&graphs, cfg.clone(), &ck, &mut |_| {});
     let spec = hyserve_worker::kv_spec(&cfg, Precision::Bf16, 128, 16);
@@ -773,18 +775,14 @@ fn recordings_past_the_cap_replace_the_least_recently_used() {
                 worst = worst.max(rel_err(b, a));
             }
         }
-        assert!(graphs.recorded_graphs() <= MAX_RECORDINGS);
+        assert!(graphs.recorded_graphs() <= CAP);
     }
     println!(
         "116 shapes: worst logits relative error {worst:.2e}, {} recordings kept",
         graphs.recorded_graphs()
     );
     assert!(worst <= 5e-3, "graph replay differs by {worst:.3e}");
-    assert_eq!(
-        graphs.recorded_graphs(),
-        MAX_RECORDINGS,
-        "the cap is reached and held"
-    );
+    assert_eq!(graphs.recorded_graphs(), CAP, "the cap is reached and held");
 }
 
 /// Sequence `i` of an executor test's step: four blocks of its own.
@@ -874,6 +872,90 @@ fn steps_padded_for_recording_give_each_sequence_its_own_logits() {
         assert!(worst <= 5e-3, "{n_seqs} sequences: {worst:.3e}");
     }
     assert!(padded.backend().recorded_graphs() >= 2);
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a GPU: run with --features gpu-tests on a GPU host"
+)]
+fn a_warm_up_records_the_first_steps_shapes_before_they_come() {
+    // An executor with a draft model warms up for 8 sequences and verifications of up to
+    // 3 proposals: 6 padded batch sizes (1, 2, 3, 4, 6, 8) of target decode steps, draft
+    // decode steps and 3 verification depths, at context bounds 256 and 512: 60 shapes,
+    // each recorded. Then steps of 5 sequences (padded to 6), decode steps and
+    // verifications of 3 proposals, replay from their first run (no step warms up), give
+    // the logits of an executor that records nothing, and the expert load the dummies
+    // routed was discarded.
+    use hyserve_worker::{Executor, Step, WarmUp};
+    let (_dir, cfg, ck) = tiny_model(Arch::HunyuanLarge, 17);
+    let executor = |graphs: bool| {
+        let mut b = gpu();
+        b.set_graphs(graphs);
+        let m = Model::load(&b, cfg.clone(), &ck, &mut |_| {});
+        let d = Model::load(&b, cfg.clone(), &ck, &mut |_| {});
+        let mut e = Executor::new(b, m, 64, 16);
+        e.set_draft(d).unwrap();
+        e
+    };
+    let (mut warm, mut plain) = (executor(true), executor(false));
+    assert_eq!(warm.backend().recording_capacity(), MAX_RECORDINGS);
+    assert_eq!(plain.backend().recording_capacity(), 0);
+    let plan = WarmUp::new(8, 3, 2048);
+    let done = warm.warm_up(&plan);
+    println!("warm-up: {done:?}");
+    assert_eq!(done.shapes, 60);
+    assert_eq!(warm.backend().recorded_graphs(), 60);
+    assert_eq!(plain.warm_up(&plan).shapes, 0, "nothing to record");
+    let mut load = warm.model().expert_load_shape();
+    assert!(warm.backend().take_expert_load(&mut load));
+    assert!(
+        load.iter().flatten().all(|&n| n == 0),
+        "the dummies' routing is not counted"
+    );
+    let n_seqs = 5;
+    let prompts = step_prompts(n_seqs);
+    let mut worst = 0f32;
+    let mut run = |step: &Step, recorded: bool| {
+        let a = warm.step(step).unwrap();
+        let b = plain.step(step).unwrap();
+        assert!(!a.warming, "a step of a warmed-up shape replays at once");
+        assert_eq!(a.logits.len(), n_seqs);
+        if recorded {
+            for (a, b) in a.logits.iter().zip(&b.logits) {
+                worst = worst.max(rel_err(a, b));
+            }
+        }
+    };
+    run(
+        &Step {
+            seqs: (0..n_seqs)
+                .map(|i| seq_step(i, prompts[i].clone(), 0, false))
+                .collect(),
+            ..Step::default()
+        },
+        false,
+    );
+    for k in 0..8u32 {
+        let rows = if k < 4 { 1 } else { 4 };
+        let step = Step {
+            seqs: (0..n_seqs)
+                .map(|i| {
+                    let tokens = (0..rows).map(|r| 300 + 7 * k + r + i as u32).collect();
+                    seq_step(i, tokens, prompts[i].len() + (k as usize).min(3), rows > 1)
+                })
+                .collect(),
+            ..Step::default()
+        };
+        run(&step, true);
+    }
+    println!("warmed-up steps: worst logits relative error {worst:.2e}");
+    assert!(worst <= 5e-3, "{worst:.3e}");
+    assert_eq!(
+        warm.backend().recorded_graphs(),
+        60,
+        "serving recorded nothing new"
+    );
 }
 
 /// Routed tokens per expert from a registry's `hyserve_expert_routed_tokens_total`.

@@ -272,7 +272,7 @@ unsafe impl Send for GraphCell {}
 /// Most recorded steps kept (one per padded batch size, speculation depth and context
 /// bound, for the target and a draft model); past it the least recently used is
 /// dropped. `HYSERVE_GRAPH_CACHE` sets another bound (experiments on recording churn).
-pub const MAX_RECORDINGS: usize = 96;
+pub const MAX_RECORDINGS: usize = 192;
 /// Forward passes between two `cuda graphs` log lines of a backend.
 const GRAPH_LOG_EVERY: u64 = 1024;
 /// One recorded step in this many is timed on the device (two events around its
@@ -626,6 +626,13 @@ impl CudaBackend {
             self.graphs.lock().expect("graphs lock").clear();
             self.kept.store(0, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// Keeps at most `n` recordings from now on (at least 1; `HYSERVE_GRAPH_CACHE` or
+    /// [`MAX_RECORDINGS`] before), for tests of the cap. Recordings past it stay until
+    /// new shapes replace them.
+    pub fn set_max_recordings(&mut self, n: usize) {
+        self.max_recordings = n.max(1);
     }
 
     /// Decode steps recorded so far.
@@ -1503,6 +1510,14 @@ impl Backend for CudaBackend {
 
     fn uses_thread_pool(&self) -> bool {
         false
+    }
+
+    fn recording_capacity(&self) -> usize {
+        if self.graphs_enabled {
+            self.max_recordings
+        } else {
+            0
+        }
     }
 
     fn warm_up_passes(&self) -> u64 {
