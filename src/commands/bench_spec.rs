@@ -336,6 +336,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.rounds >= 1 && a.reps >= 1,
         "--rounds and --reps must be >= 1"
     );
+    anyhow::ensure!(
+        (1..=15).contains(&a.spec_max_depth)
+            && a.spec_depth
+                .is_none_or(|d| (1..=a.spec_max_depth).contains(&d)),
+        "--spec-max-depth must be in 1..=15 and --spec-depth in 1..=--spec-max-depth"
+    );
+    anyhow::ensure!(
+        a.warm_up_shapes <= hyserve_kernels::cuda::MAX_RECORDINGS,
+        "--warm-up-shapes must be at most {}",
+        hyserve_kernels::cuda::MAX_RECORDINGS
+    );
     let proposers: Vec<ProposerKind> = a
         .proposers
         .iter()

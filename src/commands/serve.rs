@@ -60,11 +60,11 @@ impl WeightSource {
         if let Some(d) = draft {
             exec.set_draft(d).map_err(std::io::Error::other)?;
         }
-        if let Some(plan) = warm_up {
-            exec.warm_up(plan);
-        }
         if let Some(m) = &self.metrics {
             exec.set_metrics(Arc::clone(m), worker.to_string());
+        }
+        if let Some(plan) = warm_up {
+            exec.warm_up(plan);
         }
         Ok(exec)
     }

@@ -372,8 +372,9 @@ impl<B: Backend> Executor<B> {
     /// size, through the target model and the draft model, on the scratch slots past
     /// the scheduler's blocks (every dummy row attends only to rows written in the same
     /// pass). A backend that records nothing, and a rank of an expert-parallel group
-    /// (whose steps run in lockstep with its peers), do nothing. Expert load counted
-    /// during the warm-up is discarded.
+    /// (whose steps run in lockstep with its peers), do nothing. Call it after
+    /// [`Executor::set_metrics`]: the recordings count expert load or not as the
+    /// executor's steps will. Expert load counted during the warm-up is discarded.
     pub fn warm_up(&mut self, plan: &WarmUp) -> WarmedUp {
         let t0 = std::time::Instant::now();
         let mut done = WarmedUp::default();
@@ -423,15 +424,26 @@ impl<B: Backend> Executor<B> {
                 all_logits: shape.rows > 1,
             };
             let chunks = vec![chunk; shape.batch];
-            let (model, kv) = match self.draft.as_mut() {
-                Some(d) if shape.draft => (&d.model, &mut d.kv),
-                _ => (&self.model, &mut self.kv),
+            // Recorded as serving will run it: the target's steps count expert load
+            // where this worker reports metrics (nothing, with 0 tokens counted), the
+            // draft's never do.
+            let (model, kv, mut load) = match self.draft.as_mut() {
+                Some(d) if shape.draft => (&d.model, &mut d.kv, None),
+                _ => (
+                    &self.model,
+                    &mut self.kv,
+                    self.metrics
+                        .is_some()
+                        .then(|| self.model.expert_load_shape()),
+                ),
             };
             let backend = &self.backend;
             let mut passes = 0;
             let warmed = loop {
                 let before = backend.warm_up_passes();
-                in_pool(&self.pool, || model.forward(backend, kv, &chunks));
+                in_pool(&self.pool, || {
+                    model.forward_counted(backend, kv, &chunks, load.as_deref_mut())
+                });
                 passes += 1;
                 if backend.warm_up_passes() == before {
                     // Replayed: recorded by the passes before (none: not recordable).

@@ -9,6 +9,8 @@
 //! steps. A warm-up runs dummy steps of the likely shapes at start-up instead, on the
 //! KV cache's scratch slots, so that the first real steps replay.
 
+use hyserve_kernels::RecordKey;
+
 /// What a warm-up records.
 #[derive(Clone, Debug, PartialEq)]
 pub struct WarmUp {
@@ -106,7 +108,9 @@ pub fn shapes(
     if draft && plan.max_depth > 0 {
         series.push((true, 1));
     }
-    series.extend((1..=plan.max_depth).map(|d| (false, 1 + d)));
+    // Deeper verifications are never recorded (nor fit the scratch slots).
+    let deepest = plan.max_depth.min(RecordKey::MAX_SEQ_ROWS - 1);
+    series.extend((1..=deepest).map(|d| (false, 1 + d)));
     let mut out = Vec::new();
     for (is_draft, rows) in series {
         for &context in &plan.contexts {
@@ -184,6 +188,9 @@ mod tests {
         let plain = shapes(&WarmUp::new(4, 0, 256), true, &padded);
         assert!(plain.iter().all(|s| s.rows == 1 && !s.draft));
         assert_eq!(plain.len(), 4);
+        // Past 15 proposals a verification is never recorded: not planned either.
+        let deep = shapes(&WarmUp::new(1, 40, 256), false, &padded);
+        assert_eq!(deep.iter().map(|s| s.rows).max(), Some(16));
     }
 
     #[test]

@@ -880,15 +880,21 @@ fn steps_padded_for_recording_give_each_sequence_its_own_logits() {
     ignore = "needs a GPU: run with --features gpu-tests on a GPU host"
 )]
 fn a_warm_up_records_the_first_steps_shapes_before_they_come() {
-    // An executor with a draft model warms up for 8 sequences and verifications of up to
-    // 3 proposals: 6 padded batch sizes (1, 2, 3, 4, 6, 8) of target decode steps, draft
-    // decode steps and 3 verification depths, at context bounds 256 and 512: 60 shapes,
-    // each recorded. Then steps of 5 sequences (padded to 6), decode steps and
-    // verifications of 3 proposals, replay from their first run (no step warms up), give
-    // the logits of an executor that records nothing, and the expert load the dummies
-    // routed was discarded.
+    // An executor with a draft model, reporting metrics, warms up for 8 sequences and
+    // verifications of up to 3 proposals: 6 padded batch sizes (1, 2, 3, 4, 6, 8) of
+    // target decode steps, draft decode steps and 3 verification depths, at context
+    // bounds 256 and 512: 60 shapes, each recorded. Then steps of 5 sequences (padded to
+    // 6), decode steps and verifications of 3 proposals, replay from their first run (no
+    // step warms up) and give the logits of an executor that records nothing; the
+    // expert load the dummies routed was discarded, and the replayed steps count every
+    // real token's (recorded counting, as the executor's steps do).
+    use hyserve_telemetry::WorkerMetrics;
     use hyserve_worker::{Executor, Step, WarmUp};
+    use std::sync::Arc;
     let (_dir, cfg, ck) = tiny_model(Arch::HunyuanLarge, 17);
+    let n_moe_layers = cfg.layers.iter().filter(|l| l.n_experts > 0).count() as u64;
+    let top_k = cfg.layers.iter().map(|l| l.top_k).max().unwrap() as u64;
+    let registry = prometheus::Registry::new();
     let executor = |graphs: bool| {
         let mut b = gpu();
         b.set_graphs(graphs);
@@ -899,6 +905,13 @@ fn a_warm_up_records_the_first_steps_shapes_before_they_come() {
         e
     };
     let (mut warm, mut plain) = (executor(true), executor(false));
+    let experts = cfg.layers.iter().map(|l| l.n_experts).max().unwrap();
+    warm.set_metrics(
+        Arc::new(
+            WorkerMetrics::new(&registry, &["0".to_string()], cfg.layers.len(), experts).unwrap(),
+        ),
+        "0".into(),
+    );
     assert_eq!(warm.backend().recording_capacity(), MAX_RECORDINGS);
     assert_eq!(plain.backend().recording_capacity(), 0);
     let plan = WarmUp::new(8, 3, 2048);
@@ -916,11 +929,13 @@ fn a_warm_up_records_the_first_steps_shapes_before_they_come() {
     let n_seqs = 5;
     let prompts = step_prompts(n_seqs);
     let mut worst = 0f32;
+    let mut tokens = 0u64;
     let mut run = |step: &Step, recorded: bool| {
+        tokens += step.seqs.iter().map(|q| q.tokens.len() as u64).sum::<u64>();
         let a = warm.step(step).unwrap();
         let b = plain.step(step).unwrap();
         assert!(!a.warming, "a step of a warmed-up shape replays at once");
-        assert_eq!(a.logits.len(), n_seqs);
+        assert_eq!(a.logits.len(), step.seqs.len());
         if recorded {
             for (a, b) in a.logits.iter().zip(&b.logits) {
                 worst = worst.max(rel_err(a, b));
@@ -949,7 +964,23 @@ fn a_warm_up_records_the_first_steps_shapes_before_they_come() {
         };
         run(&step, true);
     }
-    println!("warmed-up steps: worst logits relative error {worst:.2e}");
+    // The device's counters are read at most every 250 ms: one more (warmed-up) step
+    // after that brings the rest back.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    run(
+        &Step {
+            seqs: vec![seq_step(0, vec![5], prompts[0].len() + 3, false)],
+            ..Step::default()
+        },
+        true,
+    );
+    let routed: u64 = routed_per_expert(&registry).iter().sum();
+    println!("warmed-up steps: worst logits relative error {worst:.2e}, {routed} routed pairs");
+    assert_eq!(
+        routed,
+        tokens * top_k * n_moe_layers,
+        "replays of warmed-up shapes count every real pair, and no dummy's"
+    );
     assert!(worst <= 5e-3, "{worst:.3e}");
     assert_eq!(
         warm.backend().recorded_graphs(),
