@@ -81,7 +81,8 @@ pub struct ServeConfig {
     pub spec_uniform: String,
     /// Step shapes (batch size, verification depth, context bound) a GPU worker records
     /// before serving, so that the first requests replay them (0: none; at most the
-    /// 192 recordings a worker keeps).
+    /// 96 recordings a worker keeps). Off by default until the warm-up's GPU test and
+    /// benchmark have run on a GPU host; 64 is the intended default.
     pub warm_up_shapes: usize,
 }
 
@@ -115,7 +116,7 @@ impl Default for ServeConfig {
             spec_max_depth: 6,
             spec_depth: None,
             spec_uniform: "auto".into(),
-            warm_up_shapes: hyserve_worker::WarmUp::DEFAULT_SHAPES,
+            warm_up_shapes: 0,
         }
     }
 }
@@ -281,7 +282,7 @@ mod tests {
             ("block_size = 0", "block_size"),
             ("speculation = \"eagle\"", "speculation"),
             ("spec_max_depth = 16", "spec_max_depth"),
-            ("warm_up_shapes = 193", "warm_up_shapes"),
+            ("warm_up_shapes = 97", "warm_up_shapes"),
             ("spec_depth = 7", "spec_depth"),
             ("spec_uniform = \"yes\"", "spec_uniform"),
             (

@@ -80,9 +80,10 @@ pub struct Args {
     spec_uniform: String,
     #[arg(long, default_value_t = 256)]
     kv_cache_mib: usize,
-    /// Step shapes each GPU engine records at start-up, as `serve` does (0: none, every
-    /// shape then recorded when serving first meets it).
-    #[arg(long, default_value_t = hyserve_worker::WarmUp::DEFAULT_SHAPES)]
+    /// Step shapes each GPU engine records at start-up, as `serve --warm-up-shapes`
+    /// does (0, the default: none, every shape then recorded when serving first meets
+    /// it).
+    #[arg(long, default_value_t = 0)]
     warm_up_shapes: usize,
     /// Each speculating engine also serves every measurement once more with requests
     /// that opt out of speculation (reported as `<proposer>-opted-out`), next to its

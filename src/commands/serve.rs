@@ -163,7 +163,8 @@ pub struct Args {
     /// whose recorded steps replay only shapes seen before).
     #[arg(long, value_parser = ["auto", "on", "off"])]
     spec_uniform: Option<String>,
-    /// Step shapes a GPU worker records before serving (0: none).
+    /// Step shapes a GPU worker records before serving (0, the default: none; 64
+    /// suggested).
     #[arg(long)]
     warm_up_shapes: Option<usize>,
 }

@@ -32,9 +32,9 @@ pub struct WarmUp {
 }
 
 impl WarmUp {
-    /// Shapes recorded by default: two thirds of the CUDA backend's 192 recordings, so
-    /// that serving keeps room for shapes of its own.
-    pub const DEFAULT_SHAPES: usize = 128;
+    /// Shapes recorded when a warm-up is asked for without a number: two thirds of the
+    /// CUDA backend's 96 recordings, so that serving keeps room for shapes of its own.
+    pub const DEFAULT_SHAPES: usize = 64;
     /// Context bounds recorded by default (bounds above the model's context are left
     /// out).
     pub const DEFAULT_CONTEXTS: [usize; 2] = [256, 512];

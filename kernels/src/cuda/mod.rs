@@ -272,7 +272,7 @@ unsafe impl Send for GraphCell {}
 /// Most recorded steps kept (one per padded batch size, speculation depth and context
 /// bound, for the target and a draft model); past it the least recently used is
 /// dropped. `HYSERVE_GRAPH_CACHE` sets another bound (experiments on recording churn).
-pub const MAX_RECORDINGS: usize = 192;
+pub const MAX_RECORDINGS: usize = 96;
 /// Forward passes between two `cuda graphs` log lines of a backend.
 const GRAPH_LOG_EVERY: u64 = 1024;
 /// One recorded step in this many is timed on the device (two events around its
