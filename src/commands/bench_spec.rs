@@ -28,7 +28,7 @@ use hyserve_model::tokenizer::{ChatMessage, Tokenizer};
 use hyserve_model::{Checkpoint, ModelConfig};
 use serde::Serialize;
 
-use super::serve::{WeightSource, local_factory, open_draft};
+use super::serve::{WeightSource, local_factory, open_draft, warm_up_plan};
 use crate::config::uniform_steps;
 use crate::load;
 
@@ -388,30 +388,25 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let bytes_per_token = hyserve_worker::kv_spec(&cfg, precision, 1, block_size).bytes_per_token();
     let n_blocks = (a.kv_cache_mib << 20) / (bytes_per_token * block_size);
     let max_context = cfg.max_position_embeddings.min(n_blocks * block_size);
+    let max_batch = a.batches.iter().copied().max().unwrap_or(1);
+    let uniform = uniform_steps(&a.spec_uniform, &a.device);
     let source = Arc::new(WeightSource {
         ck: Some(ck),
         random_seed: None,
         cfg: cfg.clone(),
         draft,
         metrics: None,
+        // Every engine records the same shapes, as a server speculating at this depth
+        // would: the plain engine's verification recordings are never replayed.
+        warm_up: warm_up_plan(
+            a.warm_up_shapes,
+            max_batch,
+            uniform.then(|| a.spec_depth.unwrap_or(a.spec_max_depth)),
+            max_context,
+        ),
     });
     let threads = rayon::current_num_threads();
-    let max_batch = a.batches.iter().copied().max().unwrap_or(1);
-    let uniform = uniform_steps(&a.spec_uniform, &a.device);
-    // Every engine records the same shapes, as a server speculating at this depth
-    // would: the plain engine's verification recordings are never replayed.
-    let depth = if uniform {
-        a.spec_depth.unwrap_or(a.spec_max_depth)
-    } else {
-        0
-    };
-    let warm_up = (a.warm_up_shapes > 0).then(|| hyserve_worker::WarmUp {
-        max_shapes: a.warm_up_shapes,
-        ..hyserve_worker::WarmUp::new(max_batch, depth, max_context)
-    });
-    let factory = local_factory(
-        &a.device, precision, source, n_blocks, block_size, threads, warm_up,
-    )?;
+    let factory = local_factory(&a.device, precision, source, n_blocks, block_size, threads)?;
     let stop_ids = tokenizer.stop_ids().to_vec();
     let prompts: BTreeMap<String, Vec<Vec<u32>>> = a
         .workloads

@@ -36,12 +36,14 @@ pub(crate) struct WeightSource {
     pub(crate) draft: Option<(ModelConfig, Checkpoint)>,
     /// Where in-process workers report their steps (labelled by their index).
     pub(crate) metrics: Option<Arc<hyserve_telemetry::WorkerMetrics>>,
+    /// The step shapes in-process workers record before serving (a backend that
+    /// records nothing skips it).
+    pub(crate) warm_up: Option<WarmUp>,
 }
 
 impl WeightSource {
     /// An executor over `model`, with the draft model beside it if there is one, its
-    /// step shapes recorded per `warm_up` where the backend records steps.
-    #[allow(clippy::too_many_arguments)]
+    /// step shapes recorded per `warm_up`.
     fn executor<B: Backend>(
         &self,
         worker: usize,
@@ -50,7 +52,6 @@ impl WeightSource {
         n_blocks: usize,
         block_size: usize,
         threads: usize,
-        warm_up: Option<&WarmUp>,
     ) -> std::io::Result<Executor<B>> {
         let draft = self
             .draft
@@ -63,7 +64,7 @@ impl WeightSource {
         if let Some(m) = &self.metrics {
             exec.set_metrics(Arc::clone(m), worker.to_string());
         }
-        if let Some(plan) = warm_up {
+        if let Some(plan) = &self.warm_up {
             exec.warm_up(plan);
         }
         Ok(exec)
@@ -436,6 +437,14 @@ async fn serve(mut cfg: ServeConfig, cluster: Option<ClusterArgs>) -> anyhow::Re
         cfg: model_cfg.clone(),
         draft,
         metrics: worker_metrics,
+        warm_up: warm_up_plan(
+            cfg.warm_up_shapes,
+            cfg.max_running,
+            (proposer != ProposerKind::Off
+                && crate::config::uniform_steps(&cfg.spec_uniform, &cfg.device))
+            .then(|| cfg.spec_depth.unwrap_or(cfg.spec_max_depth)),
+            max_context,
+        ),
     });
     let block_size = cfg.block_size;
     let mut running_cluster = None;
@@ -473,7 +482,6 @@ async fn serve(mut cfg: ServeConfig, cluster: Option<ClusterArgs>) -> anyhow::Re
             n_blocks,
             block_size,
             threads,
-            warm_up_plan(&cfg, proposer, max_context),
         )?
     };
     let model_name = cfg.model_name.clone().unwrap_or_else(|| {
@@ -596,28 +604,22 @@ async fn serve(mut cfg: ServeConfig, cluster: Option<ClusterArgs>) -> anyhow::Re
     Ok(())
 }
 
-/// The step shapes an in-process GPU worker records before serving: every batch size
-/// up to `max_running`, and verifications up to the speculation depth where steps of
-/// uniform depth repeat them (none when `warm_up_shapes` is 0).
+/// At most `shapes` step shapes an in-process worker records before serving: every
+/// batch size up to `max_batch`, and verifications up to `verified` proposals where
+/// speculating steps of one depth repeat them (none when `shapes` is 0).
 pub(crate) fn warm_up_plan(
-    cfg: &ServeConfig,
-    proposer: ProposerKind,
+    shapes: usize,
+    max_batch: usize,
+    verified: Option<usize>,
     max_context: usize,
 ) -> Option<WarmUp> {
-    let uniform = crate::config::uniform_steps(&cfg.spec_uniform, &cfg.device);
-    let depth = match proposer {
-        ProposerKind::Off => 0,
-        _ if uniform => cfg.spec_depth.unwrap_or(cfg.spec_max_depth),
-        _ => 0,
-    };
-    (cfg.warm_up_shapes > 0).then(|| WarmUp {
-        max_shapes: cfg.warm_up_shapes,
-        ..WarmUp::new(cfg.max_running, depth, max_context)
+    (shapes > 0).then(|| WarmUp {
+        max_shapes: shapes,
+        ..WarmUp::new(max_batch, verified.unwrap_or(0), max_context)
     })
 }
 
-/// Executors in this process: worker *i* on GPU *i* (`device` cuda) or on the CPU;
-/// a GPU worker records the step shapes of `warm_up` before it serves.
+/// Executors in this process: worker *i* on GPU *i* (`device` cuda) or on the CPU.
 pub(crate) fn local_factory(
     device: &str,
     precision: Precision,
@@ -625,7 +627,6 @@ pub(crate) fn local_factory(
     n_blocks: usize,
     block_size: usize,
     threads: usize,
-    warm_up: Option<WarmUp>,
 ) -> anyhow::Result<ExecutorFactory> {
     Ok(if device == "cuda" {
         start_cuda_check()?;
@@ -643,15 +644,14 @@ pub(crate) fn local_factory(
                 total_mib = total >> 20,
                 "weights on the GPU"
             );
-            let exec =
-                source.executor(i, backend, model, n_blocks, block_size, 1, warm_up.as_ref())?;
+            let exec = source.executor(i, backend, model, n_blocks, block_size, 1)?;
             Ok(Box::new(ExecutorHandle::spawn(&format!("executor-{i}"), exec)?) as _)
         })
     } else {
         Arc::new(move |i| {
             let backend = CpuBackend::new(precision);
             let model = source.model(&backend);
-            let exec = source.executor(i, backend, model, n_blocks, block_size, threads, None)?;
+            let exec = source.executor(i, backend, model, n_blocks, block_size, threads)?;
             Ok(Box::new(ExecutorHandle::spawn(&format!("executor-{i}"), exec)?) as _)
         })
     })

@@ -810,6 +810,32 @@ fn step_prompts(n: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// `n` sequences' prefill (prompts of [`step_prompts`]), then 4 decode steps and 4
+/// verifications of 3 proposals (each rolled back: the next writes the same positions).
+fn prefill_then_decode_and_verify(n: usize) -> Vec<hyserve_worker::Step> {
+    use hyserve_worker::Step;
+    let prompts = step_prompts(n);
+    let mut steps = vec![Step {
+        seqs: (0..n)
+            .map(|i| seq_step(i, prompts[i].clone(), 0, false))
+            .collect(),
+        ..Step::default()
+    }];
+    steps.extend((0..8u32).map(|k| {
+        let rows = if k < 4 { 1 } else { 4 };
+        Step {
+            seqs: (0..n)
+                .map(|i| {
+                    let tokens = (0..rows).map(|r| 300 + 7 * k + r + i as u32).collect();
+                    seq_step(i, tokens, prompts[i].len() + (k as usize).min(3), rows > 1)
+                })
+                .collect(),
+            ..Step::default()
+        }
+    }));
+    steps
+}
+
 #[test]
 #[cfg_attr(
     not(feature = "gpu-tests"),
@@ -834,9 +860,6 @@ fn steps_padded_for_recording_give_each_sequence_its_own_logits() {
             padded.backend().padded_sequences(n_seqs, 1, 1, 16),
             n_seqs + 1
         );
-        let seq = |i: usize, tokens: Vec<u32>, first_pos: usize| {
-            seq_step(i, tokens, first_pos, first_pos > 0)
-        };
         let mut worst = 0f32;
         let mut run = |step: &Step| {
             let a = padded.step(step).unwrap();
@@ -846,26 +869,7 @@ fn steps_padded_for_recording_give_each_sequence_its_own_logits() {
                 worst = worst.max(rel_err(a, b));
             }
         };
-        let prompts = step_prompts(n_seqs);
-        run(&Step {
-            seqs: (0..n_seqs).map(|i| seq(i, prompts[i].clone(), 0)).collect(),
-            ..Step::default()
-        });
-        for k in 0..8u32 {
-            // Decode steps, then verifications of 3 proposals (rolled back: the next
-            // step writes the same positions).
-            let rows = if k < 4 { 1 } else { 4 };
-            let step = Step {
-                seqs: (0..n_seqs)
-                    .map(|i| {
-                        let tokens = (0..rows).map(|r| 300 + 7 * k + r + i as u32).collect();
-                        let mut s = seq(i, tokens, prompts[i].len() + (k as usize).min(3));
-                        s.all_logits = rows > 1;
-                        s
-                    })
-                    .collect(),
-                ..Step::default()
-            };
+        for step in prefill_then_decode_and_verify(n_seqs) {
             run(&step);
         }
         println!("{n_seqs} sequences padded: worst logits relative error {worst:.2e}");
@@ -927,7 +931,6 @@ fn a_warm_up_records_the_first_steps_shapes_before_they_come() {
         "the dummies' routing is not counted"
     );
     let n_seqs = 5;
-    let prompts = step_prompts(n_seqs);
     let mut worst = 0f32;
     let mut tokens = 0u64;
     let mut run = |step: &Step, recorded: bool| {
@@ -942,34 +945,22 @@ fn a_warm_up_records_the_first_steps_shapes_before_they_come() {
             }
         }
     };
-    run(
-        &Step {
-            seqs: (0..n_seqs)
-                .map(|i| seq_step(i, prompts[i].clone(), 0, false))
-                .collect(),
-            ..Step::default()
-        },
-        false,
-    );
-    for k in 0..8u32 {
-        let rows = if k < 4 { 1 } else { 4 };
-        let step = Step {
-            seqs: (0..n_seqs)
-                .map(|i| {
-                    let tokens = (0..rows).map(|r| 300 + 7 * k + r + i as u32).collect();
-                    seq_step(i, tokens, prompts[i].len() + (k as usize).min(3), rows > 1)
-                })
-                .collect(),
-            ..Step::default()
-        };
-        run(&step, true);
+    let steps = prefill_then_decode_and_verify(n_seqs);
+    // The prefill is not recordable: its logits are not compared.
+    for (i, step) in steps.iter().enumerate() {
+        run(step, i > 0);
     }
     // The device's counters are read at most every 250 ms: one more (warmed-up) step
     // after that brings the rest back.
     std::thread::sleep(std::time::Duration::from_millis(300));
     run(
         &Step {
-            seqs: vec![seq_step(0, vec![5], prompts[0].len() + 3, false)],
+            seqs: vec![seq_step(
+                0,
+                vec![5],
+                steps[0].seqs[0].tokens.len() + 3,
+                false,
+            )],
             ..Step::default()
         },
         true,
