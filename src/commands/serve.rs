@@ -65,7 +65,15 @@ impl WeightSource {
             exec.set_metrics(Arc::clone(m), worker.to_string());
         }
         if let Some(plan) = &self.warm_up {
-            exec.warm_up(plan);
+            let done = exec.warm_up(plan);
+            tracing::info!(
+                worker,
+                shapes = done.shapes,
+                passes = done.passes,
+                mib = done.bytes >> 20,
+                seconds = format!("{:.2}", done.seconds),
+                "warm-up recorded step shapes"
+            );
         }
         Ok(exec)
     }
