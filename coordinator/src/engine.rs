@@ -324,14 +324,20 @@ struct SchedulerState {
     /// Workers known dead and not yet restarted: no step is planned while any is, as
     /// every step would fail at once.
     down: Vec<bool>,
-    /// Steps failed in a row; from the second on, the next step waits
-    /// [`retry_delay`] (a worker that keeps failing its steps is not hammered).
+    /// Steps failed since the fault began (a success ends it only once it leaves no
+    /// suspect: those of the steps singling out its culprit do not); from the
+    /// second on, the next step waits [`retry_delay`] (a worker that keeps failing its
+    /// steps is not hammered).
     failed_in_a_row: u32,
     /// A retry is scheduled (`SchedulerMsg::Retry`).
     retry_pending: bool,
-    /// The sequences that were in every one of the `failed_in_a_row` failed steps
-    /// (sorted): the suspects of a fault that follows a request.
+    /// The sequences that were in every one of the `failed_in_a_row` failed steps and
+    /// have produced no token since (sorted): the suspects of a fault that follows a
+    /// request. While there are any, steps hold only `probe`.
     suspects: Vec<SeqId>,
+    /// The suspects the next steps may hold (sorted): after a failure the first half of
+    /// them; once those all produce a token, the rest.
+    probe: Vec<SeqId>,
 }
 
 impl SchedulerState {
@@ -343,6 +349,51 @@ impl SchedulerState {
         let _ = self.workers[w].cast(WorkerMsg::Failed(why));
     }
 
+    /// A step of `ids` (sorted) failed, the `failed_in_a_row`th: the suspects are those of them that were in
+    /// every failed step since the fault began (all of `ids` if none was), and the next
+    /// steps hold the first half of them only. Halving on each failure singles out a
+    /// request that breaks every step it is in, where its batch would fail with it.
+    fn suspect(&mut self, ids: Vec<SeqId>) {
+        let kept: Vec<SeqId> = self
+            .suspects
+            .iter()
+            .copied()
+            .filter(|id| ids.binary_search(id).is_ok())
+            .collect();
+        if kept.is_empty() {
+            // A fault of other sequences: it is counted afresh.
+            self.failed_in_a_row = 1;
+            self.suspects = ids;
+        } else {
+            self.suspects = kept;
+        }
+        self.probe = self.suspects[..self.suspects.len().div_ceil(2)].to_vec();
+        self.scheduler.restrict(Some(self.probe.clone()));
+    }
+
+    /// A step succeeded while there were suspects: those that produced a token in it
+    /// (`produced`, sorted) or are gone are cleared. The steps go on holding the rest of
+    /// the probe, then the suspects not yet probed; with no suspect left the fault has
+    /// passed.
+    fn clear_suspects(&mut self, produced: &[SeqId]) {
+        let streams = &self.streams;
+        let guilty = |id: &SeqId| streams.contains_key(id) && produced.binary_search(id).is_err();
+        self.suspects.retain(guilty);
+        self.probe.retain(guilty);
+        if self.suspects.is_empty() {
+            self.failed_in_a_row = 0;
+            self.scheduler.restrict(None);
+            tracing::info!(
+                "the failing steps' culprit did not fail again; steps hold every sequence"
+            );
+            return;
+        }
+        if self.probe.is_empty() {
+            self.probe = self.suspects.clone();
+        }
+        self.scheduler.restrict(Some(self.probe.clone()));
+    }
+
     /// `workers_alive` (health, `/metrics`) is the workers not down.
     fn publish_alive(&self) {
         let alive = self.down.iter().filter(|&&d| !d).count();
@@ -350,10 +401,12 @@ impl SchedulerState {
     }
 }
 
-/// Steps that may fail in a row with the same sequences in all of them before those
-/// sequences' requests are failed: a request that breaks every step it is in (a "query
-/// of death") would otherwise be retried forever, its batch with it. Below the limit
-/// a fault is taken for a passing one (a worker that died and came back).
+/// Failed steps, since a fault began, with the same sequences in all of them and no
+/// token of theirs in between, before those sequences' requests are failed: a request
+/// that breaks every step it is in (a "query of death") would otherwise be retried
+/// forever. Below the limit a fault is taken for a passing one (a worker that died and
+/// came back). Each failure halves the suspects, so a lone culprit is singled out of a
+/// batch of up to 128 before its requests fail; a bigger batch loses 2 or more.
 const MAX_FAILED_STEPS: u32 = 8;
 
 /// How long to wait before planning again after `failed` steps failed in a row: none
@@ -468,11 +521,14 @@ impl SchedulerActor {
     }
 
     /// The suspects' requests fail with an internal error, after [`MAX_FAILED_STEPS`]
-    /// steps in a row failed with them all in it; the other sequences start afresh.
+    /// failed steps with them all in it and no token of theirs in between; the other
+    /// sequences go on.
     fn give_up(&self, st: &mut SchedulerState, error: &str) {
         let suspects = std::mem::take(&mut st.suspects);
+        st.probe.clear();
+        st.scheduler.restrict(None);
         let message = format!(
-            "every step this request was in failed, {} in a row; the last error: {error}",
+            "this request was in {} failed steps, with no token of its own in between; the last error: {error}",
             st.failed_in_a_row
         );
         tracing::error!(
@@ -584,6 +640,7 @@ impl Actor for SchedulerActor {
             failed_in_a_row: 0,
             retry_pending: false,
             suspects: Vec::new(),
+            probe: Vec::new(),
         })
     }
 
@@ -637,19 +694,32 @@ impl Actor for SchedulerActor {
                         let events =
                             st.scheduler
                                 .complete_timed(plan, outputs, Some(model_seconds));
+                        let mut produced: Vec<SeqId> = Vec::new();
+                        if !st.suspects.is_empty() {
+                            produced = events
+                                .iter()
+                                .filter(|(_, e)| !matches!(e, TokenEvent::Failed(_)))
+                                .map(|&(id, _)| id)
+                                .collect();
+                            produced.sort_unstable();
+                        }
                         self.deliver(st, events);
                         st.scheduler
                             .step_wall_time(st.planned_at.elapsed().as_secs_f64());
                         st.shared
                             .last_progress_ms
                             .store(now_ms(), Ordering::Release);
-                        st.failed_in_a_row = 0;
+                        if st.suspects.is_empty() {
+                            st.failed_in_a_row = 0;
+                        } else {
+                            st.clear_suspects(&produced);
+                        }
                     }
                     Err(e) => {
                         // Nothing is lost: the step's sequences go back to the queue with
-                        // their tokens so far and are recomputed on the next step; only
-                        // those in every one of MAX_FAILED_STEPS failures in a row are
-                        // given up on.
+                        // their tokens so far and are recomputed; the next steps single
+                        // out a culprit by halves, and only a sequence in every one of
+                        // MAX_FAILED_STEPS failures, with no token between, is given up.
                         st.failed_in_a_row += 1;
                         let mut ids: Vec<SeqId> = plan
                             .steps
@@ -657,11 +727,7 @@ impl Actor for SchedulerActor {
                             .flat_map(|(_, step)| step.seqs.iter().map(|s| s.seq_id))
                             .collect();
                         ids.sort_unstable();
-                        if st.failed_in_a_row == 1 {
-                            st.suspects = ids;
-                        } else {
-                            st.suspects.retain(|id| ids.binary_search(id).is_ok());
-                        }
+                        st.suspect(ids);
                         st.scheduler.abort_step(plan);
                         let failed_in_a_row = st.failed_in_a_row;
                         if failed_in_a_row >= MAX_FAILED_STEPS && !st.suspects.is_empty() {

@@ -443,7 +443,7 @@ async fn a_request_that_breaks_every_step_fails_and_the_engine_goes_on() {
     match first {
         Some(TokenEvent::Failed(e)) => {
             let text = e.to_string();
-            assert!(text.contains("8 in a row"), "{text}");
+            assert!(text.contains("in 8 failed steps"), "{text}");
             assert!(text.contains("injected failure"), "{text}");
             assert_eq!(e.http_status(), 500);
         }
@@ -468,6 +468,67 @@ async fn a_request_that_breaks_every_step_fails_and_the_engine_goes_on() {
         .expect("no answer in 20 s after the poisoned request");
     assert_eq!(got, want);
     assert_eq!(engine.stats().steps_failed_total, 8);
+    engine.stop();
+}
+
+/// A query of death batched with healthy requests is singled out (each failure halves
+/// the suspects) and fails alone; the others generate what they would alone. Its poison
+/// lies in its second prompt chunk, so the step of its first chunk succeeds every time:
+/// a success that gives the suspect no token does not end the fault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_breaks_every_step_is_singled_out_of_its_batch() {
+    let f = fixture();
+    let healthy: Vec<Vec<u32>> = (0..7u32)
+        .map(|i| (0..6).map(|j| 300 + 20 * i + j).collect())
+        .collect();
+    let want = lone_greedy(&f, &healthy, 8);
+    let (ck, cfg) = (f.ck.clone(), f.cfg.clone());
+    let factory: ExecutorFactory =
+        Arc::new(move |_| Ok(Box::new(Poisoned(spawn_executor("worker", &ck, &cfg, 64)?)) as _));
+    let engine = EngineHandle::start(config(&f, 1, 64, false, SpecConfig::off()), factory)
+        .await
+        .unwrap();
+    // Third of eight: in the first half the first probe holds.
+    let (before, after) = healthy.split_at(2);
+    let first = tokio::spawn({
+        let e = engine.clone();
+        let p = before.to_vec();
+        async move { generate_all(&e, &p, 8).await }
+    });
+    let mut poisoned: Vec<u32> = (400..440).collect();
+    poisoned[30] = POISON;
+    let mut stream = engine.submit(request(poisoned, 8)).unwrap();
+    let rest = generate_all(&engine, after, 8);
+    let (rest, first) = tokio::time::timeout(Duration::from_secs(30), async {
+        let rest = rest.await;
+        (rest, first.await.unwrap())
+    })
+    .await
+    .expect("the healthy requests got no answer in 30 s");
+    let got: Vec<Vec<u32>> = first.into_iter().chain(rest).collect();
+    assert_eq!(got, want);
+    let answer = tokio::time::timeout(Duration::from_secs(30), stream.recv())
+        .await
+        .expect("the poisoned request got no answer in 30 s");
+    match answer {
+        Some(TokenEvent::Failed(e)) => {
+            let text = e.to_string();
+            assert!(text.contains("in 8 failed steps"), "{text}");
+            assert_eq!(e.http_status(), 500);
+        }
+        other => panic!("the poisoned request got {other:?}, not an error"),
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut s = engine.stats();
+    while s.requests_given_up_total != 1 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        s = engine.stats();
+    }
+    assert_eq!(
+        (s.steps_failed_total, s.requests_given_up_total),
+        (8, 1),
+        "{s:?}"
+    );
     engine.stop();
 }
 

@@ -262,7 +262,7 @@ pub const STEPS_FAILED_TOTAL: MetricDef = def(
 .counter();
 pub const REQUESTS_GIVEN_UP_TOTAL: MetricDef = def(
     "hyserve_requests_given_up_total",
-    "Requests failed with an internal error because every step they were in failed, 8 in a row.",
+    "Requests failed with an internal error after 8 failed steps with them in and no token of theirs between.",
     &[],
     Coordinator,
 )

@@ -281,6 +281,9 @@ pub struct Scheduler {
     acceptance: Acceptance,
     last_step: Option<StepRecord>,
     spec_stats: SpecStats,
+    /// While a failing step's culprit is being singled out (`restrict`): the only
+    /// sequences (sorted) that steps may hold.
+    only: Option<Vec<SeqId>>,
 }
 
 impl Scheduler {
@@ -325,6 +328,7 @@ impl Scheduler {
             acceptance: Acceptance::default(),
             last_step: None,
             spec_stats: SpecStats::default(),
+            only: None,
         }
     }
 
@@ -439,12 +443,47 @@ impl Scheduler {
         }
     }
 
+    /// Steps hold only sequences of `only` (any order; `None`: every sequence), until
+    /// the next call. Others keep their blocks and places in the queue, are neither
+    /// admitted nor preempted for a prefill, and new requests wait. The engine singles
+    /// out a request that breaks every step it is in this way. Should none of `only` be
+    /// able to run (all gone, or waiting for blocks the others hold), the step is
+    /// planned as if unrestricted.
+    pub fn restrict(&mut self, only: Option<Vec<SeqId>>) {
+        self.only = only.map(|mut o| {
+            o.sort_unstable();
+            o.dedup();
+            o
+        });
+    }
+
+    fn allowed(&self, id: SeqId) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.binary_search(&id).is_ok())
+    }
+
     /// Plans the next step; `None` when there is nothing to run or a step is already
     /// in flight.
     pub fn schedule(&mut self) -> Option<Plan> {
         if self.in_flight.is_some() {
             return None;
         }
+        if let Some(mut only) = self.only.take() {
+            only.retain(|id| self.seqs.contains_key(id));
+            if !only.is_empty() {
+                self.only = Some(only);
+                let plan = self.plan();
+                if plan.is_some() {
+                    return plan;
+                }
+                self.only = None;
+            }
+        }
+        self.plan()
+    }
+
+    fn plan(&mut self) -> Option<Plan> {
         let mut plans: Vec<WorkerPlan> = (0..self.pools.len())
             .map(|_| WorkerPlan {
                 seqs: Vec::new(),
@@ -546,6 +585,9 @@ impl Scheduler {
                 if plan.n_budget_tokens == 0 {
                     break;
                 }
+                if !self.allowed(id) {
+                    continue;
+                }
                 if self.left_on(id, w) == Some(1) && self.grow_or_preempt(w, id, plan) {
                     plan.push(id, 1);
                 }
@@ -554,7 +596,8 @@ impl Scheduler {
                 if plan.n_budget_tokens == 0 {
                     break;
                 }
-                let Some(n_left) = self.left_on(id, w).filter(|&n| n > 1) else {
+                let Some(n_left) = self.left_on(id, w).filter(|&n| n > 1 && self.allowed(id))
+                else {
                     continue;
                 };
                 let n_want_tokens = n_left.min(self.cfg.prefill_chunk).min(plan.n_budget_tokens);
@@ -564,7 +607,7 @@ impl Scheduler {
                 }
             }
             let running = &self.running[w];
-            if !plan.seqs.is_empty() || running.len() <= 1 {
+            if !plan.seqs.is_empty() || running.len() <= 1 || self.only.is_some() {
                 return;
             }
             // Only prefills are left and each waits for blocks another holds (prefills
@@ -768,13 +811,19 @@ impl Scheduler {
 
     /// Admits waiting sequences in FIFO order while one fits somewhere; the first that
     /// fits nowhere stops admission (no overtaking, so long prompts are not starved).
+    /// Sequences that `restrict` holds back are passed over in place.
     fn admit(&mut self, plans: &mut [WorkerPlan]) {
         let bs = self.cfg.block_size;
-        while let Some(&id) = self.waiting.front() {
+        let mut i = 0;
+        while let Some(&id) = self.waiting.get(i) {
             let Some(seq) = self.seqs.get(&id) else {
-                self.waiting.pop_front();
+                self.waiting.remove(i);
                 continue;
             };
+            if !self.allowed(id) {
+                i += 1;
+                continue;
+            }
             let mut best: Option<Candidate> = None;
             for (w, pool) in self.pools.iter().enumerate() {
                 let n_budget_tokens = plans.get(w).map_or(0, |p| p.n_budget_tokens);
@@ -809,7 +858,7 @@ impl Scheduler {
             let Some(c) = best else {
                 break;
             };
-            self.waiting.pop_front();
+            self.waiting.remove(i);
             let w = c.worker;
             let (Some(seq), Some(pool)) = (self.seqs.get_mut(&id), self.pools.get_mut(w)) else {
                 continue;

@@ -22,6 +22,8 @@ enum Op {
     /// `add` fails: the InvalidRequest field, or "overloaded".
     Reject(SeqId, GenerateRequest, &'static str),
     Cancel(SeqId),
+    /// `restrict` the next steps to these sequences (`None`: to none).
+    Restrict(Option<&'static [SeqId]>),
     /// Schedule, run on the fake executor, complete: the plan has this shape.
     Step(StepShape),
     /// `schedule` returns nothing.
@@ -437,6 +439,7 @@ fn check(cfg: SchedulerConfig, script: Vec<Op>) {
                 (got, _) => panic!("{at}: got {got:?}"),
             },
             Op::Cancel(id) => h.sched.cancel(id),
+            Op::Restrict(only) => h.sched.restrict(only.map(<[SeqId]>::to_vec)),
             Op::Step(want) => {
                 assert_eq!(h.schedule(), Some(shape(want)), "{at}");
                 h.complete();
@@ -1039,6 +1042,61 @@ fn aborted_and_mismatched_steps_requeue_their_sequences() {
             Op::Plan(&[(0, &[(1, 0, 7), (2, 0, 7)])]),
             Op::CompleteBad,
             Op::Stat("waiting", waiting, 2),
+            Op::Run,
+            Op::SameAsAlone(1),
+            Op::SameAsAlone(2),
+        ],
+    );
+}
+
+/// What the engine does to single out a request that breaks every step it is in: steps
+/// hold only the listed sequences, the others (running, waiting, or new) keep their
+/// places, and a restriction none of whose sequences can run holds no one back.
+#[test]
+fn restricted_steps_hold_only_the_listed_sequences() {
+    check(
+        cfg(),
+        vec![
+            Op::Add(1, req(prompt(1, 6), 5)),
+            Op::Add(2, req(prompt(2, 6), 5)),
+            Op::Add(3, req(prompt(3, 6), 5)),
+            Op::Step(&[(0, &[(1, 0, 6), (2, 0, 6), (3, 0, 6)])]),
+            Op::Plan(&[(0, &[(1, 6, 1), (2, 6, 1), (3, 6, 1)])]),
+            Op::Abort,
+            // 1, first in the queue, is passed over in place.
+            Op::Restrict(Some(&[3, 2])),
+            Op::Step(&[(0, &[(2, 0, 7), (3, 0, 7)])]),
+            Op::Add(4, req(prompt(4, 6), 5)),
+            // 2 and 3 run but are held back, and so is the new request.
+            Op::Restrict(Some(&[1])),
+            Op::Step(&[(0, &[(1, 0, 7)])]),
+            Op::Stat("waiting", waiting, 1),
+            Op::Restrict(Some(&[1])),
+            Op::Cancel(1),
+            // Nothing of the restriction is left: every sequence goes.
+            Op::Step(&[(0, &[(2, 7, 1), (3, 7, 1), (4, 0, 6)])]),
+            Op::Restrict(Some(&[2])),
+            Op::Step(&[(0, &[(2, 8, 1)])]),
+            Op::Restrict(None),
+            Op::Run,
+            Op::SameAsAlone(2),
+            Op::SameAsAlone(3),
+            Op::SameAsAlone(4),
+        ],
+    );
+    // 2 waits for blocks that 1 holds: the restricted step would be empty, so 1 decodes.
+    check(
+        SchedulerConfig {
+            n_blocks_per_worker: 4,
+            ..cfg()
+        },
+        vec![
+            Op::Add(1, req(prompt(1, 8), 4)),
+            Op::Step(&[(0, &[(1, 0, 8)])]),
+            Op::Add(2, req(prompt(2, 12), 4)),
+            Op::Restrict(Some(&[2])),
+            Op::Step(&[(0, &[(1, 8, 1)])]),
+            Op::Restrict(None),
             Op::Run,
             Op::SameAsAlone(1),
             Op::SameAsAlone(2),
