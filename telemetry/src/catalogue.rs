@@ -262,7 +262,7 @@ pub const STEPS_FAILED_TOTAL: MetricDef = def(
 .counter();
 pub const REQUESTS_GIVEN_UP_TOTAL: MetricDef = def(
     "hyserve_requests_given_up_total",
-    "Requests failed with an internal error after 8 failed steps with them in and no token of theirs between.",
+    "Requests failed with an internal error: a query of death, in 8 failed steps with no token of its own between.",
     &[],
     Coordinator,
 )
