@@ -10,7 +10,8 @@
 //!
 //! Prints, per batch size, the step's wall time and its parts (ms): the scheduler's own
 //! time (planning, sampling, delivering tokens), the answering thread's, and the rest
-//! (messaging). Arguments: batch sizes, rounds (16), temperature (0: greedy). No
+//! (messaging). Arguments: batch sizes, rounds (16), temperature (0: greedy), top-p
+//! (1: no truncation). No
 //! speculation, 128 tokens per request, prompts of 48 tokens.
 
 use std::sync::Arc;
@@ -112,7 +113,14 @@ fn config(batch: usize) -> EngineConfig {
 }
 
 /// Keeps `batch` requests in flight until `n` are done.
-async fn run(engine: &EngineHandle, batch: usize, n: usize, salt: u32, temperature: f32) {
+async fn run(
+    engine: &EngineHandle,
+    batch: usize,
+    n: usize,
+    salt: u32,
+    temperature: f32,
+    top_p: f32,
+) {
     let mut tasks = tokio::task::JoinSet::new();
     let mut started = 0;
     let submit = |i: usize| {
@@ -126,6 +134,7 @@ async fn run(engine: &EngineHandle, batch: usize, n: usize, salt: u32, temperatu
                 sampling: if temperature > 0.0 {
                     SamplingParams {
                         temperature,
+                        top_p,
                         seed: Some(i as u64),
                         ..SamplingParams::default()
                     }
@@ -193,6 +202,10 @@ async fn main() {
         .nth(3)
         .map(|t| t.parse().expect("temperature: a number"))
         .unwrap_or(0.0);
+    let top_p: f32 = std::env::args()
+        .nth(4)
+        .map(|t| t.parse().expect("top-p: a number in (0, 1]"))
+        .unwrap_or(1.0);
     println!("| batch | steps | step ms | scheduler | answering thread | messaging | tok/s |");
     println!("|---|---|---|---|---|---|---|");
     for batch in batches {
@@ -201,11 +214,11 @@ async fn main() {
             .await
             .expect("starting the engine");
         // One unmeasured round first (allocations, the runtime's threads).
-        run(&engine, batch, batch, 0, temperature).await;
+        run(&engine, batch, batch, 0, temperature, top_p).await;
         let before = engine.stats();
         let t0 = Instant::now();
         let n = batch * rounds;
-        run(&engine, batch, n, 1, temperature).await;
+        run(&engine, batch, n, 1, temperature, top_p).await;
         let secs = t0.elapsed().as_secs_f64();
         let (steps, [step, sched, worker, model]) = per_step(&engine.stats(), &before);
         eprintln!("batch {batch}: {n} requests in {secs:.2} s");
