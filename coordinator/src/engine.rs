@@ -349,10 +349,11 @@ impl SchedulerState {
         let _ = self.workers[w].cast(WorkerMsg::Failed(why));
     }
 
-    /// A step of `ids` (sorted) failed, the `failed_in_a_row`th: the suspects are those of them that were in
-    /// every failed step since the fault began (all of `ids` if none was), and the next
-    /// steps hold the first half of them only. Halving on each failure singles out a
-    /// request that breaks every step it is in, where its batch would fail with it.
+    /// A step of `ids` (sorted) failed, the `failed_in_a_row`th: the suspects are those
+    /// of them that were in every failed step since the fault began (all of `ids` if
+    /// none was), and the next steps hold the first half of them only. Halving on each
+    /// failure singles out a request that breaks every step it is in, where its batch
+    /// would fail with it.
     fn suspect(&mut self, ids: Vec<SeqId>) {
         let kept: Vec<SeqId> = self
             .suspects
