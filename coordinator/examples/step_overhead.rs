@@ -1,18 +1,20 @@
 //! The engine's host overhead per step, without a model: the scheduler actor, the
 //! messaging and the token streams, against workers that answer every step at once
 //! (each a thread behind a queue, as an executor is, writing a logits row per sequence
-//! whose largest entry is a fixed function of the sequence and position).
+//! whose largest entry is a fixed function of the sequence and position: the others 0
+//! (`flat`), or falling as `-1.1 ln(1 + rank)` from it (`peaked`, Zipf-like)).
 //!
 //! ```sh
 //! cargo run --release -p hyserve-coordinator --example step_overhead -- 1,8,32
 //! cargo run --release -p hyserve-coordinator --example step_overhead -- 1,8,32 16 0.7
+//! cargo run --release -p hyserve-coordinator --example step_overhead -- 1,8,32 8 0.7 0.9 peaked
 //! ```
 //!
 //! Prints, per batch size, the step's wall time and its parts (ms): the scheduler's own
 //! time (planning, sampling, delivering tokens), the answering thread's, and the rest
 //! (messaging). Arguments: batch sizes, rounds (16), temperature (0: greedy), top-p
-//! (1: no truncation). No
-//! speculation, 128 tokens per request, prompts of 48 tokens.
+//! (1: no truncation), rows (`flat` or `peaked`). No speculation, 128 tokens per
+//! request, prompts of 48 tokens.
 
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -35,8 +37,9 @@ struct AtOnce {
 }
 
 impl AtOnce {
-    fn spawn() -> Self {
+    fn spawn(peaked: bool) -> Self {
         let (tx, rx) = mpsc::channel::<(Step, Reply, Instant)>();
+        let zipf: Vec<f32> = (0..VOCAB).map(|k| -1.1 * (1.0 + k as f32).ln()).collect();
         std::thread::Builder::new()
             .name("answer".into())
             .spawn(move || {
@@ -52,7 +55,13 @@ impl AtOnce {
                                 let pos =
                                     s.first_pos + if s.all_logits { r } else { s.tokens.len() - 1 };
                                 let best = (s.seq_id as usize * 131 + pos * 7) % VOCAB;
-                                l[r * VOCAB + best] = 1.0;
+                                let row = &mut l[r * VOCAB..(r + 1) * VOCAB];
+                                if peaked {
+                                    row[best..].copy_from_slice(&zipf[..VOCAB - best]);
+                                    row[..best].copy_from_slice(&zipf[VOCAB - best..]);
+                                } else {
+                                    row[best] = 1.0;
+                                }
                             }
                             l
                         })
@@ -206,10 +215,15 @@ async fn main() {
         .nth(4)
         .map(|t| t.parse().expect("top-p: a number in (0, 1]"))
         .unwrap_or(1.0);
+    let peaked = match std::env::args().nth(5).as_deref() {
+        None | Some("flat") => false,
+        Some("peaked") => true,
+        Some(other) => panic!("rows: flat or peaked, not {other}"),
+    };
     println!("| batch | steps | step ms | scheduler | answering thread | messaging | tok/s |");
     println!("|---|---|---|---|---|---|---|");
     for batch in batches {
-        let factory: ExecutorFactory = Arc::new(|_| Ok(Box::new(AtOnce::spawn()) as _));
+        let factory: ExecutorFactory = Arc::new(move |_| Ok(Box::new(AtOnce::spawn(peaked)) as _));
         let engine = EngineHandle::start(config(batch), factory)
             .await
             .expect("starting the engine");
