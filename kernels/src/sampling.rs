@@ -405,7 +405,7 @@ impl Sampler {
     /// batch-32 step at top-p 0.9 on the development VM, rows of 4352
     /// (`docs/bench/cpu/step-overhead-top-p.txt`): peaked rows 1.74 ms with `exp` in f64
     /// and a sort of the top 1024, 1.13-1.17 with these weights, 0.91-0.96 sorting the
-    /// nucleus only; nearly flat rows (a nucleus of the whole row) 3.14-3.36, 2.54-2.63,
+    /// nucleus only; nearly flat rows (a nucleus of most of the row) 3.14-3.36, 2.54-2.63,
     /// 2.27-2.33. The untruncated draw takes 0.48.
     pub fn filtered_probs(&self, logits: &[f32]) -> Vec<(u32, f64)> {
         let p = &self.params;
