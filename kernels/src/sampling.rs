@@ -446,16 +446,21 @@ impl Sampler {
             (pairs(0.0), false)
         });
         // Sort the head first; the tail only when a truncation can reach into it.
+        // (The top-k tokens, where top-k is smaller.)
         const HEAD: usize = 1024;
-        if !sorted && probs.len() > HEAD {
-            probs.select_nth_unstable_by(HEAD - 1, cmp);
-            probs[..HEAD].sort_by(cmp);
-            let head = &probs[..HEAD];
-            let by_min = p.min_p > 0.0 && head[HEAD - 1].1 < head[0].1 * p.min_p as f64;
+        let head_len = match p.top_k {
+            0 => HEAD,
+            k => k.min(HEAD),
+        };
+        if !sorted && probs.len() > head_len {
+            probs.select_nth_unstable_by(head_len - 1, cmp);
+            probs[..head_len].sort_by(cmp);
+            let head = &probs[..head_len];
+            let by_min = p.min_p > 0.0 && head[head_len - 1].1 < head[0].1 * p.min_p as f64;
             if cut_inside(head) || by_min {
-                probs.truncate(HEAD);
+                probs.truncate(head_len);
             } else {
-                probs[HEAD..].sort_by(cmp);
+                probs[head_len..].sort_by(cmp);
             }
         } else if !sorted {
             probs.sort_by(cmp);
