@@ -400,7 +400,7 @@ impl Sampler {
     ///
     /// The weights are [`softmax_weights`]', as in the untruncated draw. With top-p only
     /// the tokens down to [`nucleus_floor`] are sorted, where the weights from the top
-    /// first reach top-p (a few hundred of Hunyuan-Large's 129K on a peaked row); where
+    /// first reach top-p (on a peaked row a small part of it); where
     /// rounding leaves the cut beyond them, the whole row is. Scheduler time per
     /// batch-32 step at top-p 0.9 on the development VM, rows of 4352
     /// (`docs/bench/cpu/step-overhead-top-p.txt`): peaked rows 1.74 ms with `exp` in f64
