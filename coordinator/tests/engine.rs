@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyserve_coordinator::api::{Engine, GenerateRequest, ModelInfo, TokenEvent};
+use hyserve_coordinator::api::{
+    Engine, EngineStats, GenerateRequest, ModelInfo, TokenEvent, TokenStream,
+};
 use hyserve_coordinator::engine::{EngineConfig, EngineHandle, ExecutorFactory, Reply, WorkerLink};
 use hyserve_coordinator::scheduler::SchedulerConfig;
 use hyserve_coordinator::scheduler::spec::{ProposerKind, SpecConfig};
@@ -420,6 +422,45 @@ impl WorkerLink for Poisoned {
     }
 }
 
+/// An engine of one worker whose steps fail whenever they hold [`POISON`].
+async fn start_poisoned(f: &Fixture) -> EngineHandle {
+    let (ck, cfg) = (f.ck.clone(), f.cfg.clone());
+    let factory: ExecutorFactory =
+        Arc::new(move |_| Ok(Box::new(Poisoned(spawn_executor("worker", &ck, &cfg, 64)?)) as _));
+    EngineHandle::start(config(f, 1, 64, false, SpecConfig::off()), factory)
+        .await
+        .unwrap()
+}
+
+/// The poisoned request's answer: an internal error (HTTP 500) after 8 failed steps;
+/// its text.
+async fn given_up(stream: &mut TokenStream) -> String {
+    let answer = tokio::time::timeout(Duration::from_secs(30), stream.recv())
+        .await
+        .expect("the poisoned request got no answer in 30 s");
+    match answer {
+        Some(TokenEvent::Failed(e)) => {
+            let text = e.to_string();
+            assert!(text.contains("in 8 failed steps"), "{text}");
+            assert_eq!(e.http_status(), 500);
+            text
+        }
+        other => panic!("the poisoned request got {other:?}, not an error"),
+    }
+}
+
+/// The engine's stats once `settled` holds of them, or after 2 s: an error reaches the
+/// client before the failed step's own bookkeeping is published.
+async fn stats_once(engine: &EngineHandle, settled: impl Fn(&EngineStats) -> bool) -> EngineStats {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut s = engine.stats();
+    while !settled(&s) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        s = engine.stats();
+    }
+    s
+}
+
 /// A request that breaks every step it is in (a "query of death") is failed with an
 /// internal error after 8 failed steps in a row, not retried forever; the engine then
 /// serves the next request as if nothing had happened.
@@ -428,35 +469,13 @@ async fn a_request_that_breaks_every_step_fails_and_the_engine_goes_on() {
     let f = fixture();
     let healthy: Vec<Vec<u32>> = vec![(300..330).collect()];
     let want = lone_greedy(&f, &healthy, 8);
-    let (ck, cfg) = (f.ck.clone(), f.cfg.clone());
-    let factory: ExecutorFactory =
-        Arc::new(move |_| Ok(Box::new(Poisoned(spawn_executor("worker", &ck, &cfg, 64)?)) as _));
-    let engine = EngineHandle::start(config(&f, 1, 64, false, SpecConfig::off()), factory)
-        .await
-        .unwrap();
+    let engine = start_poisoned(&f).await;
     let mut stream = engine
         .submit(request(vec![400, 401, POISON, 402], 8))
         .unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(20), stream.recv())
-        .await
-        .expect("the poisoned request got no answer in 20 s");
-    match first {
-        Some(TokenEvent::Failed(e)) => {
-            let text = e.to_string();
-            assert!(text.contains("in 8 failed steps"), "{text}");
-            assert!(text.contains("injected failure"), "{text}");
-            assert_eq!(e.http_status(), 500);
-        }
-        other => panic!("the poisoned request got {other:?}, not an error"),
-    }
-    // The error reaches the client before the failed step's own bookkeeping is
-    // published: wait for the stats to settle (at most 2 s), then check them.
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    let mut s = engine.stats();
-    while (s.steps_failed_total, s.waiting) != (8, 0) && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        s = engine.stats();
-    }
+    let text = given_up(&mut stream).await;
+    assert!(text.contains("injected failure"), "{text}");
+    let s = stats_once(&engine, |s| (s.steps_failed_total, s.waiting) == (8, 0)).await;
     assert_eq!(
         (s.steps_failed_total, s.requests_given_up_total),
         (8, 1),
@@ -482,48 +501,20 @@ async fn a_request_that_breaks_every_step_is_singled_out_of_its_batch() {
         .map(|i| (0..6).map(|j| 300 + 20 * i + j).collect())
         .collect();
     let want = lone_greedy(&f, &healthy, 8);
-    let (ck, cfg) = (f.ck.clone(), f.cfg.clone());
-    let factory: ExecutorFactory =
-        Arc::new(move |_| Ok(Box::new(Poisoned(spawn_executor("worker", &ck, &cfg, 64)?)) as _));
-    let engine = EngineHandle::start(config(&f, 1, 64, false, SpecConfig::off()), factory)
-        .await
-        .unwrap();
+    let engine = start_poisoned(&f).await;
     // Third of eight: in the first half the first probe holds.
     let (before, after) = healthy.split_at(2);
-    let first = tokio::spawn({
-        let e = engine.clone();
-        let p = before.to_vec();
-        async move { generate_all(&e, &p, 8).await }
-    });
+    let mut tasks = submit_all(&engine, before, 8);
     let mut poisoned: Vec<u32> = (400..440).collect();
     poisoned[30] = POISON;
     let mut stream = engine.submit(request(poisoned, 8)).unwrap();
-    let rest = generate_all(&engine, after, 8);
-    let (rest, first) = tokio::time::timeout(Duration::from_secs(30), async {
-        let rest = rest.await;
-        (rest, first.await.unwrap())
-    })
-    .await
-    .expect("the healthy requests got no answer in 30 s");
-    let got: Vec<Vec<u32>> = first.into_iter().chain(rest).collect();
-    assert_eq!(got, want);
-    let answer = tokio::time::timeout(Duration::from_secs(30), stream.recv())
+    tasks.extend(submit_all(&engine, after, 8));
+    let got = tokio::time::timeout(Duration::from_secs(30), collect(tasks))
         .await
-        .expect("the poisoned request got no answer in 30 s");
-    match answer {
-        Some(TokenEvent::Failed(e)) => {
-            let text = e.to_string();
-            assert!(text.contains("in 8 failed steps"), "{text}");
-            assert_eq!(e.http_status(), 500);
-        }
-        other => panic!("the poisoned request got {other:?}, not an error"),
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    let mut s = engine.stats();
-    while s.requests_given_up_total != 1 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        s = engine.stats();
-    }
+        .expect("the healthy requests got no answer in 30 s");
+    assert_eq!(got, want);
+    given_up(&mut stream).await;
+    let s = stats_once(&engine, |s| s.requests_given_up_total == 1).await;
     assert_eq!(
         (s.steps_failed_total, s.requests_given_up_total),
         (8, 1),
@@ -616,6 +607,15 @@ async fn generate_all(
     prompts: &[Vec<u32>],
     max_tokens: usize,
 ) -> Vec<Vec<u32>> {
+    collect(submit_all(engine, prompts, max_tokens)).await
+}
+
+/// Submits the prompts in order (before returning), each streamed by its own task.
+fn submit_all(
+    engine: &EngineHandle,
+    prompts: &[Vec<u32>],
+    max_tokens: usize,
+) -> Vec<tokio::task::JoinHandle<Vec<u32>>> {
     let mut tasks = Vec::new();
     for p in prompts {
         let mut stream = engine.submit(request(p.clone(), max_tokens)).unwrap();
@@ -634,6 +634,10 @@ async fn generate_all(
             ids
         }));
     }
+    tasks
+}
+
+async fn collect(tasks: Vec<tokio::task::JoinHandle<Vec<u32>>>) -> Vec<Vec<u32>> {
     let mut out = Vec::new();
     for t in tasks {
         out.push(t.await.unwrap());

@@ -65,15 +65,8 @@ impl WeightSource {
             exec.set_metrics(Arc::clone(m), worker.to_string());
         }
         if let Some(plan) = &self.warm_up {
-            let done = exec.warm_up(plan);
-            tracing::info!(
-                worker,
-                shapes = done.shapes,
-                passes = done.passes,
-                mib = done.bytes >> 20,
-                seconds = format!("{:.2}", done.seconds),
-                "warm-up recorded step shapes"
-            );
+            // The executor logs what it recorded ("step shapes recorded").
+            exec.warm_up(plan);
         }
         Ok(exec)
     }
