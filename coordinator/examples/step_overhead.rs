@@ -45,16 +45,37 @@ impl AtOnce {
             .spawn(move || {
                 for (step, reply, sent) in rx {
                     let t0 = Instant::now();
+                    let best = |s: &hyserve_worker::SeqStep, r: usize| {
+                        let pos = s.first_pos + if s.all_logits { r } else { s.tokens.len() - 1 };
+                        (s.seq_id as usize * 131 + pos * 7) % VOCAB
+                    };
+                    let n_rows = |s: &hyserve_worker::SeqStep| {
+                        if s.all_logits { s.tokens.len() } else { 1 }
+                    };
+                    // A sequence that asks for only the arg-max tokens gets those (a GPU
+                    // worker takes them on the device), the others their rows.
+                    let argmax = step
+                        .seqs
+                        .iter()
+                        .map(|s| {
+                            if s.argmax_only {
+                                (0..n_rows(s)).map(|r| best(s, r) as u32).collect()
+                            } else {
+                                Vec::new()
+                            }
+                        })
+                        .collect();
                     let logits = step
                         .seqs
                         .iter()
                         .map(|s| {
-                            let rows = if s.all_logits { s.tokens.len() } else { 1 };
+                            if s.argmax_only {
+                                return Vec::new();
+                            }
+                            let rows = n_rows(s);
                             let mut l = vec![0.0f32; rows * VOCAB];
                             for r in 0..rows {
-                                let pos =
-                                    s.first_pos + if s.all_logits { r } else { s.tokens.len() - 1 };
-                                let best = (s.seq_id as usize * 131 + pos * 7) % VOCAB;
+                                let best = best(s, r);
                                 let row = &mut l[r * VOCAB..(r + 1) * VOCAB];
                                 if peaked {
                                     row[best..].copy_from_slice(&zipf[..VOCAB - best]);
@@ -69,6 +90,7 @@ impl AtOnce {
                     let worker_seconds = t0.elapsed().as_secs_f64();
                     reply(Ok(StepOutput {
                         logits,
+                        argmax,
                         vocab_size: VOCAB,
                         timing: StepTiming {
                             queued_seconds: (t0 - sent).as_secs_f64(),

@@ -674,24 +674,45 @@ async fn run_on_rank(
         Ok(resp) => {
             let r = resp.into_inner();
             let vocab = r.vocab_size as usize;
+            let n = step.seqs.len();
+            let mut argmax: Vec<Vec<u32>> = r.argmax.into_iter().map(|l| l.tokens).collect();
+            let argmax_fits = argmax.is_empty() || argmax.len() == n;
+            argmax.resize(n, Vec::new());
+            // Per sequence: rows (a multiple of the vocabulary) or, where it asked for
+            // only them, arg-max tokens; from a group's other ranks, neither.
             let parsed: Option<Vec<Vec<f32>>> = r
                 .logits
                 .iter()
-                .map(|b| {
-                    f32_from_bytes(b)
-                        .filter(|v| vocab > 0 && v.len() % vocab == 0 && v.is_empty() != logits)
+                .zip(step.seqs.iter().zip(&argmax))
+                .map(|(b, (s, ids))| {
+                    f32_from_bytes(b).filter(|v| {
+                        let answered = if s.argmax_only {
+                            v.is_empty() && !ids.is_empty()
+                        } else {
+                            !v.is_empty() && ids.is_empty()
+                        };
+                        vocab > 0
+                            && v.len() % vocab == 0
+                            && if logits {
+                                answered
+                            } else {
+                                v.is_empty() && ids.is_empty()
+                            }
+                    })
                 })
                 .collect();
             match parsed {
                 Some(logits)
-                    if logits.len() == step.seqs.len()
-                        && (r.proposals.is_empty() || r.proposals.len() == logits.len()) =>
+                    if argmax_fits
+                        && logits.len() == n
+                        && (r.proposals.is_empty() || r.proposals.len() == n) =>
                 {
                     let mut proposals: Vec<Vec<u32>> =
                         r.proposals.into_iter().map(|p| p.tokens).collect();
-                    proposals.resize(logits.len(), Vec::new());
+                    proposals.resize(n, Vec::new());
                     Ok(StepOutput {
                         logits,
+                        argmax,
                         vocab_size: vocab,
                         expert_load: r.expert_load,
                         proposals,

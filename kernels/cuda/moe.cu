@@ -350,16 +350,25 @@ GEMV_ENTRY(gemv_mt2, 2, 1)
 GEMV_ENTRY(gemv_s2, GEMV_MT, 2)
 GEMV_ENTRY(gemv_mt2_s2, 2, 2)
 
-// Greedy sampling on the device: the arg-max of each logits row (lowest index on ties).
-extern "C" __global__ void argmax_rows(const bf16* logits, int cols, int* out) {
+// Greedy sampling on the device: the arg-max of each logits row, as the host's
+// `sampling::argmax` takes it: the lowest index of the largest value, NaNs never win
+// (a row of NaNs: its last index), so a step that returns ids instead of rows emits
+// the tokens a host draw from those rows would.
+__device__ __forceinline__ float ld_any(const bf16* p) { return ld(p); }
+__device__ __forceinline__ float ld_any(const float* p) { return *p; }
+
+template <typename T>
+__device__ void argmax_row(const T* logits, int cols, int* out) {
     __shared__ float bv[32];
     __shared__ int bi[32];
-    const bf16* row = logits + (size_t)blockIdx.x * cols;
+    const T* row = logits + (size_t)blockIdx.x * cols;
     float best = -INFINITY;
     int idx = 0x7fffffff;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        float v = ld(row + c);
-        if (v > best) { best = v; idx = c; }
+        float v = ld_any(row + c);
+        // A NaN compares false both ways; the first value that is not one (-inf too) is
+        // this thread's until a larger one comes.
+        if (v > best || (v == best && idx == 0x7fffffff)) { best = v; idx = c; }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
@@ -373,6 +382,14 @@ extern "C" __global__ void argmax_rows(const bf16* logits, int cols, int* out) {
     if (threadIdx.x == 0) {
         for (int w = 1; w < (int)(blockDim.x / 32); w++)
             if (bv[w] > best || (bv[w] == best && bi[w] < idx)) { best = bv[w]; idx = bi[w]; }
-        out[blockIdx.x] = idx;
+        out[blockIdx.x] = idx == 0x7fffffff ? (cols > 0 ? cols - 1 : 0) : idx;
     }
+}
+
+extern "C" __global__ void argmax_rows(const bf16* logits, int cols, int* out) {
+    argmax_row(logits, cols, out);
+}
+
+extern "C" __global__ void argmax_rows_f32(const float* logits, int cols, int* out) {
+    argmax_row(logits, cols, out);
 }

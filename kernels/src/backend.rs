@@ -202,6 +202,18 @@ pub trait Backend: Send + Sync + 'static {
     fn download_rows(&self, a: &Self::Act, groups: &[usize]) -> Vec<Vec<f32>> {
         split_rows(&self.download(a), self.shape(a).1, groups)
     }
+    /// The arg-max token of each of the first rows of `a` ([`crate::sampling::argmax`]:
+    /// lowest index on ties, NaNs never win), in groups as [`Backend::download_rows`]
+    /// returns them: how a greedy step's logits come back where only its tokens are
+    /// wanted. The default downloads the rows and takes it on the host; a backend that
+    /// can take it where the rows are overrides it and downloads only the ids.
+    fn argmax_rows(&self, a: &Self::Act, groups: &[usize]) -> Vec<Vec<u32>> {
+        let cols = self.shape(a).1;
+        self.download_rows(a, groups)
+            .iter()
+            .map(|rows| argmax_each(rows, cols))
+            .collect()
+    }
     fn shape(&self, a: &Self::Act) -> (usize, usize);
 
     /// `x · Wᵀ` kept in fp32 whatever the precision (a router held in fp32).
@@ -459,6 +471,13 @@ pub fn moe_on_host<B: Backend + ?Sized>(
 /// rows. Panics if the groups ask for more rows than `flat` holds.
 pub fn split_rows(flat: &[f32], cols: usize, groups: &[usize]) -> Vec<Vec<f32>> {
     split_rows_as(flat, cols, groups, |x| x)
+}
+
+/// The arg-max of each `cols`-wide row of `rows`.
+pub fn argmax_each(rows: &[f32], cols: usize) -> Vec<u32> {
+    rows.chunks_exact(cols.max(1))
+        .map(|r| crate::sampling::argmax(r) as u32)
+        .collect()
 }
 
 /// [`split_rows`] of a matrix stored as `T`, each value widened by `f32_of`.

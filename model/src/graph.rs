@@ -146,6 +146,26 @@ pub struct SeqChunk {
     pub slots: Vec<usize>,
     /// Return logits for every new token (true) or only the last (false).
     pub all_logits: bool,
+    /// Return only each of those rows' arg-max token (a greedy draw that needs nothing
+    /// else of the row): [`Logits::argmax`] instead of [`Logits::rows`].
+    pub argmax_only: bool,
+}
+
+/// A forward pass's output, per chunk in order: its logits rows (`[rows, vocab]`), or,
+/// for a chunk that asked for [`SeqChunk::argmax_only`], each row's arg-max token
+/// (and empty rows).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Logits {
+    pub rows: Vec<Vec<f32>>,
+    pub argmax: Vec<Vec<u32>>,
+}
+
+impl Logits {
+    /// Keeps the first `n` chunks' outputs (drops a recorded step's padding).
+    pub fn truncate(&mut self, n: usize) {
+        self.rows.truncate(n);
+        self.argmax.truncate(n);
+    }
 }
 
 impl SeqChunk {
@@ -420,9 +440,11 @@ impl<B: Backend> Model<B> {
     }
 
     /// Runs a batch of sequence chunks; returns, per chunk, its logits rows
-    /// (`[rows, vocab]`, every new token's or only the last one's).
+    /// (`[rows, vocab]`, every new token's or only the last one's; empty for a chunk
+    /// that asked for [`SeqChunk::argmax_only`]: [`Model::forward_counted`] returns its
+    /// tokens).
     pub fn forward(&self, b: &B, kv: &mut B::Kv, chunks: &[SeqChunk]) -> Vec<Vec<f32>> {
-        self.forward_counted(b, kv, chunks, None).0
+        self.forward_counted(b, kv, chunks, None).0.rows
     }
 
     /// [`Model::forward`], adding the rows routed to each expert to `load`
@@ -434,7 +456,7 @@ impl<B: Backend> Model<B> {
         kv: &mut B::Kv,
         chunks: &[SeqChunk],
         mut load: Option<&mut [Vec<u64>]>,
-    ) -> (Vec<Vec<f32>>, bool) {
+    ) -> (Logits, bool) {
         assert_eq!(
             self.tp.size, 1,
             "a tensor-parallel shard runs with its group: use forward_ep"
@@ -512,7 +534,7 @@ impl<B: Backend> Model<B> {
         kv: &mut B::Kv,
         chunks: &[SeqChunk],
         ep: &mut ExpertParallel<'_>,
-    ) -> Result<Vec<Vec<f32>>, ExchangeError> {
+    ) -> Result<Logits, ExchangeError> {
         let rank = ep.exchange.rank();
         let base = rank.checked_sub(self.tp.index);
         if self.tp.size > 1 && (base.is_none_or(|b| b + self.tp.size > ep.exchange.world())) {
@@ -530,7 +552,7 @@ impl<B: Backend> Model<B> {
             for l in 0..self.layers.len() {
                 self.moe_ep(b, l, None, ep)?;
             }
-            return Ok(Vec::new());
+            return Ok(Logits::default());
         }
         let (tokens, seqs, logit_rows) = flatten(chunks);
         let batch = b.batch(seqs, &tokens);
@@ -542,18 +564,43 @@ impl<B: Backend> Model<B> {
         })?;
         Ok(match logits {
             Some(x) => self.split_logits(b, &x, chunks),
-            None => vec![Vec::new(); chunks.len()],
+            None => Logits {
+                rows: vec![Vec::new(); chunks.len()],
+                argmax: vec![Vec::new(); chunks.len()],
+            },
         })
     }
 
     /// The logits of `x` per chunk: every token's row for a chunk that wants all of
-    /// them, its last row otherwise.
-    fn split_logits(&self, b: &B, x: &B::Act, chunks: &[SeqChunk]) -> Vec<Vec<f32>> {
+    /// them, its last row otherwise; or those rows' arg-max tokens for a chunk that
+    /// wants only them. Where every chunk does, the backend takes them where the rows
+    /// are ([`Backend::argmax_rows`]: on a GPU only the ids are downloaded); in a mixed
+    /// step every row comes down and the arg-max is taken here.
+    fn split_logits(&self, b: &B, x: &B::Act, chunks: &[SeqChunk]) -> Logits {
         let groups: Vec<usize> = chunks
             .iter()
             .map(|c| if c.all_logits { c.tokens.len() } else { 1 })
             .collect();
-        b.download_rows(x, &groups)
+        if chunks.iter().all(|c| c.argmax_only) {
+            return Logits {
+                rows: vec![Vec::new(); chunks.len()],
+                argmax: b.argmax_rows(x, &groups),
+            };
+        }
+        let vocab = b.shape(x).1;
+        let mut rows = b.download_rows(x, &groups);
+        let argmax = chunks
+            .iter()
+            .zip(&mut rows)
+            .map(|(c, r)| {
+                if c.argmax_only {
+                    hyserve_kernels::backend::argmax_each(&std::mem::take(r), vocab)
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect();
+        Logits { rows, argmax }
     }
 
     /// The device part of a forward pass: embeddings to logits of `logit_rows` (all

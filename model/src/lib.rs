@@ -28,4 +28,4 @@ pub mod torch_bin;
 pub use checkpoint::{Checkpoint, CheckpointError, Format};
 pub use config::{Arch, ConfigError, LayerSpec, ModelConfig};
 pub use exchange::{Exchange, ExchangeError, InProcess, Round, Rows};
-pub use graph::{EpTiming, ExpertParallel, LoadProgress, Model, SeqChunk, expert_of};
+pub use graph::{EpTiming, ExpertParallel, LoadProgress, Logits, Model, SeqChunk, expert_of};

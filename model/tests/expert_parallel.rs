@@ -31,6 +31,7 @@ fn chunk(tokens: &[u32], first_pos: usize, all_logits: bool) -> SeqChunk {
         first_pos,
         slots: (0..first_pos + tokens.len()).collect(),
         all_logits,
+        argmax_only: false,
     }
 }
 
@@ -127,7 +128,10 @@ fn three_shards_match_one_whole_model_bitwise() {
                                 } else {
                                     chunk(&[99 + step as u32], p.len() + step as usize - 1, false)
                                 };
-                                let out = model.forward_ep(b, &mut kvs[f], &[c], &mut ep).unwrap();
+                                let out = model
+                                    .forward_ep(b, &mut kvs[f], &[c], &mut ep)
+                                    .unwrap()
+                                    .rows;
                                 outs[f].extend(out);
                             }
                         }
@@ -259,7 +263,7 @@ fn tensor_parallel_groups_match_one_whole_model_bitwise() {
                                 timing: None,
                                 fence: None,
                             };
-                            let out = model.forward_ep(b, &mut kv, &chunks, &mut ep).unwrap();
+                            let out = model.forward_ep(b, &mut kv, &chunks, &mut ep).unwrap().rows;
                             assert_eq!(out.len(), chunks.len());
                             for (i, o) in live.into_iter().zip(out) {
                                 outs[i].push(o);

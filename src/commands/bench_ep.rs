@@ -81,6 +81,7 @@ fn chunks(mine: &[usize], ctx: usize, step: usize, vocab: usize) -> Vec<SeqChunk
             first_pos: ctx - 1,
             slots: (0..ctx).map(|p| j * per_seq + p).collect(),
             all_logits: false,
+            argmax_only: false,
         })
         .collect()
 }

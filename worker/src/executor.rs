@@ -54,7 +54,7 @@ fn pad_for_recording<B: Backend>(
     let Some(first) = chunks.first() else {
         return 0;
     };
-    let (rows, all_logits) = (first.tokens.len(), first.all_logits);
+    let (rows, all_logits, argmax_only) = (first.tokens.len(), first.all_logits, first.argmax_only);
     if !first.recordable()
         || chunks
             .iter()
@@ -70,6 +70,7 @@ fn pad_for_recording<B: Backend>(
         first_pos: 0,
         slots: (scratch..scratch + rows).collect(),
         all_logits,
+        argmax_only,
     }));
     n
 }
@@ -88,6 +89,9 @@ pub struct SeqStep {
     pub blocks: Vec<u32>,
     /// Logits for every new token (prompt scoring, verification) or only the last.
     pub all_logits: bool,
+    /// Only those rows' arg-max tokens are wanted (a greedy draw with nothing else to
+    /// read in the row): [`StepOutput::argmax`] holds them and its logits are empty.
+    pub argmax_only: bool,
     /// Speculation by this worker's draft model: tokens it proposes after `tokens` are
     /// verified in the same forward pass (their logits rows follow `tokens`' own). Depth
     /// 0: the draft only reads `tokens` (a prompt chunk), to be current when it proposes.
@@ -135,7 +139,12 @@ pub struct Step {
 /// Logits per sequence, in step order: `[rows, vocab]` flattened.
 #[derive(Clone, Debug, Default)]
 pub struct StepOutput {
+    /// Per sequence: its logits rows (`[rows, vocab]`), empty for one that asked for
+    /// [`SeqStep::argmax_only`].
     pub logits: Vec<Vec<f32>>,
+    /// Per sequence: the arg-max token of each of its rows where it asked for only
+    /// those, empty otherwise (or empty altogether where no sequence did).
+    pub argmax: Vec<Vec<u32>>,
     pub vocab_size: usize,
     /// Under expert parallelism: rows this worker routed during the step,
     /// `[layer][expert]` flattened; empty otherwise.
@@ -422,6 +431,7 @@ impl<B: Backend> Executor<B> {
                     .map(|p| scratch + p.saturating_sub(first_pos).min(shape.rows - 1))
                     .collect(),
                 all_logits: shape.rows > 1,
+                argmax_only: false,
             };
             let chunks = vec![chunk; shape.batch];
             // Recorded as serving will run it: the target's steps count expert load
@@ -671,21 +681,25 @@ impl<B: Backend> Executor<B> {
                     // A short catch-up asks for every row, so the pass keeps a
                     // recordable shape; only the last row is used.
                     let all_logits = tokens.len() > 1 && tokens.len() <= RecordKey::MAX_SEQ_ROWS;
+                    // The draft proposes greedily: only its rows' tokens come back.
                     SeqChunk {
                         slots: slots(s, ctx),
                         tokens,
                         first_pos,
                         all_logits,
+                        argmax_only: true,
                     }
                 })
                 .collect();
             pad_for_recording(backend, model, self.spec, &mut chunks);
-            let logits = in_pool(&self.pool, || model.forward(backend, kv, &chunks));
-            let vocab = model.cfg.vocab_size;
-            for (&i, row) in rows.iter().zip(&logits) {
-                if step.seqs[i].draft.as_ref().is_some_and(|d| d.depth > round) {
-                    let last = &row[row.len() - vocab..];
-                    out[i].push(hyserve_kernels::sampling::argmax(last) as u32);
+            let (logits, _) = in_pool(&self.pool, || {
+                model.forward_counted(backend, kv, &chunks, None)
+            });
+            for (&i, ids) in rows.iter().zip(&logits.argmax) {
+                if step.seqs[i].draft.as_ref().is_some_and(|d| d.depth > round)
+                    && let Some(&last) = ids.last()
+                {
+                    out[i].push(last);
                 }
             }
         }
@@ -731,6 +745,7 @@ impl<B: Backend> Executor<B> {
                         .map(|p| s.blocks[p / bs] as usize * bs + p % bs)
                         .collect(),
                     all_logits: s.all_logits || !p.is_empty(),
+                    argmax_only: s.argmax_only,
                 }
             })
             .collect();
@@ -760,7 +775,8 @@ impl<B: Backend> Executor<B> {
                 self.load_read = std::time::Instant::now();
             }
             let out = StepOutput {
-                logits,
+                logits: logits.rows,
+                argmax: logits.argmax,
                 vocab_size: self.model.cfg.vocab_size,
                 expert_load: Vec::new(),
                 proposals,
@@ -831,7 +847,8 @@ impl<B: Backend> Executor<B> {
             );
         }
         Ok(StepOutput {
-            logits,
+            logits: logits.rows,
+            argmax: logits.argmax,
             vocab_size: self.model.cfg.vocab_size,
             expert_load: ep.load.iter().flatten().copied().collect(),
             proposals,
@@ -982,6 +999,7 @@ mod tests {
             first_pos,
             blocks: blocks.to_vec(),
             all_logits: true,
+            argmax_only: false,
             draft: None,
         }
     }
@@ -1140,6 +1158,75 @@ mod tests {
     /// The draft model's proposals are its own greedy continuation (after catching up on
     /// the whole prompt), and the rows that verify them are bitwise the logits plain
     /// decode steps give at those positions.
+    /// A sequence that asks for only its rows' arg-max tokens gets exactly the arg-max
+    /// of the rows it would have got, in a step where every sequence asks (the backend
+    /// takes them) and in a mixed one (the executor does), and no rows.
+    #[test]
+    fn greedy_sequences_get_the_arg_max_of_their_rows() {
+        let mut e = executor(Arch::HunyuanLarge, Precision::Bf16);
+        let prompts: [Vec<u32>; 3] = [
+            (0..12).map(|i| 260 + 3 * i).collect(),
+            (0..5).map(|i| 400 + i).collect(),
+            (0..8).map(|i| 90 + 7 * i).collect(),
+        ];
+        let blocks = |i: usize| vec![2 * i as u32, 2 * i as u32 + 1];
+        // Prefill, a decode step and a verification of 3 tokens (each run three times
+        // over the same positions: rows; arg-max only; every other sequence arg-max).
+        let steps: Vec<Vec<SeqStep>> = vec![
+            (0..3)
+                .map(|i| seq(i as u64, &prompts[i], 0, &blocks(i)))
+                .collect(),
+            (0..3)
+                .map(|i| {
+                    let mut s = seq(i as u64, &[7 + i as u32], prompts[i].len(), &blocks(i));
+                    s.all_logits = false;
+                    s
+                })
+                .collect(),
+            (0..3)
+                .map(|i| seq(i as u64, &[7, 11, 13, 17], prompts[i].len(), &blocks(i)))
+                .collect(),
+        ];
+        for seqs in steps {
+            let run = |e: &mut Executor<CpuBackend>, only: &dyn Fn(usize) -> bool| {
+                let seqs = seqs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| SeqStep {
+                        argmax_only: only(i),
+                        ..s.clone()
+                    })
+                    .collect();
+                e.step(&Step {
+                    seqs,
+                    ..Default::default()
+                })
+                .unwrap()
+            };
+            let rows = run(&mut e, &|_| false);
+            let vocab = rows.vocab_size;
+            let want: Vec<Vec<u32>> = rows
+                .logits
+                .iter()
+                .map(|r| hyserve_kernels::backend::argmax_each(r, vocab))
+                .collect();
+            assert!(want.iter().all(|w| !w.is_empty()));
+            let all = run(&mut e, &|_| true);
+            assert_eq!(all.argmax, want);
+            assert!(all.logits.iter().all(Vec::is_empty));
+            let mixed = run(&mut e, &|i| i % 2 == 0);
+            for (i, w) in want.iter().enumerate() {
+                if i % 2 == 0 {
+                    assert_eq!(&mixed.argmax[i], w, "sequence {i}");
+                    assert!(mixed.logits[i].is_empty());
+                } else {
+                    assert!(mixed.argmax[i].is_empty());
+                    assert_eq!(mixed.logits[i], rows.logits[i], "sequence {i}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn draft_proposals_are_verified_in_the_same_pass() {
         let mut plain = executor(Arch::HunyuanLarge, Precision::Bf16);
@@ -1193,6 +1280,7 @@ mod tests {
                 first_pos: 0,
                 slots: (0..ctx.len()).collect(),
                 all_logits: false,
+                argmax_only: false,
             };
             let l = draft_alone.forward(&backend, &mut kv, &[chunk]).remove(0);
             let next = hyserve_kernels::sampling::argmax(&l) as u32;

@@ -79,6 +79,7 @@ pub fn generate(
                 first_pos: pos,
                 blocks: table.blocks.clone(),
                 all_logits: opts.collect_logits,
+                argmax_only: false,
                 draft: None,
             }],
             ..Default::default()
@@ -117,6 +118,7 @@ pub fn generate(
                 first_pos: prompt.len() + generated.len() - 1,
                 blocks: table.blocks.clone(),
                 all_logits: false,
+                argmax_only: false,
                 draft: None,
             }],
             ..Default::default()

@@ -196,6 +196,7 @@ pub fn step_to_pb(step: &Step) -> StepRequest {
                     first_pos: s.first_pos as u64,
                     blocks: s.blocks.clone(),
                     all_logits: s.all_logits,
+                    argmax_only: s.argmax_only,
                     draft_depth: d.depth as u32,
                     draft_first_pos: d.first_pos as u64,
                     draft_context: d.context,
@@ -219,6 +220,7 @@ fn step_from_pb(r: StepRequest) -> Step {
                 first_pos: s.first_pos as usize,
                 blocks: s.blocks,
                 all_logits: s.all_logits,
+                argmax_only: s.argmax_only,
                 draft: (s.draft_depth > 0).then_some(DraftRequest {
                     depth: s.draft_depth as usize,
                     first_pos: s.draft_first_pos as usize,
@@ -878,6 +880,11 @@ impl Worker for WorkerService {
         tracing::debug!(rows, ms = t0.elapsed().as_secs_f64() * 1e3, "step");
         Ok(Response::new(StepResponse {
             logits: out.logits.iter().map(|l| f32_bytes(l)).collect(),
+            argmax: out
+                .argmax
+                .into_iter()
+                .map(|tokens| TokenList { tokens })
+                .collect(),
             vocab_size: out.vocab_size as u32,
             expert_load: out.expert_load,
             proposals: out

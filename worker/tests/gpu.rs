@@ -460,18 +460,57 @@ fn moe_block_matches_decode_and_prefill_paths() {
     ignore = "needs a GPU: run with --features gpu-tests on a GPU host"
 )]
 fn argmax_matches_host() {
+    // The device's arg-max is the host's `sampling::argmax` of the downloaded rows, to
+    // the index: random rows, ties (lowest index), NaNs (never win; a row of them: its
+    // last index), -inf (a row of them: its first), zeros of both signs, in groups, of
+    // bf16 and fp32 activations.
     let g = gpu();
-    let logits = rand_vec(3 * 1000, 60, 5.0);
-    let a = g.upload(3, 1000, &logits);
-    let got = g.argmax(&a);
-    let back = g.download(&a);
-    for (r, &t) in got.iter().enumerate() {
-        let row = &back[r * 1000..(r + 1) * 1000];
-        let best = row
-            .iter()
-            .enumerate()
-            .fold(0, |b, (i, &v)| if v > row[b] { i } else { b });
-        assert_eq!(t as usize, best);
+    let cols = 1000;
+    let mut rows: Vec<Vec<f32>> = (0..3).map(|r| rand_vec(cols, 60 + r, 5.0)).collect();
+    let mut tie = vec![-1.0f32; cols];
+    for c in [999, 517, 33, 34] {
+        tie[c] = 2.5;
+    }
+    rows.push(tie);
+    let mut nans = rand_vec(cols, 70, 5.0);
+    for c in (0..cols).step_by(3) {
+        nans[c] = f32::NAN;
+    }
+    nans[0] = f32::NAN;
+    nans[1] = 100.0;
+    rows.push(nans);
+    rows.push(vec![f32::NAN; cols]);
+    rows.push(vec![f32::NEG_INFINITY; cols]);
+    let mut inf_nan = vec![f32::NAN; cols];
+    inf_nan[700] = f32::NEG_INFINITY;
+    inf_nan[900] = f32::NEG_INFINITY;
+    rows.push(inf_nan);
+    let mut zeros = vec![-3.0f32; cols];
+    zeros[640] = -0.0;
+    zeros[641] = 0.0;
+    rows.push(zeros);
+    let n = rows.len();
+    let flat: Vec<f32> = rows.concat();
+    let groups = [2, 0, 3, 1, n - 6];
+    for fp32 in [false, true] {
+        let a = if fp32 {
+            g.upload_fp32(n, cols, &flat)
+        } else {
+            g.upload(n, cols, &flat)
+        };
+        let back = g.download(&a);
+        let want: Vec<u32> = back
+            .chunks_exact(cols)
+            .map(|r| hyserve_kernels::sampling::argmax(r) as u32)
+            .collect();
+        assert_eq!(&want[3..9], &[33, 1, 999, 0, 700, 640], "host argmax");
+        let got = g.argmax_rows(&a, &groups);
+        let mut at = 0;
+        for (k, &m) in groups.iter().enumerate() {
+            assert_eq!(got[k], want[at..at + m], "fp32 {fp32}, group {k}");
+            at += m;
+        }
+        assert_eq!(g.argmax(&a), want, "fp32 {fp32}");
     }
 }
 
@@ -530,6 +569,7 @@ fn greedy<B: Backend>(
             first_pos: first,
             slots: (0..ctx).collect(),
             all_logits: false,
+            argmax_only: false,
         };
         let out = model.forward(b, &mut kv, &[chunk]).remove(0);
         let next = out
@@ -658,6 +698,7 @@ fn recorded_steps_match_direct_launches(n_proposed: usize) {
                     first_pos: 0,
                     slots: slots(i, t.len()),
                     all_logits: false,
+                    argmax_only: false,
                 };
                 let l = m.forward(b, &mut kv, &[c]).remove(0);
                 next.push(
@@ -678,6 +719,7 @@ fn recorded_steps_match_direct_launches(n_proposed: usize) {
                             first_pos: t.len(),
                             slots: slots(i, t.len() + tokens.len()),
                             all_logits: n_proposed > 0,
+                            argmax_only: false,
                             tokens,
                         }
                     })
@@ -751,6 +793,7 @@ fn recordings_past_the_cap_replace_the_least_recently_used() {
         tokens,
         first_pos,
         all_logits,
+        argmax_only: false,
     };
     for i in 0..7 {
         let c = chunk(i, prompt(i), 0, false);
@@ -799,6 +842,7 @@ fn seq_step(
         first_pos,
         blocks: (0..4).map(|b| (8 * i + b) as u32).collect(),
         all_logits,
+        argmax_only: false,
         draft: None,
     }
 }
@@ -876,6 +920,60 @@ fn steps_padded_for_recording_give_each_sequence_its_own_logits() {
         assert!(worst <= 5e-3, "{n_seqs} sequences: {worst:.3e}");
     }
     assert!(padded.backend().recorded_graphs() >= 2);
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a GPU: run with --features gpu-tests on a GPU host"
+)]
+fn greedy_steps_get_their_rows_arg_max_from_the_device() {
+    // Each step of 5 sequences (prefill, recorded decode steps padded to 6 and
+    // verifications of 3 proposals) runs three times over the same positions: with
+    // rows; every sequence asking for only the arg-max tokens (taken on the device);
+    // every other one asking (taken by the executor). The tokens are the host's
+    // arg-max of the rows, exactly, and the sequences that asked get no rows.
+    use hyserve_worker::Executor;
+    let (_dir, cfg, ck) = tiny_model(Arch::HunyuanLarge, 11);
+    let mut b = gpu();
+    b.set_graphs(true);
+    let m = Model::load(&b, cfg.clone(), &ck, &mut |_| {});
+    let mut e = Executor::new(b, m, 64, 16);
+    let n = 5;
+    for step in prefill_then_decode_and_verify(n) {
+        let mut run = |only: &dyn Fn(usize) -> bool| {
+            let mut s = step.clone();
+            for (i, q) in s.seqs.iter_mut().enumerate() {
+                q.argmax_only = only(i);
+            }
+            e.step(&s).unwrap()
+        };
+        let rows = run(&|_| false);
+        let vocab = rows.vocab_size;
+        let want: Vec<Vec<u32>> = rows
+            .logits
+            .iter()
+            .map(|r| hyserve_kernels::backend::argmax_each(r, vocab))
+            .collect();
+        let all = run(&|_| true);
+        assert_eq!(
+            all.argmax,
+            want,
+            "{} rows a sequence",
+            step.seqs[0].tokens.len()
+        );
+        assert!(all.logits.iter().all(Vec::is_empty));
+        let mixed = run(&|i| i % 2 == 1);
+        for (i, w) in want.iter().enumerate() {
+            if i % 2 == 1 {
+                assert_eq!(&mixed.argmax[i], w);
+                assert!(mixed.logits[i].is_empty());
+            } else {
+                assert_eq!(mixed.logits[i], rows.logits[i]);
+            }
+        }
+    }
+    assert!(e.backend().recorded_graphs() >= 2);
 }
 
 #[test]

@@ -125,6 +125,8 @@ struct Scheduled {
     draft_context: usize,
     /// The draft reads the step's prompt chunk along.
     draft_reads: bool,
+    /// Only its rows' arg-max tokens come back ([`Seq::wants_argmax_only`]).
+    argmax_only: bool,
 }
 
 /// One sequence's part of a finished step: its worker's output rows and the proposals
@@ -135,6 +137,8 @@ struct SeqResult {
     s: Scheduled,
     proposals: Vec<u32>,
     rows: Vec<f32>,
+    /// Where it asked for only them: its rows' arg-max tokens (and no rows).
+    argmax: Vec<u32>,
 }
 
 #[derive(Debug)]
@@ -174,6 +178,7 @@ impl WorkerPlan {
             draft_depth: 0,
             draft_context: 0,
             draft_reads: false,
+            argmax_only: false,
         });
         self.n_budget_tokens = self.n_budget_tokens.saturating_sub(n_tokens);
     }
@@ -230,6 +235,20 @@ impl Seq {
 
     fn n_generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
+    }
+
+    /// Whether a step computing its next `n_tokens` needs no more of its logits rows
+    /// than their arg-max tokens: a prompt chunk that leaves some of the prompt to
+    /// compute (its rows predict known tokens), or a greedy draw with no penalty and no
+    /// logprobs (and greedy verification: a proposal is kept while it is the arg-max).
+    /// Its worker then sends back token ids instead of rows: on a GPU the rows are not
+    /// even downloaded.
+    fn wants_argmax_only(&self, n_tokens: usize) -> bool {
+        let mid_prompt = self.n_computed + n_tokens < self.tokens.len();
+        mid_prompt
+            || (self.sampling.is_greedy()
+                && !self.sampling.has_penalties()
+                && self.logprobs.is_none())
     }
 
     /// Back to "nothing computed", holding no blocks (the caller released them).
@@ -544,6 +563,7 @@ impl Scheduler {
                 });
                 s.draft_context = draft.as_ref().map_or(0, |d| d.context.len());
                 s.draft_reads = draft_reads;
+                s.argmax_only = seq.wants_argmax_only(s.n_tokens);
                 step.seqs.push(SeqStep {
                     seq_id: s.id,
                     request_id: seq.request_id.clone(),
@@ -551,6 +571,7 @@ impl Scheduler {
                     first_pos: seq.n_computed,
                     blocks: seq.blocks.clone(),
                     all_logits: !s.proposals.is_empty(),
+                    argmax_only: s.argmax_only,
                     draft,
                 });
                 seq.in_step = true;
@@ -933,10 +954,13 @@ impl Scheduler {
                     None => s.proposals.clone(),
                 };
                 let rows = 1 + p.len();
-                fits &= out
-                    .logits
-                    .get(i)
-                    .is_some_and(|r| r.len() == rows * out.vocab_size);
+                let logits = out.logits.get(i);
+                fits &= if s.argmax_only {
+                    logits.is_some_and(Vec::is_empty)
+                        && out.argmax.get(i).is_some_and(|a| a.len() == rows)
+                } else {
+                    logits.is_some_and(|r| r.len() == rows * out.vocab_size)
+                };
                 props.push(p);
             }
             proposed.push(props);
@@ -958,15 +982,20 @@ impl Scheduler {
             .zip(proposed)
             .flat_map(|(((worker, scheduled), out), props)| {
                 let vocab = out.vocab_size;
-                scheduled.into_iter().zip(props).zip(out.logits).map(
-                    move |((s, proposals), rows)| SeqResult {
+                let mut argmax = out.argmax;
+                argmax.resize(scheduled.len(), Vec::new());
+                scheduled
+                    .into_iter()
+                    .zip(props)
+                    .zip(out.logits.into_iter().zip(argmax))
+                    .map(move |((s, proposals), (rows, argmax))| SeqResult {
                         worker,
                         vocab,
                         s,
                         proposals,
                         rows,
-                    },
-                )
+                        argmax,
+                    })
             })
             .collect();
         // Sampling reads a whole vocabulary row per sequence (129K entries for
@@ -985,7 +1014,11 @@ impl Scheduler {
                     prompt_len: seq.prompt_len,
                     logprobs: seq.logprobs,
                 };
-                spec::verify(input, &r.rows, r.vocab, &r.proposals)
+                if r.s.argmax_only {
+                    spec::verify_argmax(&r.argmax, &r.proposals)
+                } else {
+                    spec::verify(input, &r.rows, r.vocab, &r.proposals)
+                }
             })
         };
         let n_values: usize = results.iter().map(|r| r.rows.len()).sum();

@@ -1031,6 +1031,19 @@ pub fn verify(
     out
 }
 
+/// [`verify`] of a greedy sequence with no penalty and no logprobs, from its rows'
+/// arg-max tokens alone (`argmax[i]`: row `i`'s): what `verify` emits from the rows.
+pub fn verify_argmax(argmax: &[u32], proposals: &[u32]) -> Vec<Sampled> {
+    let mut out = Vec::with_capacity(proposals.len() + 1);
+    for (i, &id) in argmax.iter().enumerate().take(proposals.len() + 1) {
+        out.push((id, None, Vec::new()));
+        if proposals.get(i) != Some(&id) {
+            break;
+        }
+    }
+    out
+}
+
 fn with_logprobs(id: u32, row: &[f32], logprobs: Option<usize>) -> Sampled {
     let Some(n_top) = logprobs else {
         return (id, None, Vec::new());
@@ -1721,6 +1734,22 @@ mod tests {
         assert_eq!(ids(verify(input(&g, &t), &r, 8, &[5, 6, 2])), [5, 6, 2, 1]);
         assert_eq!(ids(verify(input(&g, &t), &r, 8, &[0, 6, 2])), [5]);
         assert_eq!(ids(verify(input(&g, &t), &r[..8], 8, &[])), [5]);
+    }
+
+    #[test]
+    fn greedy_verification_from_arg_max_tokens_emits_what_the_rows_would() {
+        let g = SamplingParams::greedy();
+        let t = [3, 4];
+        let best = [5, 6, 2, 1];
+        let r = rows(&best, 8);
+        for proposals in [&[5, 6, 7][..], &[5, 6, 2], &[0, 6, 2], &[5], &[]] {
+            let n = proposals.len() + 1;
+            assert_eq!(
+                verify_argmax(&best[..n], proposals),
+                verify(input(&g, &t), &r[..n * 8], 8, proposals),
+                "{proposals:?}"
+            );
+        }
     }
 
     #[test]

@@ -62,6 +62,8 @@ enum Op {
     /// Logprob report of the sequence's first token: the chosen `(id, probability)`,
     /// then the top ones.
     TopLogprobs(SeqId, (u32, f32), &'static [(u32, f32)]),
+    /// In the last plan, whether each sequence asked for only its rows' arg-max tokens.
+    ArgmaxOnly(&'static [(SeqId, bool)]),
 }
 
 fn used(s: &EngineStats) -> u64 {
@@ -213,6 +215,7 @@ impl Harness {
         let mut outputs = Vec::new();
         for (w, step) in &plan.steps {
             let mut rows = Vec::new();
+            let mut argmax = Vec::new();
             let mut proposals = Vec::new();
             for s in &step.seqs {
                 let truth = [
@@ -259,12 +262,20 @@ impl Harness {
                         .remove(&s.seq_id)
                         .unwrap_or_else(|| model_logits(&context))
                 };
-                rows.push(row);
+                // A worker asked for only the arg-max tokens sends those, not rows.
+                if s.argmax_only {
+                    argmax.push(hyserve_kernels::backend::argmax_each(&row, VOCAB));
+                    rows.push(Vec::new());
+                } else {
+                    argmax.push(Vec::new());
+                    rows.push(row);
+                }
                 proposals.push(drafted);
                 self.last_blocks.insert(s.seq_id, s.blocks.clone());
             }
             outputs.push(StepOutput {
                 logits: rows,
+                argmax,
                 vocab_size: VOCAB,
                 expert_load: Vec::new(),
                 proposals,
@@ -458,6 +469,18 @@ fn check(cfg: SchedulerConfig, script: Vec<Op>) {
             }
             Op::Plan(want) => assert_eq!(h.schedule(), Some(shape(want)), "{at}"),
             Op::Complete => h.complete(),
+            Op::ArgmaxOnly(want) => {
+                let plan = h.last_plan.as_ref().expect("a plan");
+                for &(id, only) in want {
+                    let s = plan
+                        .steps
+                        .iter()
+                        .flat_map(|(_, st)| &st.seqs)
+                        .find(|s| s.seq_id == id)
+                        .unwrap_or_else(|| panic!("{at}: sequence {id} is not in the plan"));
+                    assert_eq!(s.argmax_only, only, "{at}: sequence {id}");
+                }
+            }
             Op::CompleteBad => {
                 let plan = h.in_flight.take().expect("a plan in flight");
                 assert_eq!(h.sched.complete(plan, Vec::new()), Vec::new(), "{at}");
@@ -970,6 +993,49 @@ fn logprobs_report_the_chosen_token_and_the_sorted_top() {
                     },
                 ],
             ),
+        ],
+    );
+}
+
+/// Only sequences whose next token is a plain greedy draw (no penalty, no logprobs),
+/// or whose step leaves some of the prompt to compute, get back arg-max tokens instead
+/// of rows; and what every one generates is unchanged.
+#[test]
+fn only_plain_greedy_draws_and_mid_prompt_chunks_ask_for_arg_max_tokens_alone() {
+    let penalised = GenerateRequest {
+        sampling: SamplingParams {
+            presence_penalty: 0.5,
+            ..SamplingParams::greedy()
+        },
+        ..req(prompt(3, 6), 3)
+    };
+    let with_logprobs = GenerateRequest {
+        logprobs: Some(0),
+        ..req(prompt(4, 6), 3)
+    };
+    check(
+        cfg(),
+        vec![
+            Op::Add(1, req(prompt(1, 6), 3)),
+            Op::Add(2, sampled(prompt(2, 6), 3)),
+            Op::Add(3, penalised),
+            Op::Add(4, with_logprobs),
+            // 40 tokens: chunks of 16, 16 and 8.
+            Op::Add(5, sampled(prompt(5, 40), 3)),
+            Op::Step(&[(0, &[(1, 0, 6), (2, 0, 6), (3, 0, 6), (4, 0, 6), (5, 0, 16)])]),
+            Op::ArgmaxOnly(&[(1, true), (2, false), (3, false), (4, false), (5, true)]),
+            Op::Step(&[(
+                0,
+                &[(1, 6, 1), (2, 6, 1), (3, 6, 1), (4, 6, 1), (5, 16, 16)],
+            )]),
+            Op::ArgmaxOnly(&[(1, true), (2, false), (3, false), (4, false), (5, true)]),
+            Op::Step(&[(0, &[(1, 7, 1), (2, 7, 1), (3, 7, 1), (4, 7, 1), (5, 32, 8)])]),
+            Op::ArgmaxOnly(&[(1, true), (5, false)]),
+            Op::Run,
+            Op::SameAsAlone(1),
+            Op::SameAsAlone(2),
+            Op::SameAsAlone(3),
+            Op::SameAsAlone(5),
         ],
     );
 }

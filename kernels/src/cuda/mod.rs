@@ -113,6 +113,7 @@ kernel_table!(
     gemv_s2,
     gemv_mt2_s2,
     argmax_rows,
+    argmax_rows_f32,
 );
 
 /// Launches kernel `$f` of `$self` on its stream with the given grid, block size,
@@ -830,6 +831,17 @@ impl CudaBackend {
         self.stream.clone_htod(v).expect("host to device copy")
     }
 
+    /// An fp32 activation `[rows, cols]` of `data` as it is (where [`Backend::upload`]
+    /// rounds to bf16): the type of logits kept in fp32, for tests.
+    pub fn upload_fp32(&self, rows: usize, cols: usize, data: &[f32]) -> CudaAct {
+        assert_eq!(data.len(), rows * cols, "{rows}x{cols} values");
+        CudaAct {
+            buf: ActBuf::F32(self.upload_f32(data)),
+            rows,
+            cols,
+        }
+    }
+
     /// A random bf16 weight `[rows, cols]`, uniform in `[-scale, scale)`, generated on
     /// the device from `seed` (benchmarks at real dimensions without a checkpoint).
     pub fn random_weight(&self, rows: usize, cols: usize, seed: u64, scale: f32) -> CudaWeight {
@@ -865,15 +877,9 @@ impl CudaBackend {
 
     /// Greedy sampling on the device: the arg-max token of every logits row.
     pub fn argmax(&self, logits: &CudaAct) -> Vec<u32> {
-        let out = self
-            .stream
-            .alloc_zeros::<i32>(logits.rows.max(1))
-            .expect("device alloc");
-        let (lp, op) = (self.bf16_ptr(logits), self.ptr(&out));
-        let cols = logits.cols as i32;
-        launch!(self, argmax_rows, (logits.rows as u32, 1, 1), 1024, 0; &lp, &cols, &op);
-        let v = self.stream.clone_dtoh(&out).expect("device to host copy");
-        v[..logits.rows].iter().map(|&i| i as u32).collect()
+        self.argmax_rows(logits, &[logits.rows])
+            .pop()
+            .unwrap_or_default()
     }
 
     /// `out = x · Wᵀ` into a new activation, bf16 or fp32.
@@ -1293,6 +1299,41 @@ impl Backend for CudaBackend {
                 crate::backend::split_rows_as(host, a.cols, groups, numeric::bf16_bits_to_f32)
             }
         }
+    }
+
+    /// On the device: one block per row, and only the ids come back (4 bytes a row,
+    /// where the row itself is 2 bytes a vocabulary entry).
+    fn argmax_rows(&self, a: &CudaAct, groups: &[usize]) -> Vec<Vec<u32>> {
+        let rows: usize = groups.iter().sum();
+        assert!(
+            rows <= a.rows,
+            "{rows} rows asked of a {}-row matrix",
+            a.rows
+        );
+        if rows == 0 {
+            return vec![Vec::new(); groups.len()];
+        }
+        let out = self.stream.alloc_zeros::<i32>(rows).expect("device alloc");
+        let (op, cols) = (self.ptr(&out), a.cols as i32);
+        let lp = self.act_ptr(a);
+        match &a.buf {
+            ActBuf::Bf16(_) => {
+                launch!(self, argmax_rows, (rows as u32, 1, 1), 1024, 0; &lp, &cols, &op)
+            }
+            ActBuf::F32(_) => {
+                launch!(self, argmax_rows_f32, (rows as u32, 1, 1), 1024, 0; &lp, &cols, &op)
+            }
+        }
+        let ids = self.stream.clone_dtoh(&out).expect("device to host copy");
+        let mut at = 0;
+        groups
+            .iter()
+            .map(|&n| {
+                let g = ids[at..at + n].iter().map(|&i| i as u32).collect();
+                at += n;
+                g
+            })
+            .collect()
     }
 
     fn shape(&self, a: &CudaAct) -> (usize, usize) {
