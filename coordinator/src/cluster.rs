@@ -676,7 +676,9 @@ async fn run_on_rank(
             let vocab = r.vocab_size as usize;
             let n = step.seqs.len();
             let mut argmax: Vec<Vec<u32>> = r.argmax.into_iter().map(|l| l.tokens).collect();
-            let argmax_fits = argmax.is_empty() || argmax.len() == n;
+            let counts_fit = r.logits.len() == n
+                && (argmax.is_empty() || argmax.len() == n)
+                && (r.proposals.is_empty() || r.proposals.len() == n);
             argmax.resize(n, Vec::new());
             // Per sequence: rows (a multiple of the vocabulary) or, where it asked for
             // only them, arg-max tokens; from a group's other ranks, neither.
@@ -702,11 +704,7 @@ async fn run_on_rank(
                 })
                 .collect();
             match parsed {
-                Some(logits)
-                    if argmax_fits
-                        && logits.len() == n
-                        && (r.proposals.is_empty() || r.proposals.len() == n) =>
-                {
+                Some(logits) if counts_fit => {
                     let mut proposals: Vec<Vec<u32>> =
                         r.proposals.into_iter().map(|p| p.tokens).collect();
                     proposals.resize(n, Vec::new());

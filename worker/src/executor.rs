@@ -136,7 +136,7 @@ pub struct Step {
     pub epoch: u64,
 }
 
-/// Logits per sequence, in step order: `[rows, vocab]` flattened.
+/// A step's output: per sequence, in step order, its logits rows or their arg-max tokens.
 #[derive(Clone, Debug, Default)]
 pub struct StepOutput {
     /// Per sequence: its logits rows (`[rows, vocab]`), empty for one that asked for
