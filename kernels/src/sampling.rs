@@ -57,6 +57,12 @@ impl SamplingParams {
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0
     }
+
+    /// Whether a sampled draw is cut to candidates (top-k, top-p, min-p): sorted, where
+    /// an untruncated draw walks the row in id order.
+    pub fn truncates(&self) -> bool {
+        self.top_k > 0 || self.top_p < 1.0 || self.min_p > 0.0
+    }
 }
 
 /// Index of the largest value (lowest index on ties). `NaN`s never win (all `NaN`:
@@ -371,7 +377,7 @@ impl Sampler {
         // A uniform draw in [0, 1) from the top 24 bits: deterministic per seed.
         let u = (self.rng.next_u64() >> 40) as f64 / (1u64 << 24) as f64;
         let p = &self.params;
-        if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
+        if !p.truncates() {
             // No truncation: the inverse CDF in token-id order is as exact a sample as
             // any order, and needs no sort of the vocabulary (129K entries for
             // Hunyuan-Large, per sequence per step).

@@ -49,10 +49,20 @@ use spec::{
 /// (~20 steps).
 const SPEC_SHARE_EWMA: f64 = 0.05;
 
-/// Logits a step's sampling reads (over all its rows) from which it runs on rayon's
+/// A step's sampling work (over all the rows that come back to the scheduler, in
+/// values an `argmax` scans: [`SAMPLED_DRAW_COST`]) from which it runs on rayon's
 /// threads: two of Hunyuan-Large's rows take about as long to scan as waking a pool
 /// (tens of microseconds); below, one thread reads them sooner.
 const PARALLEL_SAMPLING_VALUES: usize = 1 << 18;
+
+/// What a sampled draw costs per value against an `argmax` scan (0.4-0.5 ns a value):
+/// untruncated, a weight per value and a walk over them (2.6-2.9 ns on the development
+/// VM, `step_overhead` at batch 32); cut by top-k, top-p or min-p, a sort of the
+/// candidates too (7.4-8.1 ns on Zipf-like rows at top-p 0.9). Rounded down, so that a
+/// batch of 8 untruncated draws of the small model's rows stays on one thread (on the
+/// 2-core VM a pool made it slower). Since greedy draws come back as ids, most rows
+/// that reach the scheduler are sampled ones.
+const SAMPLED_DRAW_COST: [usize; 2] = [4, 16];
 
 /// The engine's name for one sequence (one `GenerateRequest`).
 pub type SeqId = u64;
@@ -1021,8 +1031,17 @@ impl Scheduler {
                 }
             })
         };
-        let n_values: usize = results.iter().map(|r| r.rows.len()).sum();
-        let emitted: Vec<Option<Vec<Sampled>>> = if n_values >= PARALLEL_SAMPLING_VALUES {
+        let work: usize = results
+            .iter()
+            .map(|r| {
+                let cost = match seqs.get(&r.s.id).map(|q| &q.sampling) {
+                    Some(p) if !p.is_greedy() => SAMPLED_DRAW_COST[usize::from(p.truncates())],
+                    _ => 1,
+                };
+                r.rows.len() * cost
+            })
+            .sum();
+        let emitted: Vec<Option<Vec<Sampled>>> = if work >= PARALLEL_SAMPLING_VALUES {
             results.par_iter().map(verify).collect()
         } else {
             results.iter().map(verify).collect()
