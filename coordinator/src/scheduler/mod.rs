@@ -965,9 +965,12 @@ impl Scheduler {
                 };
                 let rows = 1 + p.len();
                 let logits = out.logits.get(i);
+                // Ids are emitted as they come: each must be a token of the vocabulary.
                 fits &= if s.argmax_only {
                     logits.is_some_and(Vec::is_empty)
-                        && out.argmax.get(i).is_some_and(|a| a.len() == rows)
+                        && out.argmax.get(i).is_some_and(|a| {
+                            a.len() == rows && a.iter().all(|&t| (t as usize) < out.vocab_size)
+                        })
                 } else {
                     logits.is_some_and(|r| r.len() == rows * out.vocab_size)
                 };

@@ -38,6 +38,9 @@ enum Op {
     Complete,
     /// Complete the plan in flight with outputs that do not match it.
     CompleteBad,
+    /// Run the plan in flight, and complete it with its first arg-max id out of the
+    /// vocabulary.
+    CompleteOutOfVocab,
     /// Complete an old copy of the last plan: must change nothing.
     CompleteStale,
     /// Abort an old copy of the last plan: must change nothing.
@@ -484,6 +487,17 @@ fn check(cfg: SchedulerConfig, script: Vec<Op>) {
             Op::CompleteBad => {
                 let plan = h.in_flight.take().expect("a plan in flight");
                 assert_eq!(h.sched.complete(plan, Vec::new()), Vec::new(), "{at}");
+            }
+            Op::CompleteOutOfVocab => {
+                let plan = h.in_flight.take().expect("a plan in flight");
+                let mut outputs = h.execute(&plan);
+                let id = outputs
+                    .iter_mut()
+                    .flat_map(|o| o.argmax.iter_mut().flatten())
+                    .next()
+                    .expect("an arg-max id");
+                *id = VOCAB as u32;
+                assert_eq!(h.sched.complete(plan, outputs), Vec::new(), "{at}");
             }
             Op::CompleteStale => {
                 let plan = h.last_plan.clone().expect("a plan");
@@ -1108,6 +1122,27 @@ fn aborted_and_mismatched_steps_requeue_their_sequences() {
             Op::Plan(&[(0, &[(1, 0, 7), (2, 0, 7)])]),
             Op::CompleteBad,
             Op::Stat("waiting", waiting, 2),
+            Op::Run,
+            Op::SameAsAlone(1),
+            Op::SameAsAlone(2),
+        ],
+    );
+}
+
+/// A worker's arg-max id outside the vocabulary is never emitted: the step is treated as
+/// a mismatched one, and its sequences computed again.
+#[test]
+fn an_arg_max_id_outside_the_vocabulary_requeues_the_step() {
+    check(
+        cfg(),
+        vec![
+            Op::Add(1, req(prompt(1, 6), 5)),
+            Op::Add(2, req(prompt(2, 6), 5)),
+            Op::Step(&[(0, &[(1, 0, 6), (2, 0, 6)])]),
+            Op::Plan(&[(0, &[(1, 6, 1), (2, 6, 1)])]),
+            Op::CompleteOutOfVocab,
+            Op::Stat("waiting", waiting, 2),
+            Op::NumEvents(1, 1),
             Op::Run,
             Op::SameAsAlone(1),
             Op::SameAsAlone(2),
