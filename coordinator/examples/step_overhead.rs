@@ -2,7 +2,9 @@
 //! messaging and the token streams, against workers that answer every step at once
 //! (each a thread behind a queue, as an executor is, writing a logits row per sequence
 //! whose largest entry is a fixed function of the sequence and position: the others 0
-//! (`flat`), or falling as `-1.1 ln(1 + rank)` from it (`peaked`, Zipf-like)).
+//! (`flat`), or falling as `-1.1 ln(1 + rank)` from it (`peaked`, Zipf-like); or, for a
+//! sequence that asks for only its arg-max token (greedy), that token, as a GPU worker
+//! sends it).
 //!
 //! ```sh
 //! cargo run --release -p hyserve-coordinator --example step_overhead -- 1,8,32
