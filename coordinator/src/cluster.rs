@@ -13,7 +13,7 @@ use std::time::Duration;
 use hyserve_model::ModelConfig;
 use hyserve_proto::cluster::worker_client::WorkerClient;
 use hyserve_proto::cluster::{
-    AssignRequest, NcclIdRequest, StageRequest, StatusRequest, StepRequest,
+    AssignRequest, NcclIdRequest, StageRequest, StatusRequest, StepRequest, StepResponse,
 };
 use hyserve_worker::remote::{
     ClusterTls, MAX_MESSAGE_BYTES, endpoint, f32_from_bytes, placement_to_pb, step_to_pb,
@@ -660,6 +660,60 @@ impl WorkerLink for RemoteGroup {
     }
 }
 
+/// `r` as the output of `step`, or `None` where it does not fit it. `logits`: whether
+/// this rank answers with them (a group's first), the others' are empty.
+///
+/// Per sequence: rows (a multiple of the vocabulary) or, where it asked for only them,
+/// arg-max tokens; from a group's other ranks, neither. A worker of a release before
+/// `argmax_only` sends rows all the same (a rolling upgrade): their arg-max is taken here.
+fn step_output(step: &Step, r: StepResponse, logits: bool) -> Option<StepOutput> {
+    let vocab = r.vocab_size as usize;
+    let n = step.seqs.len();
+    let mut argmax: Vec<Vec<u32>> = r.argmax.into_iter().map(|l| l.tokens).collect();
+    if r.logits.len() != n
+        || !(argmax.is_empty() || argmax.len() == n)
+        || !(r.proposals.is_empty() || r.proposals.len() == n)
+    {
+        return None;
+    }
+    argmax.resize(n, Vec::new());
+    let rows: Vec<Vec<f32>> = r
+        .logits
+        .iter()
+        .zip(step.seqs.iter().zip(argmax.iter_mut()))
+        .map(|(b, (s, ids))| {
+            let mut v = f32_from_bytes(b).filter(|v| vocab > 0 && v.len() % vocab == 0)?;
+            let answered = if !logits {
+                v.is_empty() && ids.is_empty()
+            } else if !s.argmax_only {
+                !v.is_empty() && ids.is_empty()
+            } else if ids.is_empty() && !v.is_empty() {
+                *ids = hyserve_kernels::backend::argmax_each(&std::mem::take(&mut v), vocab);
+                true
+            } else {
+                v.is_empty() && !ids.is_empty()
+            };
+            answered.then_some(v)
+        })
+        .collect::<Option<_>>()?;
+    let mut proposals: Vec<Vec<u32>> = r.proposals.into_iter().map(|p| p.tokens).collect();
+    proposals.resize(n, Vec::new());
+    Some(StepOutput {
+        logits: rows,
+        argmax,
+        vocab_size: vocab,
+        expert_load: r.expert_load,
+        proposals,
+        draft_seconds: r.draft_seconds,
+        warming: r.warming,
+        timing: StepTiming {
+            queued_seconds: r.queued_seconds,
+            worker_seconds: r.worker_seconds,
+            forward_seconds: r.forward_seconds,
+        },
+    })
+}
+
 /// Runs `step` (`req` on the wire) on rank `rank`; `logits`: whether this rank answers
 /// with them (a group's first), the others' are empty.
 async fn run_on_rank(
@@ -671,61 +725,8 @@ async fn run_on_rank(
 ) -> Result<StepOutput, String> {
     let mut client = cluster.client(rank);
     match client.run_step(req).await {
-        Ok(resp) => {
-            let r = resp.into_inner();
-            let vocab = r.vocab_size as usize;
-            let n = step.seqs.len();
-            let mut argmax: Vec<Vec<u32>> = r.argmax.into_iter().map(|l| l.tokens).collect();
-            let counts_fit = r.logits.len() == n
-                && (argmax.is_empty() || argmax.len() == n)
-                && (r.proposals.is_empty() || r.proposals.len() == n);
-            argmax.resize(n, Vec::new());
-            // Per sequence: rows (a multiple of the vocabulary) or, where it asked for
-            // only them, arg-max tokens; from a group's other ranks, neither.
-            let parsed: Option<Vec<Vec<f32>>> = r
-                .logits
-                .iter()
-                .zip(step.seqs.iter().zip(&argmax))
-                .map(|(b, (s, ids))| {
-                    f32_from_bytes(b).filter(|v| {
-                        let answered = if s.argmax_only {
-                            v.is_empty() && !ids.is_empty()
-                        } else {
-                            !v.is_empty() && ids.is_empty()
-                        };
-                        vocab > 0
-                            && v.len() % vocab == 0
-                            && if logits {
-                                answered
-                            } else {
-                                v.is_empty() && ids.is_empty()
-                            }
-                    })
-                })
-                .collect();
-            match parsed {
-                Some(logits) if counts_fit => {
-                    let mut proposals: Vec<Vec<u32>> =
-                        r.proposals.into_iter().map(|p| p.tokens).collect();
-                    proposals.resize(n, Vec::new());
-                    Ok(StepOutput {
-                        logits,
-                        argmax,
-                        vocab_size: vocab,
-                        expert_load: r.expert_load,
-                        proposals,
-                        draft_seconds: r.draft_seconds,
-                        warming: r.warming,
-                        timing: StepTiming {
-                            queued_seconds: r.queued_seconds,
-                            worker_seconds: r.worker_seconds,
-                            forward_seconds: r.forward_seconds,
-                        },
-                    })
-                }
-                _ => Err(format!("worker {rank} sent malformed logits")),
-            }
-        }
+        Ok(resp) => step_output(step, resp.into_inner(), logits)
+            .ok_or_else(|| format!("worker {rank} sent malformed logits")),
         Err(status) => {
             // Unassigned (it restarted), or it missed a placement epoch: assign it
             // again with the placement in force.
@@ -750,6 +751,78 @@ async fn run_on_rank(
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             Err(format!("worker {rank}: {}", status.message()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hyserve_proto::cluster::TokenList;
+    use hyserve_worker::SeqStep;
+    use hyserve_worker::remote::f32_bytes;
+
+    use super::*;
+
+    fn seq(id: u64, argmax_only: bool) -> SeqStep {
+        SeqStep {
+            seq_id: id,
+            request_id: "".into(),
+            tokens: vec![1],
+            first_pos: 0,
+            blocks: vec![0],
+            all_logits: false,
+            argmax_only,
+            draft: None,
+        }
+    }
+
+    fn response(logits: &[&[f32]], argmax: &[&[u32]]) -> StepResponse {
+        StepResponse {
+            logits: logits.iter().map(|l| f32_bytes(l)).collect(),
+            vocab_size: 4,
+            argmax: argmax
+                .iter()
+                .map(|t| TokenList { tokens: t.to_vec() })
+                .collect(),
+            ..StepResponse::default()
+        }
+    }
+
+    /// A step's response is read per sequence: ids where a sequence asked for only them,
+    /// rows otherwise; a worker from before `argmax_only` (rows for every sequence) is
+    /// read too, its arg-max taken here; anything else is malformed.
+    #[test]
+    fn step_responses_are_read_per_sequence_and_from_older_workers_too() {
+        let step = Step {
+            seqs: vec![seq(1, true), seq(2, false)],
+            ..Step::default()
+        };
+        let row: &[f32] = &[0.0, 3.0, 1.0, 3.0];
+        let out = step_output(&step, response(&[&[], row], &[&[2], &[]]), true).unwrap();
+        assert_eq!(out.argmax, [vec![2], vec![]]);
+        assert_eq!(out.logits, [vec![], row.to_vec()]);
+        // An older worker: rows for both (ties go to the lowest index).
+        let out = step_output(&step, response(&[row, row], &[]), true).unwrap();
+        assert_eq!(out.argmax, [vec![1], vec![]]);
+        assert_eq!(out.logits, [vec![], row.to_vec()]);
+        // A group's other ranks send neither.
+        assert!(step_output(&step, response(&[&[], &[]], &[]), false).is_some());
+        for (logits, argmax, first) in [
+            // One list too long.
+            (&[&[][..], row, &[]][..], &[&[2][..], &[], &[]][..], true),
+            // Ids where rows were asked for.
+            (&[&[], &[]], &[&[2], &[3]], true),
+            // Neither for the first sequence.
+            (&[&[], row], &[&[], &[]], true),
+            // A row cut short.
+            (&[&[], &row[..3]], &[&[2], &[]], true),
+            // Ids from a rank that answers with none.
+            (&[&[], &[]], &[&[2], &[]], false),
+        ] {
+            assert!(
+                step_output(&step, response(logits, argmax), first).is_none(),
+                "{logits:?} {argmax:?} {first}"
+            );
         }
     }
 }
