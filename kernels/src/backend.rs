@@ -480,20 +480,21 @@ pub fn argmax_each(rows: &[f32], cols: usize) -> Vec<u32> {
         .collect()
 }
 
-/// [`split_rows`] of a matrix stored as `T`, each value widened by `f32_of`.
-pub fn split_rows_as<T: Copy>(
+/// [`split_rows`] of a matrix stored as `T`, each value converted by `to` (widened to
+/// f32, or a device's index type to `u32`).
+pub fn split_rows_as<T: Copy, U>(
     flat: &[T],
     cols: usize,
     groups: &[usize],
-    f32_of: impl Fn(T) -> f32,
-) -> Vec<Vec<f32>> {
+    to: impl Fn(T) -> U,
+) -> Vec<Vec<U>> {
     let mut at = 0;
     groups
         .iter()
         .map(|&n| {
             let part = &flat[at..at + n * cols];
             at += n * cols;
-            part.iter().map(|&x| f32_of(x)).collect()
+            part.iter().map(|&x| to(x)).collect()
         })
         .collect()
 }

@@ -1036,6 +1036,7 @@ impl Scheduler {
         };
         let work: usize = results
             .iter()
+            .filter(|r| !r.rows.is_empty())
             .map(|r| {
                 let cost = match seqs.get(&r.s.id).map(|q| &q.sampling) {
                     Some(p) if !p.is_greedy() => SAMPLED_DRAW_COST[usize::from(p.truncates())],

@@ -1154,6 +1154,17 @@ const ATT_TILE: usize = 32;
 /// Static limit on the attention kernel's dynamic shared memory.
 const ATT_SMEM: usize = 48 * 1024;
 
+/// The rows `groups` asks of `a` (their sum), which `a` must have.
+fn rows_asked(a: &CudaAct, groups: &[usize]) -> usize {
+    let rows: usize = groups.iter().sum();
+    assert!(
+        rows <= a.rows,
+        "{rows} rows asked of a {}-row matrix",
+        a.rows
+    );
+    rows
+}
+
 impl Backend for CudaBackend {
     type Weight = CudaWeight;
     type Vector = CudaVector;
@@ -1278,13 +1289,7 @@ impl Backend for CudaBackend {
     }
 
     fn download_rows(&self, a: &CudaAct, groups: &[usize]) -> Vec<Vec<f32>> {
-        let rows: usize = groups.iter().sum();
-        assert!(
-            rows <= a.rows,
-            "{rows} rows asked of a {}-row matrix",
-            a.rows
-        );
-        let n = rows * a.cols;
+        let n = rows_asked(a, groups) * a.cols;
         if n == 0 {
             return vec![Vec::new(); groups.len()];
         }
@@ -1304,12 +1309,7 @@ impl Backend for CudaBackend {
     /// On the device: one block per row, and only the ids come back (4 bytes a row,
     /// where the row itself is 2 bytes a vocabulary entry).
     fn argmax_rows(&self, a: &CudaAct, groups: &[usize]) -> Vec<Vec<u32>> {
-        let rows: usize = groups.iter().sum();
-        assert!(
-            rows <= a.rows,
-            "{rows} rows asked of a {}-row matrix",
-            a.rows
-        );
+        let rows = rows_asked(a, groups);
         if rows == 0 {
             return vec![Vec::new(); groups.len()];
         }
@@ -1325,15 +1325,7 @@ impl Backend for CudaBackend {
             }
         }
         let ids = self.stream.clone_dtoh(&out).expect("device to host copy");
-        let mut at = 0;
-        groups
-            .iter()
-            .map(|&n| {
-                let g = ids[at..at + n].iter().map(|&i| i as u32).collect();
-                at += n;
-                g
-            })
-            .collect()
+        crate::backend::split_rows_as(&ids, 1, groups, |i| i as u32)
     }
 
     fn shape(&self, a: &CudaAct) -> (usize, usize) {
