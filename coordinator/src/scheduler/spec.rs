@@ -322,7 +322,8 @@ const GUARD_MIN_SAMPLES: u32 = 12;
 /// [`GUARD_PROBE_STEPS`] steps (several: a draft model that fell behind while off needs a
 /// step to catch up before its steps are steady), so a changed workload can change its
 /// mind. The interval starts at the first and doubles, up to the second, each time a
-/// probe confirms the winner (a probe of a losing draft costs its catch-up).
+/// probe confirms the winner (a probe of a losing draft costs its catch-up), or, at a
+/// load not measured yet, each time a probe measured nothing there.
 const GUARD_PROBE_EVERY: (u64, u64) = (128, 4096);
 const GUARD_PROBE_STEPS: u32 = 8;
 /// At most this share of a batch size's decode time is lost to each arm where it was
@@ -542,6 +543,8 @@ struct Probe {
     every: u64,
     /// Whether speculation was winning when the probe began.
     winner: bool,
+    /// The probed arm's samples when the probe began.
+    samples_before: u32,
     /// Seconds of decode steps observed at this batch size, and per arm (plain,
     /// speculative) the seconds it lost against the other ([`GUARD_PROBE_SHARE`]).
     seconds: f64,
@@ -555,6 +558,7 @@ impl Default for Probe {
             until_next: GUARD_PROBE_EVERY.0,
             every: GUARD_PROBE_EVERY.0,
             winner: false,
+            samples_before: 0,
             seconds: 0.0,
             lost_seconds: [0.0; 2],
         }
@@ -611,8 +615,15 @@ impl Guard {
                     "speculation guard probe over"
                 );
                 // The probe is over: the same winner as before, measured at this load,
-                // backs the next one off.
-                p.every = if own.is_some() && spec_wins == p.winner {
+                // backs the next one off. So does a probe at a load not measured yet
+                // that measured nothing there (its steps all left out as warm-ups or
+                // planned as plain ones): probing again as soon would cost as much
+                // and teach as little (on an H100 at batch 32, a draft engine probed
+                // the 16-31 loads of every drain 19-22 times a cell, its verification
+                // shapes new each time, never measured).
+                let taught = self.arms[b][usize::from(!p.winner)].samples > p.samples_before;
+                p.every = if (own.is_some() && spec_wins == p.winner) || (own.is_none() && !taught)
+                {
                     (p.every * 2).min(GUARD_PROBE_EVERY.1)
                 } else {
                     GUARD_PROBE_EVERY.0
@@ -628,6 +639,7 @@ impl Guard {
             *p = Probe {
                 left: GUARD_PROBE_STEPS - 1,
                 winner: spec_wins,
+                samples_before: self.arms[b][usize::from(!spec_wins)].samples,
                 ..*p
             };
             return (!spec_wins, true);
@@ -1676,6 +1688,29 @@ mod tests {
         let on = simulate(&mut g, 8, 1024, (8, 1.0), (24, 1.0));
         assert!(on >= 1024 - 4 * GUARD_PROBE_STEPS as usize, "{on}");
         assert!(g.prefers_speculation(8) && !g.prefers_speculation(1));
+    }
+
+    #[test]
+    fn probes_that_measure_nothing_at_a_new_load_back_off() {
+        // At 16-31 sequences the probes' steps are never measured: in the first
+        // engine each is a warm-up (a new shape: left out), in the second the planner
+        // turns it into a plain step. They cost no more than plain decoding's, so
+        // only the back-off limits them.
+        for planned_plain in [false, true] {
+            let mut g = Guard::default();
+            first_verdict(&mut g, 32, (32, 1.0), (32, 2.0));
+            let mut allowed = 0;
+            for _ in 0..8192 {
+                let on = g.allow(20);
+                allowed += usize::from(on);
+                let speculated = on && !planned_plain;
+                let (tokens, seconds) = if speculated { (30, 1.5) } else { (20, 1.0) };
+                g.observe(20, speculated, tokens, seconds, speculated);
+            }
+            assert_eq!(g.verdict(guard_bucket(20)), None, "measured after all");
+            // Probes 128, 256, ..., 4096 steps apart: 6 in 8192 steps (every 128: 60).
+            assert_eq!(allowed, 6 * GUARD_PROBE_STEPS as usize, "{planned_plain}");
+        }
     }
 
     #[test]
