@@ -349,7 +349,7 @@ const GUARD_SWITCH_ON: f64 = 1.05;
 
 /// The guard's batch-size buckets: powers of two (1, 2-3, 4-7, 8-15, ...), coarse so
 /// that each is learned from many steps.
-fn guard_bucket(n_decode: usize) -> usize {
+pub fn guard_bucket(n_decode: usize) -> usize {
     n_decode.max(1).ilog2() as usize
 }
 
@@ -619,8 +619,8 @@ impl Guard {
                 // that measured nothing there (its steps all left out as warm-ups or
                 // planned as plain ones): probing again as soon would cost as much
                 // and teach as little (on an H100 at batch 32, a draft engine probed
-                // the 16-31 loads of every drain 19-22 times a cell, its verification
-                // shapes new each time, never measured).
+                // the 16-31 loads of its draining batches 19-22 times a run, its steps
+                // there warm-ups, and never measured them).
                 let taught = self.arms[b][usize::from(!p.winner)].samples > p.samples_before;
                 p.every = if (own.is_some() && spec_wins == p.winner) || (own.is_none() && !taught)
                 {
@@ -724,6 +724,12 @@ impl Guard {
                 "speculation guard verdict changed"
             );
         }
+    }
+
+    /// Per batch-size bucket ([`guard_bucket`]), the verdict where both arms are
+    /// measured: whether speculation wins there.
+    pub fn verdicts(&self) -> Vec<Option<bool>> {
+        self.verdicts.clone()
     }
 
     /// Steps allowed against the verdict so far (probes).
@@ -1115,6 +1121,10 @@ pub struct SpecStats {
     /// Of those, turns to plain decoding because speculation's steps, all of them
     /// counted, took longer than plain decoding would have (a veto).
     pub vetoes: u64,
+    /// Per batch-size bucket ([`guard_bucket`]: 1, 2-3, 4-7, ... decoding sequences),
+    /// the guard's verdict once it has measured both arms there: whether speculation
+    /// runs. `None`: not measured yet (the nearest measured bucket's verdict applies).
+    pub guard_verdicts: Vec<Option<bool>>,
 }
 
 impl SpecStats {
@@ -1708,6 +1718,9 @@ mod tests {
                 g.observe(20, speculated, tokens, seconds, speculated);
             }
             assert_eq!(g.verdict(guard_bucket(20)), None, "measured after all");
+            let verdicts = g.verdicts();
+            assert_eq!(verdicts[guard_bucket(32)], Some(false));
+            assert_eq!(verdicts[guard_bucket(20)], None);
             // Probes 128, 256, ..., 4096 steps apart: 6 in 8192 steps (every 128: 60).
             assert_eq!(allowed, 6 * GUARD_PROBE_STEPS as usize, "{planned_plain}");
         }
