@@ -347,6 +347,21 @@ const GUARD_MARGIN: f64 = 1.02;
 /// loses time.
 const GUARD_SWITCH_ON: f64 = 1.05;
 
+/// While speculation wins a load, a fall of its yield (tokens per sequence and step,
+/// over its window) below this share of what it was when plain decoding was last
+/// measured there means the workload changed under it, and plain decoding's rate, of
+/// the old workload, no longer says what plain decoding would do: the guard measures
+/// plain decoding afresh at once ([`GUARD_MIN_SAMPLES`] steps, its old window
+/// dropped) instead of at the next probe, up to [`GUARD_PROBE_EVERY`]`.1` steps away.
+/// A yield counts tokens, not time, so host jitter does not move it. On an H100 at
+/// batch 32 (run37, sampled), prompt lookup kept the verdict it had won on edits
+/// through a whole repetition of free text at 0.80x of plain decoding: plain
+/// decoding's rate was the edits' (slower steps, longer contexts), and the veto's par
+/// with it.
+const GUARD_YIELD_DROP: f64 = 0.85;
+/// The yield is checked every so many steps of the guard.
+const GUARD_YIELD_EVERY: u64 = 16;
+
 /// The guard's batch-size buckets: powers of two (1, 2-3, 4-7, 8-15, ...), coarse so
 /// that each is learned from many steps.
 pub fn guard_bucket(n_decode: usize) -> usize {
@@ -451,6 +466,19 @@ impl Rate {
         true
     }
 
+    /// The window's tokens per sequence and step (its yield).
+    fn tokens_per_sequence_step(&self) -> f64 {
+        let (tokens, sequences) = self
+            .recent
+            .iter()
+            .fold((0.0, 0.0), |(t, n), r| (t + r.tokens, n + r.sequences));
+        if sequences > 0.0 {
+            tokens / sequences
+        } else {
+            0.0
+        }
+    }
+
     /// Whether the window holds enough steps to be compared.
     fn full(&self) -> bool {
         self.recent.len() >= GUARD_MIN_SAMPLES as usize
@@ -545,6 +573,9 @@ struct Probe {
     winner: bool,
     /// The probed arm's samples when the probe began.
     samples_before: u32,
+    /// Speculation's yield when plain decoding was last measured here while
+    /// speculation won (0: not known) ([`GUARD_YIELD_DROP`]).
+    yield_then: f64,
     /// Seconds of decode steps observed at this batch size, and per arm (plain,
     /// speculative) the seconds it lost against the other ([`GUARD_PROBE_SHARE`]).
     seconds: f64,
@@ -559,6 +590,7 @@ impl Default for Probe {
             every: GUARD_PROBE_EVERY.0,
             winner: false,
             samples_before: 0,
+            yield_then: 0.0,
             seconds: 0.0,
             lost_seconds: [0.0; 2],
         }
@@ -629,8 +661,34 @@ impl Guard {
                     GUARD_PROBE_EVERY.0
                 };
                 p.until_next = p.every;
+                p.yield_then = if spec_wins {
+                    spec.tokens_per_sequence_step()
+                } else {
+                    0.0
+                };
             }
             return (!p.winner, p.winner == spec_wins);
+        }
+        if spec_wins
+            && p.yield_then > 0.0
+            && self.clock.is_multiple_of(GUARD_YIELD_EVERY)
+            && spec.tokens_per_sequence_step() < GUARD_YIELD_DROP * p.yield_then
+            && p.lost_seconds[0] <= GUARD_PROBE_SHARE * p.seconds
+        {
+            tracing::debug!(
+                batch_bucket = 1usize << b,
+                yield_then = p.yield_then,
+                yield_now = spec.tokens_per_sequence_step(),
+                "speculation guard: the workload changed, plain decoding measured afresh"
+            );
+            *p = Probe {
+                left: GUARD_MIN_SAMPLES - 1,
+                winner: true,
+                samples_before: plain.samples,
+                ..*p
+            };
+            self.arms[b][0].clear();
+            return (false, true);
         }
         p.until_next = p.until_next.saturating_sub(1);
         if p.until_next == 0
@@ -713,6 +771,13 @@ impl Guard {
         self.verdicts[b] = after;
         if after != before {
             self.tenures[b] = Tenure::default();
+            // Both arms are of this moment when a verdict turns: what speculation
+            // yields now is what a changed workload is told by.
+            self.probing[b].yield_then = if after == Some(true) {
+                self.arms[b][1].tokens_per_sequence_step()
+            } else {
+                0.0
+            };
             // The first verdict at a load is not a change of mind.
             self.verdict_changes += u64::from(before.is_some());
             let [plain, spec] = &self.arms[b];
@@ -826,6 +891,11 @@ impl Guard {
                 // have filled it again.
                 if !spec.full() {
                     return Some(false);
+                }
+                // Plain decoding's, emptied when the workload changed, decides nothing
+                // until it is filled again.
+                if !plain.full() {
+                    return before;
                 }
                 let margin = if before == Some(false) {
                     GUARD_SWITCH_ON
@@ -1724,6 +1794,63 @@ mod tests {
             // Probes 128, 256, ..., 4096 steps apart: 6 in 8192 steps (every 128: 60).
             assert_eq!(allowed, 6 * GUARD_PROBE_STEPS as usize, "{planned_plain}");
         }
+    }
+
+    #[test]
+    fn a_workload_that_changes_under_speculation_has_plain_decoding_measured_afresh() {
+        // The first workload (edits): speculation emits 1.5 tokens a sequence in 1.1 s
+        // where plain decoding's step takes 1 s. It wins, and its probes back off.
+        let edits = |on: bool| if on { (48, 1.1) } else { (32, 1.0) };
+        // Then free text: plain steps are faster (0.7 s) and speculation yields 1.16
+        // tokens a sequence in 1 s, so plain decoding is 24% faster. Its rate, though,
+        // is still the edits' (1 token a sequence-second against speculation's 1.16),
+        // and so is the veto's par.
+        let free = |on: bool| if on { (37, 1.0) } else { (32, 0.7) };
+        for knows_the_yield in [true, false] {
+            let mut g = Guard::default();
+            run_host(&mut g, 32, 10_000, |_, on| edits(on));
+            assert!(g.prefers_speculation(32));
+            if !knows_the_yield {
+                // Without speculation's yield from before the change (as before
+                // GUARD_YIELD_DROP), only the next probe would tell.
+                g.probing[guard_bucket(32)].yield_then = 0.0;
+            }
+            let (spec_steps, _) = run_host(&mut g, 32, 2000, |_, on| free(on));
+            if knows_the_yield {
+                assert!(!g.prefers_speculation(32), "still speculating");
+                assert!(spec_steps <= 32, "{spec_steps} speculative steps");
+            } else {
+                assert_eq!(spec_steps, 2000);
+            }
+        }
+    }
+
+    #[test]
+    fn a_yield_that_wanders_step_to_step_does_not_have_plain_decoding_measured_again() {
+        // Speculation's steps emit 32-64 tokens (1.5 a sequence on average), each
+        // step's acceptance its own: the window's yield wanders, the workload does not.
+        let mut state = 12345u64;
+        let mut wander = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            32 + (state >> 33) as usize % 33
+        };
+        let mut g = Guard::default();
+        let (spec_steps, _) = run_host(&mut g, 32, 20_000, |_, on| {
+            if on { (wander(), 1.1) } else { (32, 1.0) }
+        });
+        let mut steady = Guard::default();
+        run_host(&mut steady, 32, 20_000, |_, on| {
+            if on { (48, 1.1) } else { (32, 1.0) }
+        });
+        assert!(spec_steps > 19_000, "{spec_steps}");
+        assert!(
+            g.probe_steps() <= steady.probe_steps() + u64::from(GUARD_MIN_SAMPLES),
+            "{} probe steps against {}",
+            g.probe_steps(),
+            steady.probe_steps()
+        );
     }
 
     #[test]
