@@ -516,34 +516,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             // into the first repetition (0.94-0.95x of its own plain decoding, 100
             // speculative steps, 103 recording; the later repetitions at par).
             let bucket = guard_bucket(batch);
+            let verdict =
+                |e: &EngineHandle| e.stats().spec.guard_verdicts.get(bucket).copied().flatten();
             for (proposer, label, engine) in &engines {
                 let warm = |p: &Vec<u32>| request(p, &sampling, a.max_tokens, &stop_ids, 3, true);
+                let speculating = *proposer != ProposerKind::Off;
                 let mut rounds = 0;
                 while rounds < WARM_UP_ROUNDS {
                     rt.block_on(run_batch(engine, &w[n % w.len()..], batch, n, &warm))?;
                     rounds += 1;
-                    let settled = engine
-                        .stats()
-                        .spec
-                        .guard_verdicts
-                        .get(bucket)
-                        .copied()
-                        .flatten();
-                    if *proposer == ProposerKind::Off || settled.is_some() {
+                    if !speculating || verdict(engine).is_some() {
                         break;
                     }
                 }
-                if *proposer != ProposerKind::Off {
-                    let verdict = engine
-                        .stats()
-                        .spec
-                        .guard_verdicts
-                        .get(bucket)
-                        .copied()
-                        .flatten();
+                if speculating {
                     eprintln!(
                         "bench-spec: {wname} batch {batch}, {label} warmed up with {rounds} measurement(s) of requests; its guard {}",
-                        match verdict {
+                        match verdict(engine) {
                             Some(true) => "speculates at this load",
                             Some(false) => "decodes plainly at this load",
                             None => "has not measured both arms at this load",
