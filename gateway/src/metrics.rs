@@ -54,6 +54,13 @@ const ENGINE_METRICS: &[EngineMetric] = &[
         s.spec.accepted_tokens as f64
     }),
     (c::SPEC_TIME_SAVED_SECONDS, |s| s.spec.time_saved_seconds),
+    (c::SPEC_GUARD_PROBE_STEPS_TOTAL, |s| {
+        s.spec.probe_steps as f64
+    }),
+    (c::SPEC_GUARD_VERDICT_CHANGES_TOTAL, |s| {
+        s.spec.verdict_changes as f64
+    }),
+    (c::SPEC_GUARD_VETOES_TOTAL, |s| s.spec.vetoes as f64),
     (c::WORKERS_ALIVE, |s| s.workers_alive as f64),
     (c::WORKERS_EXPECTED, |s| s.workers_expected as f64),
     (c::PLACEMENT_EPOCH, |s| s.epoch as f64),

@@ -345,6 +345,27 @@ pub const SPEC_TIME_SAVED_SECONDS: MetricDef = def(
     &[],
     Coordinator,
 );
+pub const SPEC_GUARD_PROBE_STEPS_TOTAL: MetricDef = def(
+    "hyserve_spec_guard_probe_steps_total",
+    "Decode steps the speculation guard ran against its verdict at their batch size, to measure the other arm (probes).",
+    &[],
+    Coordinator,
+)
+.counter();
+pub const SPEC_GUARD_VERDICT_CHANGES_TOTAL: MetricDef = def(
+    "hyserve_spec_guard_verdict_changes_total",
+    "Times the speculation guard's measured verdict at a batch size turned over (one that keeps turning is measuring noise).",
+    &[],
+    Coordinator,
+)
+.counter();
+pub const SPEC_GUARD_VETOES_TOTAL: MetricDef = def(
+    "hyserve_spec_guard_vetoes_total",
+    "Of those turns, the ones to plain decoding because speculation's steps, all counted, took longer than plain decoding would have.",
+    &[],
+    Coordinator,
+)
+.counter();
 
 // The cluster.
 pub const WORKERS_ALIVE: MetricDef = def(
@@ -485,6 +506,9 @@ pub const ALL: &[MetricDef] = &[
     SPEC_STEPS_TOTAL,
     SPEC_ACCEPTED_LENGTH_TOKENS,
     SPEC_TIME_SAVED_SECONDS,
+    SPEC_GUARD_PROBE_STEPS_TOTAL,
+    SPEC_GUARD_VERDICT_CHANGES_TOTAL,
+    SPEC_GUARD_VETOES_TOTAL,
     WORKERS_ALIVE,
     WORKERS_EXPECTED,
     PLACEMENT_EPOCH,

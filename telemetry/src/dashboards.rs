@@ -443,6 +443,27 @@ fn latency() -> Value {
                     format!("sum({})", c::SPEC_TIME_SAVED_SECONDS.name),
                     "time saved (s)",
                 ),
+                q(
+                    format!(
+                        "sum(rate({}[$__rate_interval]))",
+                        c::SPEC_GUARD_PROBE_STEPS_TOTAL.name
+                    ),
+                    "guard probe steps per second",
+                ),
+                q(
+                    format!(
+                        "sum(increase({}[$__rate_interval]))",
+                        c::SPEC_GUARD_VERDICT_CHANGES_TOTAL.name
+                    ),
+                    "guard verdict changes",
+                ),
+                q(
+                    format!(
+                        "sum(increase({}[$__rate_interval]))",
+                        c::SPEC_GUARD_VETOES_TOTAL.name
+                    ),
+                    "guard vetoes",
+                ),
             ],
         ),
         l.panel(
