@@ -651,8 +651,8 @@ impl Guard {
                 // that measured nothing there (its steps all left out as warm-ups or
                 // planned as plain ones): probing again as soon would cost as much
                 // and teach as little (on an H100 at batch 32, a draft engine probed
-                // the 16-31 loads of its draining batches 19-22 times a run, its steps
-                // there warm-ups, and never measured them).
+                // the 16-31 loads of its draining batches 19-22 times a run, its probes
+                // there planned into plain steps, and never measured them).
                 let taught = self.arms[b][usize::from(!p.winner)].samples > p.samples_before;
                 p.every = if (own.is_some() && spec_wins == p.winner) || (own.is_none() && !taught)
                 {
