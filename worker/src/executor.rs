@@ -1155,9 +1155,6 @@ mod tests {
         assert_eq!(held.lock().unwrap().len(), n_experts);
     }
 
-    /// The draft model's proposals are its own greedy continuation (after catching up on
-    /// the whole prompt), and the rows that verify them are bitwise the logits plain
-    /// decode steps give at those positions.
     /// A sequence that asks for only its rows' arg-max tokens gets exactly the arg-max
     /// of the rows it would have got, in a step where every sequence asks (the backend
     /// takes them) and in a mixed one (the executor does), and no rows.
@@ -1227,6 +1224,9 @@ mod tests {
         }
     }
 
+    /// The draft model's proposals are its own greedy continuation (after catching up on
+    /// the whole prompt), and the rows that verify them are bitwise the logits plain
+    /// decode steps give at those positions.
     #[test]
     fn draft_proposals_are_verified_in_the_same_pass() {
         let mut plain = executor(Arch::HunyuanLarge, Precision::Bf16);

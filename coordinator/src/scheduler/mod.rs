@@ -1379,7 +1379,7 @@ impl Scheduler {
                 probe_steps: self.guard.probe_steps(),
                 verdict_changes: self.guard.verdict_changes(),
                 vetoes: self.guard.vetoes(),
-                guard_verdicts: self.guard.verdicts(),
+                guard_verdicts: self.guard.verdicts().to_vec(),
                 ..self.spec_stats.clone()
             },
             preempted_waiting: self

@@ -669,16 +669,16 @@ impl Guard {
             }
             return (!p.winner, p.winner == spec_wins);
         }
-        if spec_wins
-            && p.yield_then > 0.0
-            && self.clock.is_multiple_of(GUARD_YIELD_EVERY)
-            && spec.tokens_per_sequence_step() < GUARD_YIELD_DROP * p.yield_then
+        let yield_now =
+            (spec_wins && p.yield_then > 0.0 && self.clock.is_multiple_of(GUARD_YIELD_EVERY))
+                .then(|| spec.tokens_per_sequence_step());
+        if yield_now.is_some_and(|y| y < GUARD_YIELD_DROP * p.yield_then)
             && p.lost_seconds[0] <= GUARD_PROBE_SHARE * p.seconds
         {
             tracing::debug!(
                 batch_bucket = 1usize << b,
                 yield_then = p.yield_then,
-                yield_now = spec.tokens_per_sequence_step(),
+                yield_now,
                 "speculation guard: the workload changed, plain decoding measured afresh"
             );
             *p = Probe {
@@ -793,8 +793,8 @@ impl Guard {
 
     /// Per batch-size bucket ([`guard_bucket`]), the verdict where both arms are
     /// measured: whether speculation wins there.
-    pub fn verdicts(&self) -> Vec<Option<bool>> {
-        self.verdicts.clone()
+    pub fn verdicts(&self) -> &[Option<bool>] {
+        &self.verdicts
     }
 
     /// Steps allowed against the verdict so far (probes).
