@@ -221,6 +221,10 @@ pub struct EngineStats {
     /// rise means recordings are being replaced faster than they are reused.
     pub steps_warming_total: u64,
     pub step_tokens_total: u64,
+    /// Steps that computed a prompt chunk (alongside any decodes), and their wall time:
+    /// such steps are not decode steps' shape (on a GPU, not recorded as graphs).
+    pub prompt_steps_total: u64,
+    pub prompt_step_seconds_total: f64,
     /// Wall time spent inside worker forward passes.
     pub model_seconds_total: f64,
     /// Wall time spent in the scheduler itself (planning and post-processing steps).

@@ -41,6 +41,10 @@ const ENGINE_METRICS: &[EngineMetric] = &[
         s.requests_given_up_total as f64
     }),
     (c::STEPS_WARMING_TOTAL, |s| s.steps_warming_total as f64),
+    (c::PROMPT_STEPS_TOTAL, |s| s.prompt_steps_total as f64),
+    (c::PROMPT_STEP_SECONDS_TOTAL, |s| {
+        s.prompt_step_seconds_total
+    }),
     (c::SPEC_STEPS_TOTAL, |s| s.spec.steps as f64),
     (c::SCHEDULER_SECONDS_TOTAL, |s| s.scheduler_seconds_total),
     (c::MODEL_SECONDS_TOTAL, |s| s.model_seconds_total),
@@ -61,6 +65,9 @@ const ENGINE_METRICS: &[EngineMetric] = &[
         s.spec.verdict_changes as f64
     }),
     (c::SPEC_GUARD_VETOES_TOTAL, |s| s.spec.vetoes as f64),
+    (c::SPEC_SEARCHES_SKIPPED_TOTAL, |s| {
+        s.spec.searches_skipped as f64
+    }),
     (c::WORKERS_ALIVE, |s| s.workers_alive as f64),
     (c::WORKERS_EXPECTED, |s| s.workers_expected as f64),
     (c::PLACEMENT_EPOCH, |s| s.epoch as f64),

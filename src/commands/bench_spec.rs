@@ -151,6 +151,10 @@ struct Row {
     worker_ms_per_step: f64,
     forward_ms_per_step: f64,
     queued_ms_per_step: f64,
+    /// Steps that computed a prompt chunk (alongside decodes; never speculative), and
+    /// their mean wall time in milliseconds.
+    prompt_steps: u64,
+    prompt_step_ms: f64,
     /// Requests whose output equals plain decoding's.
     same_as_plain: usize,
 }
@@ -320,6 +324,13 @@ fn summarize(
         worker_ms_per_step: per_step(|s| s.worker_seconds_total),
         forward_ms_per_step: per_step(|s| s.forward_seconds_total),
         queued_ms_per_step: per_step(|s| s.worker_queued_seconds_total),
+        prompt_steps: delta(|s| s.prompt_steps_total),
+        prompt_step_ms: 1e3
+            * runs
+                .iter()
+                .map(|m| m.after.prompt_step_seconds_total - m.before.prompt_step_seconds_total)
+                .sum::<f64>()
+            / delta(|s| s.prompt_steps_total).max(1) as f64,
         same_as_plain: same,
     }
 }
@@ -568,12 +579,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         1e3 * (f(a) - f(b)) / n_steps
                     };
                     eprintln!(
-                        "  {:.1} tok/s: {} steps, {} speculative ({} with a draft catching up), {} where the guard probed its losing arm, {} warming up; the guard's verdict changed {} times, {} of them vetoes; per step {:.3} ms: {:.3} scheduler, {:.3} worker ({:.3} forward), {:.3} the rest",
+                        "  {:.1} tok/s: {} steps, {} speculative ({} with a draft catching up), {} where the guard probed its losing arm, {} where prompt lookup's planner declined before searching, {} warming up; the guard's verdict changed {} times, {} of them vetoes; per step {:.3} ms: {:.3} scheduler, {:.3} worker ({:.3} forward), {:.3} the rest; {} with a prompt chunk ({:.3} ms each)",
                         m.tokens_per_second(),
                         a.steps_total - b.steps_total,
                         a.spec.steps - b.spec.steps,
                         a.spec.catch_up_steps - b.spec.catch_up_steps,
                         a.spec.probe_steps - b.spec.probe_steps,
+                        a.spec.searches_skipped - b.spec.searches_skipped,
                         a.steps_warming_total - b.steps_warming_total,
                         a.spec.verdict_changes - b.spec.verdict_changes,
                         a.spec.vetoes - b.spec.vetoes,
@@ -584,6 +596,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         ms(|s| s.step_seconds_total
                             - s.scheduler_seconds_total
                             - s.worker_seconds_total),
+                        a.prompt_steps_total - b.prompt_steps_total,
+                        1e3 * (a.prompt_step_seconds_total - b.prompt_step_seconds_total)
+                            / (a.prompt_steps_total - b.prompt_steps_total).max(1) as f64,
                     );
                     runs[i].push(m);
                 }

@@ -274,6 +274,20 @@ pub const STEPS_WARMING_TOTAL: MetricDef = def(
     Coordinator,
 )
 .counter();
+pub const PROMPT_STEPS_TOTAL: MetricDef = def(
+    "hyserve_prompt_steps_total",
+    "Engine steps that computed a prompt chunk, alone or beside decodes (such steps never speculate).",
+    &[],
+    Coordinator,
+)
+.counter();
+pub const PROMPT_STEP_SECONDS_TOTAL: MetricDef = def(
+    "hyserve_prompt_step_seconds_total",
+    "Wall time of the engine steps that computed a prompt chunk.",
+    &[],
+    Coordinator,
+)
+.counter();
 pub const SCHEDULER_SECONDS_TOTAL: MetricDef = def(
     "hyserve_scheduler_seconds_total",
     "Wall time spent in the scheduler.",
@@ -355,6 +369,13 @@ pub const SPEC_GUARD_PROBE_STEPS_TOTAL: MetricDef = def(
 pub const SPEC_GUARD_VERDICT_CHANGES_TOTAL: MetricDef = def(
     "hyserve_spec_guard_verdict_changes_total",
     "Times the speculation guard's measured verdict at a batch size turned over (one that keeps turning is measuring noise).",
+    &[],
+    Coordinator,
+)
+.counter();
+pub const SPEC_SEARCHES_SKIPPED_TOTAL: MetricDef = def(
+    "hyserve_spec_searches_skipped_total",
+    "Decode steps allowed to speculate whose prompt-lookup search was skipped: the planner would have verified nothing whatever it found.",
     &[],
     Coordinator,
 )
@@ -496,6 +517,8 @@ pub const ALL: &[MetricDef] = &[
     STEPS_FAILED_TOTAL,
     REQUESTS_GIVEN_UP_TOTAL,
     STEPS_WARMING_TOTAL,
+    PROMPT_STEPS_TOTAL,
+    PROMPT_STEP_SECONDS_TOTAL,
     SCHEDULER_SECONDS_TOTAL,
     MODEL_SECONDS_TOTAL,
     WORKER_SECONDS_TOTAL,
@@ -509,6 +532,7 @@ pub const ALL: &[MetricDef] = &[
     SPEC_GUARD_PROBE_STEPS_TOTAL,
     SPEC_GUARD_VERDICT_CHANGES_TOTAL,
     SPEC_GUARD_VETOES_TOTAL,
+    SPEC_SEARCHES_SKIPPED_TOTAL,
     WORKERS_ALIVE,
     WORKERS_EXPECTED,
     PLACEMENT_EPOCH,

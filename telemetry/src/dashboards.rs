@@ -426,6 +426,10 @@ fn latency() -> Value {
                     share(&[&c::STEPS_WARMING_TOTAL], &c::STEPS_TOTAL),
                     "steps warming up",
                 ),
+                q(
+                    share(&[&c::PROMPT_STEP_SECONDS_TOTAL], &c::STEP_SECONDS_TOTAL),
+                    "time in steps with a prompt chunk",
+                ),
             ],
         ),
         l.panel(

@@ -137,6 +137,9 @@ struct Scheduled {
     draft_reads: bool,
     /// Only its rows' arg-max tokens come back ([`Seq::wants_argmax_only`]).
     argmax_only: bool,
+    /// It decodes: its one token follows a computed prompt (not a prompt chunk, even a
+    /// last one, whose first token the step also emits).
+    decode: bool,
 }
 
 /// One sequence's part of a finished step: its worker's output rows and the proposals
@@ -162,6 +165,8 @@ struct InFlight {
 struct StepRecord {
     /// Only decoding sequences (no prefill chunk): comparable with other such steps.
     pure_decode: bool,
+    /// It computed a prompt chunk.
+    prompt: bool,
     n_decode: usize,
     speculated: bool,
     /// A forward pass ran a shape the backend was still recording (a warm-up).
@@ -189,6 +194,7 @@ impl WorkerPlan {
             draft_context: 0,
             draft_reads: false,
             argmax_only: false,
+            decode: false,
         });
         self.n_budget_tokens = self.n_budget_tokens.saturating_sub(n_tokens);
     }
@@ -302,6 +308,9 @@ pub struct Scheduler {
     steps_total: u64,
     steps_warming_total: u64,
     step_tokens_total: u64,
+    /// Steps that computed a prompt chunk, and their wall time.
+    prompt_steps_total: u64,
+    prompt_step_seconds_total: f64,
     cost: CostModel,
     guard: Guard,
     /// The share of recent decode steps that verified proposals.
@@ -350,6 +359,8 @@ impl Scheduler {
             prefix_cache_hit_tokens: 0,
             steps_total: 0,
             steps_warming_total: 0,
+            prompt_steps_total: 0,
+            prompt_step_seconds_total: 0.0,
             step_tokens_total: 0,
             cost: CostModel::default(),
             guard: Guard::default(),
@@ -523,13 +534,18 @@ impl Scheduler {
             self.plan_running(w, plan);
         }
         self.admit(&mut plans);
+        for s in plans.iter_mut().flat_map(|p| &mut p.seqs) {
+            s.decode = s.n_tokens == 1
+                && self
+                    .seqs
+                    .get(&s.id)
+                    .is_some_and(|q| q.n_left() == 1 && q.n_generated() > 0);
+        }
         if self.cfg.speculation.enabled() {
             let n_decode = plans
                 .iter()
                 .flat_map(|p| &p.seqs)
-                .filter(|s| {
-                    s.n_tokens == 1 && self.seqs.get(&s.id).is_some_and(|q| q.n_left() == 1)
-                })
+                .filter(|s| s.decode)
                 .count();
             // Only steps of decodes speculate: a step with a prompt chunk is heavy
             // already, and only decode steps compare with each other on the clock. A fixed
@@ -658,7 +674,8 @@ impl Scheduler {
     fn speculate(&mut self, w: usize, plan: &mut WorkerPlan) {
         let spec = self.cfg.speculation.clone();
         let base_tokens: usize = plan.seqs.iter().map(|s| s.n_tokens).sum();
-        let mut picked = Vec::new(); // (index in plan.seqs, candidate, prompt-lookup proposals)
+        // (index in plan.seqs, depth room, useful depth, acceptance rate)
+        let mut slots = Vec::new();
         for (j, s) in plan.seqs.iter().enumerate() {
             let Some(seq) = self.seqs.get(&s.id) else {
                 continue;
@@ -677,9 +694,35 @@ impl Scheduler {
             if !spec.uniform {
                 room = useful;
             }
-            if room == 0 {
-                continue;
+            if room > 0 {
+                slots.push((j, room, useful, seq.acceptance.rate()));
             }
+        }
+        // Prompt lookup at one depth for all: the planner's best case first. Where it
+        // would verify nothing even had every sequence all the proposals it could use
+        // (a depth's value only grows with what is known), the search for them, a scan
+        // of each sequence's context, is skipped: the plan is the same.
+        if spec.proposer == ProposerKind::Ngram && spec.uniform && spec.fixed_depth.is_none() {
+            let best: Vec<spec::Candidate> = slots
+                .iter()
+                .map(|&(_, room, useful, rate)| spec::Candidate {
+                    rate,
+                    max_depth: room,
+                    known: useful,
+                })
+                .collect();
+            if spec::plan_uniform_depth(&best, base_tokens, plan.n_budget_tokens, false, &self.cost)
+                == 0
+            {
+                self.spec_stats.searches_skipped += 1;
+                return;
+            }
+        }
+        let mut picked = Vec::new(); // (index in plan.seqs, candidate, prompt-lookup proposals)
+        for (j, room, useful, rate) in slots {
+            let Some(seq) = self.seqs.get(&plan.seqs[j].id) else {
+                continue;
+            };
             let proposals = match spec.proposer {
                 ProposerKind::Ngram => spec::ngram_proposals(
                     &seq.tokens,
@@ -696,7 +739,6 @@ impl Scheduler {
                 _ => (room, useful),
             };
             if max_depth > 0 {
-                let rate = seq.acceptance.rate();
                 let c = spec::Candidate {
                     rate,
                     max_depth,
@@ -1055,7 +1097,12 @@ impl Scheduler {
         }
         let n_decode = emitted.iter().flatten().count();
         let speculated = results.iter().any(|r| !r.proposals.is_empty());
-        if n_decode > 0 && n_decode == results.len() {
+        // Only decodes, each of which emitted: a step that also computed a prompt chunk
+        // is heavier, even the last chunk's, which emits the prompt's first token (the
+        // guard measured it as a plain decoding step).
+        let pure_decode =
+            n_decode > 0 && n_decode == results.len() && results.iter().all(|r| r.s.decode);
+        if pure_decode {
             let x = if speculated { 1.0 } else { 0.0 };
             self.spec_share += SPEC_SHARE_EWMA * (x - self.spec_share);
         }
@@ -1063,7 +1110,8 @@ impl Scheduler {
         self.spec_stats.catch_up_steps +=
             u64::from(speculated && results.iter().any(|r| r.s.draft_context > 1));
         self.last_step = Some(StepRecord {
-            pure_decode: n_decode == results.len(),
+            pure_decode,
+            prompt: results.iter().any(|r| !r.s.decode),
             n_decode,
             speculated,
             warming,
@@ -1128,10 +1176,10 @@ impl Scheduler {
     /// is what switching a draft on costs (one far slower than the others is left out
     /// as a stall, like any).
     pub fn step_wall_time(&mut self, seconds: f64) {
-        if let Some(r) = self.last_step.take()
-            && r.pure_decode
-            && r.n_decode > 0
-        {
+        let Some(r) = self.last_step.take() else {
+            return;
+        };
+        if r.pure_decode {
             tracing::trace!(
                 n_decode = r.n_decode,
                 speculated = r.speculated,
@@ -1143,6 +1191,9 @@ impl Scheduler {
             );
             self.guard
                 .observe(r.n_decode, r.speculated, r.emitted, seconds, r.warming);
+        } else if r.prompt {
+            self.prompt_steps_total += 1;
+            self.prompt_step_seconds_total += seconds;
         }
     }
 
@@ -1375,6 +1426,8 @@ impl Scheduler {
             steps_total: self.steps_total,
             steps_warming_total: self.steps_warming_total,
             step_tokens_total: self.step_tokens_total,
+            prompt_steps_total: self.prompt_steps_total,
+            prompt_step_seconds_total: self.prompt_step_seconds_total,
             spec: SpecStats {
                 probe_steps: self.guard.probe_steps(),
                 verdict_changes: self.guard.verdict_changes(),

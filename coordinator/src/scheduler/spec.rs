@@ -1186,6 +1186,9 @@ pub struct SpecStats {
     pub catch_up_steps: u64,
     /// Steps the guard ran against its verdict (probes of the losing arm).
     pub probe_steps: u64,
+    /// Steps the guard allowed to speculate in which prompt lookup's search was
+    /// skipped: the planner would have verified nothing whatever it found.
+    pub searches_skipped: u64,
     /// Times the guard's measured verdict at a batch size turned over.
     pub verdict_changes: u64,
     /// Of those, turns to plain decoding because speculation's steps, all of them
@@ -1376,6 +1379,58 @@ mod tests {
         assert_eq!(fill_proposals(&[1, 2], vec![7], 3), [7, 7, 7]);
         assert_eq!(fill_proposals(&[1, 2], vec![], 2), [2, 2]);
         assert_eq!(fill_proposals(&[1, 2], vec![5, 6, 7], 2), [5, 6, 7]);
+    }
+
+    /// The scheduler skips prompt lookup's search where the planner declines even the
+    /// best case (every sequence knowing all it could use): sound only if knowing less
+    /// never makes a depth worth it. Checked over many batches, rates and costs.
+    #[test]
+    fn a_uniform_depth_declined_at_best_is_declined_whatever_is_known() {
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = |n: u64| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 33) % n
+        };
+        let (mut declined, mut checked) = (0, 0);
+        for _ in 0..2_000 {
+            let cost = learned(next(100) as f64 / 100.0, next(100) as f64 / 400.0);
+            let n = 1 + next(32) as usize;
+            let best: Vec<Candidate> = (0..n)
+                .map(|_| {
+                    let max_depth = 1 + next(8) as usize;
+                    Candidate {
+                        rate: next(101) as f64 / 100.0,
+                        max_depth,
+                        known: max_depth,
+                    }
+                })
+                .collect();
+            let budget = n + next(8 * n as u64) as usize;
+            let found = |known: &mut dyn FnMut(usize) -> usize| -> Vec<Candidate> {
+                best.iter()
+                    .map(|c| Candidate {
+                        known: known(c.known),
+                        ..*c
+                    })
+                    .collect()
+            };
+            if plan_uniform_depth(&best, n, budget, false, &cost) > 0 {
+                // A declined step with less known would contradict nothing here; the
+                // best case speculating is the case the search is run for.
+                continue;
+            }
+            declined += 1;
+            for _ in 0..4 {
+                let less = found(&mut |k| next(k as u64 + 1) as usize);
+                assert_eq!(plan_uniform_depth(&less, n, budget, false, &cost), 0);
+                checked += 1;
+            }
+            let none = found(&mut |_| 0);
+            assert_eq!(plan_uniform_depth(&none, n, budget, false, &cost), 0);
+        }
+        assert!(declined > 100 && checked > 400, "{declined} declined");
     }
 
     /// Runs `steps` steps of `n` sequences through the guard, each costing its arm's

@@ -377,11 +377,19 @@ impl Harness {
     /// Completes the step in flight as if it took `plain` seconds, or `speculative`
     /// if it verified proposals.
     fn complete_in(&mut self, plain: f64, speculative: f64) {
-        let plan = self.in_flight.take().expect("a plan in flight");
-        let speculated = plan.steps.iter().flat_map(|(_, s)| &s.seqs).any(|s| {
-            (s.all_logits && s.tokens.len() > 1) || s.draft.as_ref().is_some_and(|d| d.depth > 0)
+        self.complete_by(|plan| {
+            let speculated = plan.steps.iter().flat_map(|(_, s)| &s.seqs).any(|s| {
+                (s.all_logits && s.tokens.len() > 1)
+                    || s.draft.as_ref().is_some_and(|d| d.depth > 0)
+            });
+            if speculated { speculative } else { plain }
         });
-        let secs = if speculated { speculative } else { plain };
+    }
+
+    /// Completes the step in flight as if it took `seconds(plan)`.
+    fn complete_by(&mut self, seconds: impl Fn(&Plan) -> f64) {
+        let plan = self.in_flight.take().expect("a plan in flight");
+        let secs = seconds(&plan);
         let outputs = self.execute(&plan);
         let events = self.sched.complete_timed(plan, outputs, Some(secs));
         self.sched.step_wall_time(secs);
@@ -1307,6 +1315,11 @@ fn crowded(spec: SpecConfig, make: fn(Vec<u32>, usize) -> GenerateRequest) {
             script.push(Op::Cancel(live.remove(next(live.len()))));
         }
     }
+    // Last, a long request that ends alone: decode-only steps enough (a step that
+    // finishes a prompt is none) for the adaptive guard to measure plain decoding and
+    // try speculation.
+    script.push(Op::Add(41, make(prompt(99, 8), 30)));
+    live.push(41);
     script.push(Op::Run);
     script.extend(live.into_iter().map(Op::SameAsAlone));
     script.push(Op::StatAtLeast("preempted", preempted, 1));
@@ -1316,8 +1329,8 @@ fn crowded(spec: SpecConfig, make: fn(Vec<u32>, usize) -> GenerateRequest) {
         script.push(Op::StatAtLeast("accepted", accepted, 5));
         script.push(Op::StatAtLeast("rejected", rejected, 5));
     } else if speculating {
-        // Adaptive: the guard speculates only once plain and speculative decode-only
-        // steps have been timed, which few steps of this busy script are.
+        // Adaptive: the guard speculates only once plain decoding's decode-only steps
+        // have been timed, which few steps of this busy script are until its end.
         script.push(Op::StatAtLeast("proposed", proposed, 1));
     }
     check(
@@ -1530,6 +1543,55 @@ fn a_draft_reads_prompts_along_only_while_it_is_used() {
     assert!(reads(&h), "the draft did not read along where it pays");
 }
 
+/// A step that computes a prompt's last chunk emits that prompt's first token along
+/// with its decodes' next ones, but it is no decode step: the guard does not take it
+/// for a plain one. Here such steps take 2.5 times a decode step (under the guard's
+/// stall cut), requests come one every three steps, and plain decoding's measured rate
+/// is the decode steps' alone: a token per sequence and millisecond.
+#[test]
+fn steps_that_finish_a_prompt_are_not_measured_as_plain_decoding() {
+    let mut h = Harness::new(SchedulerConfig {
+        n_blocks_per_worker: 256,
+        speculation: SpecConfig::new(ProposerKind::Ngram),
+        ..cfg()
+    });
+    let step = |plan: &Plan| {
+        let prompt = plan
+            .steps
+            .iter()
+            .flat_map(|(_, s)| &s.seqs)
+            .any(|s| s.tokens.len() > 1);
+        if prompt { 2.5e-3 } else { 1e-3 }
+    };
+    for id in 1..=40 {
+        // Opted out: every step is plain decoding's.
+        let r = GenerateRequest {
+            speculate: false,
+            ..req(prompt(id as u32, 8), 20)
+        };
+        h.reqs.insert(id, r.clone());
+        h.sched.add(id, r, id).unwrap();
+        for _ in 0..3 {
+            if h.schedule().is_some() {
+                h.complete_by(step);
+            }
+        }
+    }
+    while h.schedule().is_some() {
+        h.complete_by(step);
+    }
+    for n in [1, 2, 4] {
+        let (plain, _) = h.sched.guard.rates(n).expect("loads measured");
+        assert!(
+            (plain - 1000.0).abs() < 1.0,
+            "{n} sequences: plain decoding measured at {plain} tokens per sequence-second"
+        );
+    }
+    let stats = h.sched.stats();
+    assert_eq!(stats.prompt_steps_total, 40, "one step per admitted prompt");
+    assert!((stats.prompt_step_seconds_total - 40.0 * 2.5e-3).abs() < 1e-9);
+}
+
 /// Speculative sampling keeps the target distribution: over 3000 seeds, the first two
 /// generated tokens of a prompt (under draft proposals that are often wrong) match the
 /// fake model's exact marginals by a chi-square test (p = 0.001 critical values; the
@@ -1587,4 +1649,45 @@ fn speculative_sampling_matches_the_target_distribution() {
         st.accepted_tokens > 0 && st.accepted_tokens < st.proposed_tokens,
         "{st:?}"
     );
+}
+
+/// Where verification costs what it saves (every step token costs its share of the
+/// step's time), prompt lookup's planner declines at any depth, and the scheduler skips
+/// the search for proposals it would not verify; the output is plain decoding's.
+#[test]
+fn prompt_lookup_skips_its_search_where_no_depth_would_pay() {
+    let mut h = Harness::new(SchedulerConfig {
+        n_blocks_per_worker: 256,
+        max_running: 8,
+        speculation: SpecConfig {
+            uniform: true,
+            max_depth: 4,
+            ..SpecConfig::new(ProposerKind::Ngram)
+        },
+        ..cfg()
+    });
+    let mut reqs = Vec::new();
+    for id in 1..=8u64 {
+        // Repeated prompts: the search would find proposals.
+        let p = prompt(id as u32, 9);
+        let r = req([p.clone(), p].concat(), 80);
+        h.reqs.insert(id, r.clone());
+        h.sched.add(id, r.clone(), id).unwrap();
+        reqs.push((id, r));
+    }
+    let tokens = |plan: &Plan| {
+        plan.steps
+            .iter()
+            .flat_map(|(_, s)| &s.seqs)
+            .map(|s| s.tokens.len() + s.draft.as_ref().map_or(0, |d| d.depth))
+            .sum::<usize>()
+    };
+    while h.schedule().is_some() {
+        h.complete_by(|plan| 1e-4 * tokens(plan) as f64);
+    }
+    for (id, r) in &reqs {
+        assert_eq!(h.generated(*id), alone(256, r, *id), "seq {id}");
+    }
+    let st = h.sched.stats().spec;
+    assert!(st.searches_skipped >= 20, "{st:?}");
 }
