@@ -702,6 +702,9 @@ impl Scheduler {
         // would verify nothing even had every sequence all the proposals it could use
         // (a depth's value only grows with what is known), the search for them, a scan
         // of each sequence's context, is skipped: the plan is the same.
+        if slots.is_empty() {
+            return;
+        }
         if spec.proposer == ProposerKind::Ngram && spec.uniform && spec.fixed_depth.is_none() {
             let best: Vec<spec::Candidate> = slots
                 .iter()

@@ -1653,9 +1653,16 @@ fn speculative_sampling_matches_the_target_distribution() {
 
 /// Where verification costs what it saves (every step token costs its share of the
 /// step's time), prompt lookup's planner declines at any depth, and the scheduler skips
-/// the search for proposals it would not verify; the output is plain decoding's.
+/// the search for proposals it would not verify; the output is plain decoding's. A step
+/// of requests that opted out has no search to skip and counts none.
 #[test]
 fn prompt_lookup_skips_its_search_where_no_depth_would_pay() {
+    for opted_out in [false, true] {
+        skipped_searches(opted_out);
+    }
+}
+
+fn skipped_searches(opted_out: bool) {
     let mut h = Harness::new(SchedulerConfig {
         n_blocks_per_worker: 256,
         max_running: 8,
@@ -1670,7 +1677,10 @@ fn prompt_lookup_skips_its_search_where_no_depth_would_pay() {
     for id in 1..=8u64 {
         // Repeated prompts: the search would find proposals.
         let p = prompt(id as u32, 9);
-        let r = req([p.clone(), p].concat(), 80);
+        let r = GenerateRequest {
+            speculate: !opted_out,
+            ..req([p.clone(), p].concat(), 80)
+        };
         h.reqs.insert(id, r.clone());
         h.sched.add(id, r.clone(), id).unwrap();
         reqs.push((id, r));
@@ -1689,5 +1699,10 @@ fn prompt_lookup_skips_its_search_where_no_depth_would_pay() {
         assert_eq!(h.generated(*id), alone(256, r, *id), "seq {id}");
     }
     let st = h.sched.stats().spec;
-    assert!(st.searches_skipped >= 20, "{st:?}");
+    if opted_out {
+        // No sequence to search for: nothing skipped.
+        assert_eq!(st.searches_skipped, 0, "{st:?}");
+    } else {
+        assert!(st.searches_skipped >= 20, "{st:?}");
+    }
 }
