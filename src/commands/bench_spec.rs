@@ -262,9 +262,11 @@ fn summarize(
         runs.iter().map(|m| f(&m.after) - f(&m.before)).sum()
     };
     let steps = delta(|s| s.steps_total).max(1) as f64;
-    let per_step = |f: fn(&hyserve_coordinator::api::EngineStats) -> f64| -> f64 {
-        1e3 * runs.iter().map(|m| f(&m.after) - f(&m.before)).sum::<f64>() / steps
+    let seconds = |f: fn(&hyserve_coordinator::api::EngineStats) -> f64| -> f64 {
+        runs.iter().map(|m| f(&m.after) - f(&m.before)).sum()
     };
+    let per_step =
+        |f: fn(&hyserve_coordinator::api::EngineStats) -> f64| -> f64 { 1e3 * seconds(f) / steps };
     let proposed = delta(|s| s.spec.proposed_tokens);
     let accepted = delta(|s| s.spec.accepted_tokens);
     let verifies = delta(|s| s.spec.accepted_length_counts.iter().sum());
@@ -325,11 +327,7 @@ fn summarize(
         forward_ms_per_step: per_step(|s| s.forward_seconds_total),
         queued_ms_per_step: per_step(|s| s.worker_queued_seconds_total),
         prompt_steps: delta(|s| s.prompt_steps_total),
-        prompt_step_ms: 1e3
-            * runs
-                .iter()
-                .map(|m| m.after.prompt_step_seconds_total - m.before.prompt_step_seconds_total)
-                .sum::<f64>()
+        prompt_step_ms: 1e3 * seconds(|s| s.prompt_step_seconds_total)
             / delta(|s| s.prompt_steps_total).max(1) as f64,
         same_as_plain: same,
     }

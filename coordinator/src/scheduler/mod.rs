@@ -674,7 +674,7 @@ impl Scheduler {
     fn speculate(&mut self, w: usize, plan: &mut WorkerPlan) {
         let spec = self.cfg.speculation.clone();
         let base_tokens: usize = plan.seqs.iter().map(|s| s.n_tokens).sum();
-        // (index in plan.seqs, depth room, useful depth, acceptance rate)
+        // (index in plan.seqs, its sequence, depth room, useful depth)
         let mut slots = Vec::new();
         for (j, s) in plan.seqs.iter().enumerate() {
             let Some(seq) = self.seqs.get(&s.id) else {
@@ -695,21 +695,21 @@ impl Scheduler {
                 room = useful;
             }
             if room > 0 {
-                slots.push((j, room, useful, seq.acceptance.rate()));
+                slots.push((j, seq, room, useful));
             }
+        }
+        if slots.is_empty() {
+            return;
         }
         // Prompt lookup at one depth for all: the planner's best case first. Where it
         // would verify nothing even had every sequence all the proposals it could use
         // (a depth's value only grows with what is known), the search for them, a scan
         // of each sequence's context, is skipped: the plan is the same.
-        if slots.is_empty() {
-            return;
-        }
         if spec.proposer == ProposerKind::Ngram && spec.uniform && spec.fixed_depth.is_none() {
             let best: Vec<spec::Candidate> = slots
                 .iter()
-                .map(|&(_, room, useful, rate)| spec::Candidate {
-                    rate,
+                .map(|&(_, seq, room, useful)| spec::Candidate {
+                    rate: seq.acceptance.rate(),
                     max_depth: room,
                     known: useful,
                 })
@@ -722,10 +722,7 @@ impl Scheduler {
             }
         }
         let mut picked = Vec::new(); // (index in plan.seqs, candidate, prompt-lookup proposals)
-        for (j, room, useful, rate) in slots {
-            let Some(seq) = self.seqs.get(&plan.seqs[j].id) else {
-                continue;
-            };
+        for (j, seq, room, useful) in slots {
             let proposals = match spec.proposer {
                 ProposerKind::Ngram => spec::ngram_proposals(
                     &seq.tokens,
@@ -743,7 +740,7 @@ impl Scheduler {
             };
             if max_depth > 0 {
                 let c = spec::Candidate {
-                    rate,
+                    rate: seq.acceptance.rate(),
                     max_depth,
                     known,
                 };
