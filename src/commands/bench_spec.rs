@@ -238,6 +238,11 @@ fn paired_ratios(runs: &[Measured], reference: &[f64]) -> Vec<f64> {
     r
 }
 
+/// Milliseconds each of `n` steps that took `seconds` in all (0 for none).
+fn ms_each(seconds: f64, n: u64) -> f64 {
+    1e3 * seconds / n.max(1) as f64
+}
+
 /// One table row from a configuration's repeated runs: the median run's speed, latency
 /// and acceptance over all of them, and how many outputs equal plain decoding's.
 fn summarize(
@@ -267,6 +272,7 @@ fn summarize(
     };
     let per_step =
         |f: fn(&hyserve_coordinator::api::EngineStats) -> f64| -> f64 { 1e3 * seconds(f) / steps };
+    let prompt_steps = delta(|s| s.prompt_steps_total);
     let proposed = delta(|s| s.spec.proposed_tokens);
     let accepted = delta(|s| s.spec.accepted_tokens);
     let verifies = delta(|s| s.spec.accepted_length_counts.iter().sum());
@@ -326,9 +332,8 @@ fn summarize(
         worker_ms_per_step: per_step(|s| s.worker_seconds_total),
         forward_ms_per_step: per_step(|s| s.forward_seconds_total),
         queued_ms_per_step: per_step(|s| s.worker_queued_seconds_total),
-        prompt_steps: delta(|s| s.prompt_steps_total),
-        prompt_step_ms: 1e3 * seconds(|s| s.prompt_step_seconds_total)
-            / delta(|s| s.prompt_steps_total).max(1) as f64,
+        prompt_steps,
+        prompt_step_ms: ms_each(seconds(|s| s.prompt_step_seconds_total), prompt_steps),
         same_as_plain: same,
     }
 }
@@ -595,8 +600,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                             - s.scheduler_seconds_total
                             - s.worker_seconds_total),
                         a.prompt_steps_total - b.prompt_steps_total,
-                        1e3 * (a.prompt_step_seconds_total - b.prompt_step_seconds_total)
-                            / (a.prompt_steps_total - b.prompt_steps_total).max(1) as f64,
+                        ms_each(
+                            a.prompt_step_seconds_total - b.prompt_step_seconds_total,
+                            a.prompt_steps_total - b.prompt_steps_total
+                        ),
                     );
                     runs[i].push(m);
                 }

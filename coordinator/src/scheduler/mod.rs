@@ -1100,8 +1100,8 @@ impl Scheduler {
         // Only decodes, each of which emitted: a step that also computed a prompt chunk
         // is heavier, even the last chunk's, which emits the prompt's first token (the
         // guard measured it as a plain decoding step).
-        let pure_decode =
-            n_decode > 0 && n_decode == results.len() && results.iter().all(|r| r.s.decode);
+        let prompt = results.iter().any(|r| !r.s.decode);
+        let pure_decode = n_decode > 0 && n_decode == results.len() && !prompt;
         if pure_decode {
             let x = if speculated { 1.0 } else { 0.0 };
             self.spec_share += SPEC_SHARE_EWMA * (x - self.spec_share);
@@ -1111,7 +1111,7 @@ impl Scheduler {
             u64::from(speculated && results.iter().any(|r| r.s.draft_context > 1));
         self.last_step = Some(StepRecord {
             pure_decode,
-            prompt: results.iter().any(|r| !r.s.decode),
+            prompt,
             n_decode,
             speculated,
             warming,
